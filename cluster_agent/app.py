@@ -1,0 +1,136 @@
+"""Entry point: parse settings, run the start-up checks, wire the parts together, handle signals.
+
+Exit codes: 0 after a clean shutdown (or a succeeded `run-job`), 1 for a failed `run-job`, 2 for a
+configuration problem (printed as one line naming the setting and the fix, no traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .agent import Agent
+from .capabilities import host_capabilities
+from .cli import build_parser, load_settings
+from .control_plane import ControlPlaneClient
+from .errors import ConfigError
+from .gpu_pool import GpuPool
+from .gpus import detect_gpus
+from .heartbeat import Heartbeat
+from .job_runner import JobRun
+from .logs import configure
+from .models import FailureReason
+from .preflight import check_jobs_mount, check_jobs_workdir, connect_engine, resolve_token
+from .settings import Settings
+
+log = logging.getLogger("cluster_agent")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "run-job":
+            return _run_job(argv[1:])
+        return _run_agent(argv)
+    except ConfigError as exc:
+        print(f"radix-cluster-agent: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parse(argv: list[str], *, job_file: bool) -> tuple[Settings, dict[str, Any]]:
+    parser = build_parser()
+    if job_file:
+        parser.add_argument("job_file", metavar="JOB.json", help="job spec to run")
+    namespace = vars(parser.parse_args(argv))
+    extra = {"job_file": namespace.pop("job_file")} if job_file else {}
+    return load_settings(namespace), extra
+
+
+def _run_agent(argv: list[str]) -> int:
+    settings, _ = _parse(argv, job_file=False)
+    settings.require_agent_settings()
+    assert settings.api_base and settings.cluster_id
+    formatter = configure(settings.log_level)
+    for secret in (settings.cluster_token, settings.one_time_token):
+        formatter.add_secret(secret.get_secret_value() if secret else None)
+
+    check_jobs_workdir(settings.jobs_workdir)
+    executor = connect_engine(settings)
+    check_jobs_mount(executor, settings.jobs_workdir)
+
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    client = ControlPlaneClient(settings.api_base, settings.cluster_id, settings.tenant_id)
+    token = resolve_token(settings, client, stop)
+    formatter.add_secret(token)
+    client.set_token(token)
+
+    gpus = detect_gpus()
+    engine = executor.info()
+    capabilities = host_capabilities(
+        gpus,
+        execution_mode=settings.execution_mode,
+        max_concurrent_jobs=settings.max_concurrent_jobs,
+        engine_version=engine.get("ServerVersion"),
+        gpu_runtime="nvidia" if "nvidia" in (engine.get("Runtimes") or {}) else None,
+    )
+    if gpus and "nvidia" not in (engine.get("Runtimes") or {}):
+        log.warning("this host has %d GPU(s) but the Docker engine lists no nvidia runtime: GPU jobs may fail", len(gpus))
+    heartbeat = Heartbeat(client, lambda: capabilities, settings.heartbeat_interval)
+    agent = Agent(settings, client, executor, GpuPool(gpus), heartbeat)
+    agent.stopping = stop
+    try:
+        return agent.run()
+    finally:
+        client.close()
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    def handle(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            # Second signal: the operator wants out now.
+            os._exit(130 if signum == signal.SIGINT else 143)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def _run_job(argv: list[str]) -> int:
+    """Run one job spec on the local engine, no control plane, and print its completion body."""
+    settings, extra = _parse(argv, job_file=True)
+    configure(settings.log_level)
+    path = Path(extra["job_file"])
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read job file {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"job file {path} is not valid JSON: {exc}") from None
+    check_jobs_workdir(settings.jobs_workdir)
+    executor = connect_engine(settings)
+    check_jobs_mount(executor, settings.jobs_workdir)
+    run = JobRun(raw, settings=settings, executor=executor, gpu_pool=GpuPool(detect_gpus()), received_at=time.monotonic())
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    watcher = threading.Thread(
+        target=lambda: stop.wait() and run.stop(FailureReason.INTERRUPTED, "interrupted by a signal"),
+        daemon=True,
+        name="signals",
+    )
+    watcher.start()
+    completion = run.execute()
+    run.cleanup()
+    print(json.dumps(completion.to_wire(), indent=2))
+    return 0 if completion.status.value == "succeeded" else 1
+
+
+__all__ = ["main", "__version__"]

@@ -1,0 +1,277 @@
+"""The control-plane client: one method per endpoint of the Radix cluster-agent protocol.
+
+Transport and retries live here once. Network errors, 5xx, 408 and 429 are retried with capped exponential
+backoff and jitter, honouring Retry-After; 401/403 become TokenRejected; a 2xx body that breaks the contract
+becomes MalformedResponse. Sleeping between retries waits on an event, so shutdown interrupts it.
+The token travels only in a header: it is never part of a URL, a log line or an error.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable
+from urllib.parse import quote
+
+import httpx
+from pydantic import ValidationError
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_never, wait_exponential_jitter
+from tenacity.stop import stop_base
+
+from . import __version__
+from .errors import ControlPlaneError, ControlPlaneUnavailable, MalformedResponse, TokenRejected
+from .models import Capabilities, Completion, PollResult
+
+log = logging.getLogger(__name__)
+
+LONG_POLL_HEADER = "X-Radix-Long-Poll"
+RETRYABLE_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
+# A result the server answers with these no longer wanted: stop retrying it (contract: Delivery).
+RESULT_NOT_WANTED = frozenset({404, 409, 410})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    initial: float = 1.0
+    maximum: float = 60.0
+    jitter: float = 1.0
+    # Seconds between attempts after a 401/403: slow enough never to hammer a server that rejects us.
+    token_rejected: float = 60.0
+
+
+class Delivery(Enum):
+    DELIVERED = "delivered"
+    NOT_WANTED = "not_wanted"  # 404/409/410
+    ABANDONED = "abandoned"  # gave up because the agent is exiting
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+def _unavailable(exc: BaseException) -> bool:
+    return isinstance(exc, ControlPlaneUnavailable)
+
+
+class _BackoffWait:
+    """Exponential backoff with jitter, never shorter than the server's Retry-After, capped."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self._policy = policy
+        self._exp = wait_exponential_jitter(initial=policy.initial, max=policy.maximum, jitter=policy.jitter)
+
+    def __call__(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, TokenRejected):
+            return self._policy.token_rejected
+        wait = self._exp(state)
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after:
+            wait = max(wait, retry_after)
+        return min(wait, self._policy.maximum)
+
+
+class _StopOn(stop_base):
+    def __init__(self, event: threading.Event) -> None:
+        self._event = event
+
+    def __call__(self, state: RetryCallState) -> bool:
+        return self._event.is_set()
+
+
+class ControlPlaneClient:
+    """Speaks the protocol for one cluster. Thread-safe: heartbeat, poll and deliveries run on their own threads."""
+
+    def __init__(
+        self,
+        api_base: str,
+        cluster_id: str,
+        tenant_id: str,
+        *,
+        token: str | None = None,
+        http: httpx.Client | None = None,
+        retry: RetryPolicy = RetryPolicy(),
+        request_timeout: float = 30.0,
+    ) -> None:
+        self._base = f"{api_base.rstrip('/')}/v1/clusters/{quote(cluster_id, safe='')}"
+        self._tenant_id = tenant_id
+        self._token = token
+        self._retry = retry
+        self._timeout = request_timeout
+        self._http = http or httpx.Client(
+            timeout=httpx.Timeout(request_timeout),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+            headers={"User-Agent": f"radix-cluster-agent/{__version__}"},
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    @property
+    def token(self) -> str | None:
+        return self._token
+
+    def set_token(self, token: str) -> None:
+        self._token = token
+
+    # --- endpoints -----------------------------------------------------------------------------------------
+
+    def exchange_token(self, one_time_token: str, *, cancel: threading.Event, attempts: int = 5) -> str:
+        """`POST /auth/exchange`: trade a one-time token for the cluster token."""
+        headers = {"X-Radix-One-Time-Token": one_time_token}
+        response = self._send(
+            "auth/exchange", {}, headers=headers, cancel=cancel, attempts=attempts, auth=False, retry_on=_unavailable
+        )
+        body = self._json(response, "auth/exchange")
+        token = body.get("cluster_token") if isinstance(body, dict) else None
+        if not isinstance(token, str) or not token:
+            raise MalformedResponse("auth/exchange answered without a cluster_token string")
+        return token
+
+    def heartbeat(self, status: str, capabilities: Capabilities, *, cancel: threading.Event, attempts: int = 3) -> None:
+        """`POST /heartbeat`. Few attempts: the next tick is the real retry."""
+        body = {"status": status, "agent_version": __version__, "capabilities": capabilities.model_dump(mode="json")}
+        self._send("heartbeat", body, cancel=cancel, attempts=attempts, retry_on=_unavailable)
+
+    def poll(
+        self,
+        max_jobs: int,
+        *,
+        wait_seconds: float,
+        running_job_ids: list[str],
+        free_gpus: int,
+        cancel: threading.Event,
+    ) -> PollResult:
+        """`POST /jobs/poll` with the long-poll extension; retried until it works or `cancel` is set."""
+        body = {
+            "max_jobs": max_jobs,
+            "wait_seconds": wait_seconds,
+            "running_job_ids": running_job_ids,
+            "free_gpus": free_gpus,
+        }
+        # The read timeout must outlast the server's hold, or every idle long poll would end as an error.
+        timeout = httpx.Timeout(self._timeout, read=wait_seconds + self._timeout)
+        response = self._send("jobs/poll", body, cancel=cancel, timeout=timeout)
+        data = self._json(response, "jobs/poll")
+        if not isinstance(data, dict):
+            raise MalformedResponse(f"jobs/poll answered with a JSON {type(data).__name__}, expected an object")
+        try:
+            result = PollResult.model_validate(
+                {"jobs": data.get("jobs") or [], "cancel_job_ids": data.get("cancel_job_ids") or []}
+            )
+        except ValidationError as exc:
+            raise MalformedResponse(f"jobs/poll answer does not follow the contract: {exc.errors()[0]['msg']}") from None
+        result.long_poll = response.headers.get(LONG_POLL_HEADER) == "1"
+        return result
+
+    def complete(self, job_id: str, completion: Completion, *, cancel: threading.Event) -> Delivery:
+        """`POST /jobs/{id}/complete`, retried until a 2xx or a 404/409/410, or until `cancel` is set.
+
+        Every attempt carries the same Idempotency-Key, so a retry after a lost answer is not a second result.
+        Any other status is retried too (capped backoff): a result is never dropped on a guess.
+        """
+        path = f"jobs/{quote(job_id, safe='')}/complete"
+        try:
+            self._send(
+                path,
+                completion.to_wire(),
+                headers={"Idempotency-Key": job_id},
+                cancel=cancel,
+                retry_on=lambda exc: isinstance(exc, ControlPlaneError) and exc.status not in RESULT_NOT_WANTED,
+            )
+        except ControlPlaneError as exc:
+            if exc.status in RESULT_NOT_WANTED:
+                log.warning("control plane no longer wants the result of job %s (HTTP %s); dropping it", job_id, exc.status)
+                return Delivery.NOT_WANTED
+            if cancel.is_set():
+                return Delivery.ABANDONED
+            raise
+        return Delivery.DELIVERED
+
+    # --- transport -----------------------------------------------------------------------------------------
+
+    def _send(
+        self,
+        path: str,
+        body: dict[str, Any],
+        *,
+        cancel: threading.Event,
+        headers: dict[str, str] | None = None,
+        attempts: int | None = None,
+        timeout: httpx.Timeout | None = None,
+        auth: bool = True,
+        retry_on: Callable[[BaseException], bool] | None = None,
+    ) -> httpx.Response:
+        url = f"{self._base}/{path}"
+        request_headers = {"X-Radix-Tenant-Id": self._tenant_id, "Content-Type": "application/json"}
+        if auth:
+            if not self._token:
+                raise TokenRejected("no cluster token: give --cluster-token, or --one-time-token for a first start")
+            request_headers["X-Radix-Cluster-Token"] = self._token
+        request_headers.update(headers or {})
+
+        def once() -> httpx.Response:
+            return self._request_once(url, path, body, request_headers, timeout)
+
+        retrying = Retrying(
+            retry=retry_if_exception(retry_on or (lambda exc: isinstance(exc, (ControlPlaneUnavailable, TokenRejected)))),
+            wait=_BackoffWait(self._retry),
+            stop=(stop_after_attempt(attempts) if attempts else stop_never) | _StopOn(cancel),
+            sleep=lambda seconds: cancel.wait(seconds),
+            before_sleep=lambda state: self._log_retry(path, state),
+            reraise=True,
+        )
+        return retrying(once)
+
+    def _request_once(
+        self, url: str, path: str, body: dict[str, Any], headers: dict[str, str], timeout: httpx.Timeout | None
+    ) -> httpx.Response:
+        try:
+            response = self._http.post(url, json=body, headers=headers, timeout=timeout or httpx.USE_CLIENT_DEFAULT)
+        except httpx.TransportError as exc:
+            # str(exc) of httpx errors names the host, never headers; keep the type for diagnosis.
+            raise ControlPlaneUnavailable(f"{path}: cannot reach the control plane ({type(exc).__name__}: {exc})") from None
+        status = response.status_code
+        if 200 <= status < 300:
+            return response
+        detail = response.text[:200].replace("\n", " ")
+        if status in (401, 403):
+            raise TokenRejected(
+                f"{path}: token rejected (HTTP {status}); check --cluster-token / the token file, the cluster id "
+                "and the tenant id",
+                status=status,
+            )
+        if status in RETRYABLE_STATUS:
+            raise ControlPlaneUnavailable(
+                f"{path}: control plane answered HTTP {status} {detail}".rstrip(),
+                status=status,
+                retry_after=_retry_after(response),
+            )
+        raise ControlPlaneError(f"{path}: control plane answered HTTP {status} {detail}".rstrip(), status=status)
+
+    @staticmethod
+    def _json(response: httpx.Response, path: str) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            raise MalformedResponse(
+                f"{path}: answer is not JSON (HTTP {response.status_code}, {len(response.content)} bytes: "
+                f"{response.text[:80]!r})"
+            ) from None
+
+    @staticmethod
+    def _log_retry(path: str, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning("%s failed (attempt %d): %s; retrying in %.1f s", path, state.attempt_number, exc, wait)

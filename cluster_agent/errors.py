@@ -1,0 +1,61 @@
+"""The agent's exceptions, one hierarchy so callers catch by meaning.
+
+    AgentError
+     ├── ConfigError            a setting is missing or wrong; start-up prints it and exits 2
+     ├── EngineUnavailable      the container engine cannot be reached or refused an operation
+     ├── ControlPlaneError      the control plane did not give a usable answer
+     │    ├── ControlPlaneUnavailable   network error, 5xx, 408 or 429 (retryable)
+     │    ├── TokenRejected             401 / 403
+     │    └── MalformedResponse         2xx whose body does not follow the contract
+     └── JobFailed              a job cannot succeed; carries the failure_reason reported for it
+
+Every message names the cause and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+from .models import FailureReason
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+
+class ConfigError(AgentError):
+    """A setting is missing, malformed or points at something unusable."""
+
+
+class EngineUnavailable(AgentError):
+    """The container engine cannot be reached, or failed an operation for reasons not the job's."""
+
+
+class ControlPlaneError(AgentError):
+    """The control plane did not give a usable answer."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ControlPlaneUnavailable(ControlPlaneError):
+    """Network error or a status worth retrying (5xx, 408, 429)."""
+
+    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class TokenRejected(ControlPlaneError):
+    """401/403: the cluster token is wrong, revoked, or for another cluster."""
+
+
+class MalformedResponse(ControlPlaneError):
+    """A 2xx answer whose body does not follow the contract."""
+
+
+class JobFailed(AgentError):
+    """A job cannot succeed; `reason` is the failure_reason reported to the control plane."""
+
+    def __init__(self, reason: FailureReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -1,0 +1,5 @@
+"""Ways to run a job's container. The job runner talks to `Executor`; each way is one module (docker now)."""
+
+from .base import ContainerSpec, Executor, ExitInfo
+
+__all__ = ["ContainerSpec", "Executor", "ExitInfo"]

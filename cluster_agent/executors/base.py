@@ -1,0 +1,59 @@
+"""The interface between the job runner and whatever runs containers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything needed to start one job's container, already validated and resolved by the runner."""
+
+    name: str
+    image: str
+    command: list[str]
+    env: dict[str, str]
+    workspace: Path  # host path, mounted read-write at /workspace and used as working directory
+    labels: dict[str, str]
+    gpu_uuids: list[str] = field(default_factory=list)
+    cpus: float | None = None
+    memory_mb: int | None = None
+    shm_mb: int | None = None
+    pids_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    exit_code: int | None
+    oom_killed: bool
+    error: str = ""
+
+
+OutputSink = Callable[[bytes], None]
+
+
+class Executor(Protocol):
+    def ping(self) -> None:
+        """Raise EngineUnavailable unless the engine answers."""
+
+    def prepare_image(self, image: str) -> None:
+        """Make `image` available locally; JobFailed(image_unavailable) with the engine's reason if it cannot."""
+
+    def start(self, spec: ContainerSpec) -> str:
+        """Create and start the container; return its id. Output is captured from the very first byte."""
+
+    def stream_output(self, container_id: str, on_stdout: OutputSink, on_stderr: OutputSink) -> None:
+        """Feed the container's output, in order, until it ends. Runs on its own thread."""
+
+    def wait(self, container_id: str, timeout: float) -> bool:
+        """Wait for the container to exit: True if it did, False if `timeout` seconds passed first."""
+
+    def stop(self, container_id: str, grace: float) -> None:
+        """SIGTERM, then SIGKILL after `grace` seconds. A container already gone is not an error."""
+
+    def exit_info(self, container_id: str) -> ExitInfo: ...
+
+    def remove(self, container_id: str) -> None:
+        """Remove the container; one already gone is not an error."""

@@ -1,0 +1,230 @@
+"""Runs job containers on a Docker engine through the Docker SDK (never the docker CLI).
+
+Traps handled here (see field notes): `wait(timeout=...)` is an HTTP timeout, not a deadline; output is read as
+a stream (attach, established before start so no byte is missed) and never loaded whole; pull errors arrive
+inside a 200 stream; no `auto_remove`, which races the final inspect; the missing NVIDIA runtime shows up as
+`could not select device driver`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import docker
+import requests
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.types import DeviceRequest
+from docker.utils import parse_repository_tag
+
+from ..errors import EngineUnavailable, JobFailed
+from ..models import FailureReason
+from .base import ContainerSpec, ExitInfo, OutputSink
+
+log = logging.getLogger(__name__)
+
+WORKSPACE = "/workspace"
+NVIDIA_RUNTIME_FIX = (
+    "the Docker engine has no NVIDIA runtime, so it cannot give GPUs to containers: install the NVIDIA Container "
+    "Toolkit on this host and run `nvidia-ctk runtime configure --runtime=docker`, then restart dockerd"
+)
+
+
+def connect(docker_host: str | None, timeout: float = 60.0) -> docker.DockerClient:
+    """A client for the engine at `docker_host` (default: DOCKER_HOST, else the local socket)."""
+    try:
+        if docker_host:
+            return docker.DockerClient(base_url=docker_host, timeout=int(timeout))
+        return docker.from_env(timeout=int(timeout))
+    except DockerException as exc:
+        raise EngineUnavailable(f"cannot reach the Docker engine: {exc}") from None
+
+
+def _explain(exc: APIError) -> str:
+    explanation = exc.explanation
+    if isinstance(explanation, bytes):
+        explanation = explanation.decode(errors="replace")
+    return str(explanation or exc)
+
+
+@contextmanager
+def _engine(what: str) -> Iterator[None]:
+    """Turn transport failures into EngineUnavailable; let API errors through for the caller to classify."""
+    try:
+        yield
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        raise EngineUnavailable(f"Docker engine did not answer while trying to {what}: {exc}") from None
+
+
+class DockerExecutor:
+    def __init__(self, client: docker.DockerClient, *, pull_lock: threading.Lock | None = None) -> None:
+        self._client = client
+        self._api = client.api
+        self._attached: dict[str, Any] = {}
+        self._attached_lock = threading.Lock()
+        # Two jobs asking for one missing image pull it once.
+        self._pull_lock = pull_lock or threading.Lock()
+
+    @property
+    def client(self) -> docker.DockerClient:
+        return self._client
+
+    def ping(self) -> None:
+        try:
+            self._api.ping()
+        except (DockerException, requests.exceptions.RequestException) as exc:
+            raise EngineUnavailable(f"Docker engine does not answer: {exc}") from None
+
+    def info(self) -> dict[str, Any]:
+        with _engine("read engine info"):
+            return self._api.info()
+
+    # --- images --------------------------------------------------------------------------------------------
+
+    def prepare_image(self, image: str) -> None:
+        with self._pull_lock, _engine(f"prepare image {image}"):
+            try:
+                self._api.inspect_image(image)
+                return
+            except ImageNotFound:
+                pass
+            except APIError as exc:
+                raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"image {image}: {_explain(exc)}") from None
+            log.info("pulling image %s", image)
+            repository, tag = parse_repository_tag(image)
+            try:
+                # Pull errors (unknown tag, denied) come inside the 200 stream; the stream must be consumed.
+                for item in self._api.pull(repository, tag=tag or "latest", stream=True, decode=True):
+                    if isinstance(item, dict) and item.get("error"):
+                        raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"cannot pull image {image}: {item['error']}")
+            except APIError as exc:
+                raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"cannot pull image {image}: {_explain(exc)}") from None
+            try:
+                self._api.inspect_image(image)
+            except ImageNotFound:
+                raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"image {image} is still missing after its pull") from None
+
+    # --- containers ----------------------------------------------------------------------------------------
+
+    def start(self, spec: ContainerSpec) -> str:
+        host_config: dict[str, Any] = {
+            "binds": {str(spec.workspace): {"bind": WORKSPACE, "mode": "rw"}},
+            "privileged": False,
+            "security_opt": ["no-new-privileges"],
+            "init": True,  # reaps the job's zombies and forwards SIGTERM to its main process
+        }
+        if spec.cpus:
+            host_config["nano_cpus"] = int(spec.cpus * 1e9)
+        if spec.memory_mb:
+            host_config["mem_limit"] = f"{spec.memory_mb}m"
+            host_config["memswap_limit"] = f"{spec.memory_mb}m"  # no swap: the limit is the limit
+        if spec.shm_mb:
+            host_config["shm_size"] = f"{spec.shm_mb}m"
+        if spec.pids_limit:
+            host_config["pids_limit"] = spec.pids_limit
+        if spec.gpu_uuids:
+            host_config["device_requests"] = [DeviceRequest(device_ids=list(spec.gpu_uuids), capabilities=[["gpu"]])]
+        with _engine(f"create the container for {spec.name}"):
+            try:
+                created = self._api.create_container(
+                    spec.image,
+                    command=spec.command or None,
+                    environment=spec.env,
+                    working_dir=WORKSPACE,
+                    labels=spec.labels,
+                    name=spec.name,
+                    detach=True,
+                    host_config=self._api.create_host_config(**host_config),
+                )
+            except ImageNotFound as exc:
+                raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"image {spec.image}: {_explain(exc)}") from None
+            except APIError as exc:
+                raise self._classify(exc, "create the container") from None
+            container_id: str = created["Id"]
+            try:
+                # Attach before start: every byte the job writes is captured, even from a job that exits at once.
+                stream = self._api.attach(container_id, stdout=True, stderr=True, stream=True, logs=False, demux=True)
+                with self._attached_lock:
+                    self._attached[container_id] = stream
+                self._api.start(container_id)
+            except APIError as exc:
+                self._forget(container_id)
+                self.remove(container_id)
+                raise self._classify(exc, "start the container") from None
+        return container_id
+
+    @staticmethod
+    def _classify(exc: APIError, what: str) -> JobFailed:
+        text = _explain(exc)
+        if "could not select device driver" in text:
+            return JobFailed(FailureReason.AGENT_ERROR, f"{NVIDIA_RUNTIME_FIX} (engine said: {text})")
+        if "executable file not found" in text or "no such file or directory" in text:
+            return JobFailed(FailureReason.INVALID_JOB, f"the job's command cannot run in its image: {text}")
+        if exc.status_code is not None and 400 <= exc.status_code < 500 and exc.status_code != 409:
+            return JobFailed(FailureReason.INVALID_JOB, f"the engine refused to {what}: {text}")
+        return JobFailed(FailureReason.AGENT_ERROR, f"the engine failed to {what}: {text}")
+
+    def _forget(self, container_id: str) -> Any:
+        with self._attached_lock:
+            return self._attached.pop(container_id, None)
+
+    def stream_output(self, container_id: str, on_stdout: OutputSink, on_stderr: OutputSink) -> None:
+        stream = self._forget(container_id)
+        if stream is None:
+            raise EngineUnavailable(f"no output stream attached to container {container_id[:12]}")
+        try:
+            for out, err in stream:
+                if out:
+                    on_stdout(out)
+                if err:
+                    on_stderr(err)
+        except (requests.exceptions.RequestException, OSError) as exc:
+            log.warning("output stream of container %s broke off: %s", container_id[:12], exc)
+
+    def wait(self, container_id: str, timeout: float) -> bool:
+        # The SDK's timeout is an HTTP read timeout: on expiry it raises (ReadTimeout, or ConnectionError
+        # wrapping ReadTimeoutError). Check the container's state to tell a deadline from a broken engine.
+        try:
+            self._api.wait(container_id, timeout=max(1, int(timeout + 0.999)))
+            return True
+        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+            with _engine("inspect a container"):
+                try:
+                    state = self._api.inspect_container(container_id)["State"]
+                except NotFound:
+                    raise EngineUnavailable(f"container {container_id[:12]} vanished while it ran") from None
+            return not state.get("Running", False)
+        except NotFound:
+            raise EngineUnavailable(f"container {container_id[:12]} vanished while it ran") from None
+
+    def stop(self, container_id: str, grace: float) -> None:
+        with _engine("stop a container"):
+            try:
+                self._api.stop(container_id, timeout=max(0, int(grace)))
+            except NotFound:
+                pass
+
+    def exit_info(self, container_id: str) -> ExitInfo:
+        with _engine("inspect a container"):
+            try:
+                state = self._api.inspect_container(container_id)["State"]
+            except NotFound:
+                raise EngineUnavailable(f"container {container_id[:12]} vanished before its exit code was read") from None
+        return ExitInfo(
+            exit_code=state.get("ExitCode"),
+            oom_killed=bool(state.get("OOMKilled")),
+            error=state.get("Error") or "",
+        )
+
+    def remove(self, container_id: str) -> None:
+        with _engine("remove a container"):
+            try:
+                self._api.remove_container(container_id, force=True, v=True)
+            except NotFound:
+                pass
+            except APIError as exc:
+                if exc.status_code == 409:  # removal already in progress
+                    return
+                log.warning("could not remove container %s: %s", container_id[:12], _explain(exc))

@@ -1,0 +1,54 @@
+"""Which GPU belongs to which job. A GPU is never given to two jobs; a job waits until all it asks for are free."""
+
+from __future__ import annotations
+
+import threading
+
+from .errors import JobFailed
+from .models import FailureReason, GpuInfo
+
+
+class GpuPool:
+    def __init__(self, gpus: list[GpuInfo]) -> None:
+        self._gpus = list(gpus)
+        self._owner: dict[str, str] = {}  # uuid -> job_id
+        self._changed = threading.Condition()
+
+    @property
+    def total(self) -> int:
+        return len(self._gpus)
+
+    def free_count(self) -> int:
+        with self._changed:
+            return len(self._gpus) - len(self._owner)
+
+    def check_request(self, job_id: str, count: int) -> None:
+        if count > len(self._gpus):
+            raise JobFailed(
+                FailureReason.INVALID_JOB,
+                f"job {job_id} asks for {count} GPU(s) but this host has {len(self._gpus)}; "
+                "ask for fewer or send it to a cluster with more",
+            )
+
+    def acquire(self, job_id: str, count: int, cancel: threading.Event) -> list[GpuInfo] | None:
+        """Block until `count` GPUs are free and give them to `job_id`; None if `cancel` is set first."""
+        self.check_request(job_id, count)
+        if count == 0:
+            return []
+        with self._changed:
+            while True:
+                free = [gpu for gpu in self._gpus if gpu.uuid not in self._owner]
+                if len(free) >= count:
+                    chosen = free[:count]
+                    for gpu in chosen:
+                        self._owner[gpu.uuid] = job_id
+                    return chosen
+                if cancel.is_set():
+                    return None
+                self._changed.wait(timeout=0.5)
+
+    def release(self, job_id: str) -> None:
+        with self._changed:
+            for uuid in [u for u, owner in self._owner.items() if owner == job_id]:
+                del self._owner[uuid]
+            self._changed.notify_all()

@@ -1,0 +1,181 @@
+"""Typed models at the agent's boundaries: the job spec that comes in, the completion and heartbeat that go out.
+
+Unknown fields from a newer control plane are kept, never fatal: the contract grows by extensions.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Names the agent sets itself; a job spec may not override them.
+RESERVED_ENV = frozenset({"RADIX_JOB_ID"})
+
+
+class JobStatus(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+class FailureReason(StrEnum):
+    EXIT_CODE = "exit_code"
+    TIMEOUT = "timeout"
+    OOM = "oom"
+    CANCELED = "canceled"
+    IMAGE_UNAVAILABLE = "image_unavailable"
+    INVALID_JOB = "invalid_job"
+    INVALID_OUTPUT = "invalid_output"
+    AGENT_ERROR = "agent_error"
+    INTERRUPTED = "interrupted"
+
+
+class OutputSource(StrEnum):
+    OUTPUT_JSON = "output_json"
+    STDOUT_JSON = "stdout_json"
+    WRAPPED = "wrapped"
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Orchestration(_Lenient):
+    num_gpus: int = Field(default=0, ge=0, le=1024)
+    launcher: str | None = None
+
+
+class Resources(_Lenient):
+    gpus: int | None = Field(default=None, ge=0, le=1024)
+    cpus: float | None = Field(default=None, gt=0, le=4096)
+    # Docker refuses memory limits under 6 MiB.
+    memory_mb: int | None = Field(default=None, ge=6)
+    shm_mb: int | None = Field(default=None, ge=1)
+
+
+def _none_as_empty(value: Any, empty: Any) -> Any:
+    return empty if value is None else value
+
+
+class JobSpec(_Lenient):
+    """A job as the control plane sends it (core fields plus the timeout/resources extensions)."""
+
+    job_id: str
+    job_kind: str | None = None
+    image: str = Field(min_length=1, max_length=512)
+    command: list[str] = Field(default_factory=list)
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    input_payload: Any = None
+    orchestration: Orchestration = Field(default_factory=Orchestration)
+    timeout_seconds: float | None = Field(default=None, gt=0)
+    resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("job_id")
+    @classmethod
+    def _job_id(cls, value: str) -> str:
+        if not JOB_ID_PATTERN.match(value):
+            raise ValueError(f"job_id {value[:140]!r} does not match {JOB_ID_PATTERN.pattern}")
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        if value != value.strip() or any(c.isspace() for c in value):
+            raise ValueError("image must be an image reference without spaces, e.g. 'python:3.11-slim'")
+        return value
+
+    @field_validator("command", "args", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _none_as_empty(value, [])
+
+    @field_validator("orchestration", "resources", mode="before")
+    @classmethod
+    def _objects(cls, value: Any) -> Any:
+        return _none_as_empty(value, {})
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env(cls, value: Any) -> Any:
+        value = _none_as_empty(value, {})
+        if not isinstance(value, dict):
+            return value  # pydantic reports the type error
+        out: dict[str, Any] = {}
+        for name, item in value.items():
+            if not isinstance(name, str) or not ENV_NAME_PATTERN.match(name):
+                raise ValueError(f"env name {name!r} is not a valid variable name (letters, digits, _; not starting with a digit)")
+            if name in RESERVED_ENV:
+                raise ValueError(f"env name {name} is set by the agent and cannot be overridden")
+            # Numbers and booleans are common in hand-written specs; the container sees strings either way.
+            if isinstance(item, bool):
+                item = "true" if item else "false"
+            elif isinstance(item, (int, float)):
+                item = str(item)
+            if isinstance(item, str) and "\x00" in item:
+                raise ValueError(f"env {name} contains a NUL byte")
+            out[name] = item
+        return out
+
+    @property
+    def gpu_count(self) -> int:
+        """GPUs the job asks for: `resources.gpus` when given, else `orchestration.num_gpus`."""
+        if self.resources.gpus is not None:
+            return self.resources.gpus
+        return self.orchestration.num_gpus
+
+
+class JobMetrics(BaseModel):
+    runtime_seconds: float
+    exit_code: int | None = None
+    queue_seconds: float | None = None
+    gpu_ids: list[str] | None = None
+    output_source: OutputSource | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json", exclude_none=True)
+        data.setdefault("exit_code", None)  # core field: always present
+        return data
+
+
+class Completion(BaseModel):
+    """The body of `POST /jobs/{job_id}/complete`."""
+
+    tenant_id: str
+    status: JobStatus
+    output_payload: Any = Field(default_factory=dict)
+    metrics: JobMetrics
+    error_message: str | None = None
+    failure_reason: FailureReason | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        body = self.model_dump(mode="json")
+        body["metrics"] = self.metrics.to_wire()
+        return body
+
+
+class GpuInfo(BaseModel):
+    index: int
+    uuid: str
+    name: str
+    memory_total_mb: int
+
+
+class Capabilities(_Lenient):
+    cpu_count: int
+    memory_gb: float
+    gpu_count: int
+    gpus: list[GpuInfo] = Field(default_factory=list)
+
+
+class PollResult(BaseModel):
+    """A poll answer. Jobs stay raw dicts: each is validated on its own, so one bad job cannot hide the others."""
+
+    jobs: list[Any] = Field(default_factory=list)
+    cancel_job_ids: list[str] = Field(default_factory=list)
+    long_poll: bool = False

@@ -1,0 +1,133 @@
+"""A job's output: bounded collection of stdout/stderr, and resolution of the output payload.
+
+Resolution order (contract): `/workspace/output.json` if it exists (valid JSON, at most the output limit, else
+invalid_output); else the whole stdout if it is one JSON document; else the last 10,000 characters of stdout and
+stderr. Memory stays bounded whatever the job prints: tails are ring buffers, and stdout is kept whole only
+while it could still be a JSON document within the output limit.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from .errors import JobFailed
+from .models import FailureReason, OutputSource
+
+TAIL_CHARS = 10_000
+# UTF-8 uses at most 4 bytes a character: this many bytes always hold the last TAIL_CHARS characters.
+TAIL_BYTES = TAIL_CHARS * 4
+_JSON_START = frozenset(b'{["-0123456789tfn')
+_WHITESPACE = frozenset(b" \t\r\n")
+
+
+class _Tail:
+    def __init__(self, limit: int) -> None:
+        self._buf = bytearray()
+        self._limit = limit
+
+    def feed(self, data: bytes) -> None:
+        if len(data) >= self._limit:
+            self._buf[:] = data[-self._limit :]
+            return
+        self._buf += data
+        excess = len(self._buf) - self._limit
+        if excess > 0:
+            del self._buf[:excess]
+
+    def text(self, chars: int) -> str:
+        return self._buf.decode("utf-8", errors="replace")[-chars:]
+
+
+class OutputCollector:
+    """Receives the job's stdout and stderr as they arrive; thread-safe for one writer and later readers."""
+
+    def __init__(self, max_output_bytes: int) -> None:
+        self._limit = max_output_bytes
+        self._stdout_tail = _Tail(TAIL_BYTES)
+        self._stderr_tail = _Tail(TAIL_BYTES)
+        self._head: bytearray | None = bytearray()  # None once stdout can no longer be one JSON document
+        self.stdout_bytes = 0
+        self.stderr_bytes = 0
+
+    def feed_stdout(self, data: bytes) -> None:
+        self.stdout_bytes += len(data)
+        self._stdout_tail.feed(data)
+        if self._head is None:
+            return
+        if len(self._head) + len(data) > self._limit:
+            self._head = None
+            return
+        self._head += data
+        stripped = self._head.lstrip()
+        if stripped and stripped[0] not in _JSON_START:
+            self._head = None
+
+    def feed_stderr(self, data: bytes) -> None:
+        self.stderr_bytes += len(data)
+        self._stderr_tail.feed(data)
+
+    def stdout_document(self) -> bytes | None:
+        """The whole stdout, if it was small enough to be an output payload."""
+        return bytes(self._head) if self._head is not None else None
+
+    def stdout_tail(self) -> str:
+        return self._stdout_tail.text(TAIL_CHARS)
+
+    def stderr_tail(self, chars: int = TAIL_CHARS) -> str:
+        return self._stderr_tail.text(chars)
+
+
+def read_output_json(job_dir: Path, limit: int) -> Any | None:
+    """The parsed `output.json`, None when there is none; JobFailed(invalid_output) when it is unusable.
+
+    The job controls that path: it is opened without following links and must be a regular file, so a job
+    cannot make the agent read (and send) a host file through a symlink.
+    """
+    path = job_dir / "output.json"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise JobFailed(FailureReason.INVALID_OUTPUT, "output.json is a symbolic link; write the JSON file itself") from None
+        raise JobFailed(FailureReason.INVALID_OUTPUT, f"output.json cannot be read: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise JobFailed(FailureReason.INVALID_OUTPUT, "output.json is not a regular file")
+        if info.st_size > limit:
+            raise JobFailed(
+                FailureReason.INVALID_OUTPUT,
+                f"output.json is {info.st_size} bytes, over the output limit of {limit} bytes; write less "
+                "(large artefacts belong in object storage) or raise --max-output-bytes",
+            )
+        data = handle.read(limit + 1)
+    if len(data) > limit:  # grew after fstat
+        raise JobFailed(FailureReason.INVALID_OUTPUT, f"output.json is over the output limit of {limit} bytes")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise JobFailed(FailureReason.INVALID_OUTPUT, f"output.json is not valid JSON: {exc}") from None
+
+
+def resolve_output(job_dir: Path, collected: OutputCollector, limit: int) -> tuple[Any, OutputSource]:
+    payload = read_output_json(job_dir, limit)
+    if payload is not None or (job_dir / "output.json").exists():
+        return payload, OutputSource.OUTPUT_JSON
+    document = collected.stdout_document()
+    if document is not None and document.strip():
+        try:
+            return json.loads(document), OutputSource.STDOUT_JSON
+        except (ValueError, UnicodeDecodeError):
+            pass
+    return wrapped_output(collected), OutputSource.WRAPPED
+
+
+def wrapped_output(collected: OutputCollector) -> dict[str, str]:
+    return {"stdout": collected.stdout_tail(), "stderr": collected.stderr_tail()}

@@ -1,0 +1,161 @@
+"""Every setting of the agent, in one pydantic-settings model: its flag, its env var, its default and its help.
+
+The env var is `RADIX_` + the flag in upper snake case, except the three names the Radix contract fixed
+(`RADIX_POLL_INTERVAL_SECONDS`, `RADIX_HEARTBEAT_INTERVAL_SECONDS`, `RADIX_JOB_TIMEOUT_SECONDS`).
+The command line (see `cli.py`) is generated from this model; CLI values win over env vars.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .models import JOB_ID_PATTERN
+
+DEFAULT_MAX_OUTPUT_BYTES = 10 * 1024 * 1024
+
+
+def _env(name: str) -> dict[str, str]:
+    """An env var name that differs from `RADIX_<FIELD>` (fixed by the Radix contract)."""
+    return {"validation_alias": name}
+
+
+def env_name(field: str) -> str:
+    """The env var that sets `field`."""
+    info = Settings.model_fields[field]
+    alias = info.validation_alias
+    return alias if isinstance(alias, str) else f"RADIX_{field.upper()}"
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RADIX_",
+        populate_by_name=True,
+        extra="ignore",
+        case_sensitive=False,
+    )
+
+    # Control plane
+    api_base: str | None = Field(
+        default=None, description="Control-plane base URL, e.g. https://radix.example.com/api (required)."
+    )
+    cluster_id: str | None = Field(default=None, description="This cluster's id at the control plane (required).")
+    cluster_token: SecretStr | None = Field(
+        default=None, description="Cluster token. Without it, the token file or a one-time token is used."
+    )
+    one_time_token: SecretStr | None = Field(
+        default=None, description="One-time token, exchanged once for a cluster token that is saved in the token file."
+    )
+    token_file: Path = Field(
+        default=Path("/var/lib/radix/cluster_token"), description="Where the exchanged cluster token is kept (mode 0600)."
+    )
+    tenant_id: str = Field(default="demo-tenant", description="Tenant id sent with every request.")
+    allow_insecure_http: bool = Field(
+        default=False, description="Allow a plain http:// api base on a non-loopback host (sends the token in clear)."
+    )
+
+    # Timing
+    poll_interval: float = Field(
+        default=30.0, gt=0, description="Seconds to wait after an empty answer from a server without long polling.",
+        **_env("RADIX_POLL_INTERVAL_SECONDS"),
+    )
+    heartbeat_interval: float = Field(
+        default=300.0, gt=0, description="Seconds between heartbeats.", **_env("RADIX_HEARTBEAT_INTERVAL_SECONDS")
+    )
+    long_poll_seconds: float = Field(
+        default=25.0, ge=0, le=300, description="How long a long-poll server may hold a poll (wait_seconds)."
+    )
+    shutdown_grace: float = Field(
+        default=30.0, gt=0, description="Seconds from SIGTERM to exit; a job still running then is stopped as interrupted."
+    )
+
+    # Jobs
+    jobs_workdir: Path = Field(
+        default=Path("/tmp/radix-jobs"),
+        description="Host directory holding one directory per job (mounted at /workspace). In a container, mount it at the same path.",
+    )
+    execution_mode: Literal["docker"] = Field(default="docker", description="How jobs run: docker.")
+    job_timeout: float = Field(
+        default=3600.0, gt=0, description="Default per-job timeout in seconds (a job's timeout_seconds wins).",
+        **_env("RADIX_JOB_TIMEOUT_SECONDS"),
+    )
+    max_concurrent_jobs: int = Field(default=1, ge=1, le=256, description="Jobs run at the same time.")
+    max_output_bytes: int = Field(
+        default=DEFAULT_MAX_OUTPUT_BYTES, ge=1, description="Largest output.json (and JSON stdout) accepted, in bytes."
+    )
+    pids_limit: int = Field(
+        default=4096, ge=0, description="Most processes a job's container may run (0: no limit). Stops fork bombs."
+    )
+    docker_host: str | None = Field(
+        default=None, description="Docker engine address; default: DOCKER_HOST, else unix:///var/run/docker.sock."
+    )
+
+    # Logging
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().rstrip("/")
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http(s) URL; give e.g. https://radix.example.com/api")
+        if parts.username or parts.password:
+            raise ValueError("put no credentials in the URL; the token goes in --cluster-token")
+        if parts.query or parts.fragment:
+            raise ValueError("the URL must have no query string or fragment")
+        return value
+
+    @field_validator("cluster_id")
+    @classmethod
+    def _cluster_id(cls, value: str | None) -> str | None:
+        if value is not None and not JOB_ID_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not a valid cluster id (letters, digits, '.', '_', '-'; up to 128)")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_only(self) -> Settings:
+        if self.api_base:
+            parts = urlsplit(self.api_base)
+            if parts.scheme == "http" and not is_loopback(parts.hostname or "") and not self.allow_insecure_http:
+                raise ValueError(
+                    f"--api-base / RADIX_API_BASE: {self.api_base} is plain http to a non-loopback host, which would send the cluster "
+                    "token in clear; use https, or pass --allow-insecure-http if you really mean it"
+                )
+        return self
+
+    def require_agent_settings(self) -> None:
+        """The agent (not `run-job`) needs a control plane to talk to."""
+        from .errors import ConfigError
+
+        missing = [f for f in ("api_base", "cluster_id") if getattr(self, f) in (None, "")]
+        if missing:
+            raise ConfigError(
+                "; ".join(f"{flag_name(f)} / {env_name(f)} is required" for f in missing)
+                + ": give it on the command line or in the environment"
+            )

@@ -1,0 +1,343 @@
+"""The development control plane's server: agent endpoints under /v1/clusters/{id}/, an admin API under /admin/.
+
+Admin API (no auth; bind it to loopback):
+  POST /admin/jobs                 submit a job (job_id optional)          -> {"job_id": ...}
+  GET  /admin/jobs/{id}?wait=S     a job's record, waiting up to S seconds for its result
+  GET  /admin/jobs                 every job's record
+  GET  /admin/heartbeats           heartbeats received, oldest first
+  GET  /admin/stats                counters (polls, completes by job, ...)
+  POST /admin/faults               {"endpoint": "poll|heartbeat|complete|exchange", "responses": [503, ...],
+                                    "delay": seconds?} the next answers of that endpoint
+  POST /admin/reset                forget everything
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+
+@dataclass
+class JobRecord:
+    job_id: str
+    spec: dict[str, Any]
+    state: str = "queued"  # queued -> assigned -> done
+    submitted_at: float = field(default_factory=time.time)
+    assigned_at: float | None = None
+    completed_at: float | None = None
+    result: dict[str, Any] | None = None
+    deliveries: int = 0  # complete calls received, duplicates included
+    idempotency_keys: list[str] = field(default_factory=list)
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "state": self.state,
+            "spec": self.spec,
+            "submitted_at": self.submitted_at,
+            "assigned_at": self.assigned_at,
+            "completed_at": self.completed_at,
+            "result": self.result,
+            "deliveries": self.deliveries,
+            "idempotency_keys": self.idempotency_keys,
+        }
+
+
+class State:
+    def __init__(self, cluster_id: str, cluster_token: str, one_time_tokens: list[str], long_poll: bool) -> None:
+        self.cluster_id = cluster_id
+        self.cluster_token = cluster_token
+        self.one_time_tokens = set(one_time_tokens)
+        self.long_poll = long_poll
+        self.lock = threading.Condition()
+        self.jobs: dict[str, JobRecord] = {}
+        self.queue: deque[str] = deque()
+        self.heartbeats: list[dict[str, Any]] = []
+        self.faults: dict[str, deque[int]] = {}
+        self.delays: dict[str, float] = {}
+        self.stats: dict[str, int] = {"polls": 0, "heartbeats": 0, "completes": 0, "exchanges": 0}
+        self.poll_bodies: deque[dict[str, Any]] = deque(maxlen=50)
+        self.draining = False
+
+    def submit(self, spec: dict[str, Any]) -> str:
+        job_id = spec.get("job_id") or f"job-{uuid.uuid4().hex[:12]}"
+        spec = {**spec, "job_id": job_id}
+        spec.setdefault("command", [])
+        spec.setdefault("args", [])
+        spec.setdefault("env", {})
+        spec.setdefault("input_payload", {})
+        spec.setdefault("orchestration", {"num_gpus": 0})
+        spec.setdefault("job_kind", "dev")
+        with self.lock:
+            if job_id in self.jobs and self.jobs[job_id].state != "done":
+                raise ValueError(f"job {job_id} already exists")
+            self.jobs[job_id] = JobRecord(job_id, spec)
+            self.queue.append(job_id)
+            self.lock.notify_all()
+        return job_id
+
+    def take(self, max_jobs: int) -> list[dict[str, Any]]:
+        taken = []
+        while self.queue and len(taken) < max_jobs:
+            record = self.jobs[self.queue.popleft()]
+            record.state, record.assigned_at = "assigned", time.time()
+            taken.append(record.spec)
+        return taken
+
+    def next_fault(self, endpoint: str) -> int | None:
+        with self.lock:
+            queue = self.faults.get(endpoint)
+            return queue.popleft() if queue else None
+
+
+_AGENT_PATH = re.compile(r"^/v1/clusters/(?P<cluster>[^/]+)/(?P<rest>.+)$")
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: "DevServer"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+    # --- plumbing ------------------------------------------------------------------------------------------
+
+    def _body(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        return json.loads(raw) if raw else {}
+
+    def _send(self, status: int, body: Any = None, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body if body is not None else {}).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        url = urlsplit(self.path)
+        try:
+            body = self._body() if method == "POST" else None
+        except ValueError:
+            self._send(400, {"error": "body is not JSON"})
+            return
+        if url.path.startswith("/admin/"):
+            self._admin(method, url.path, parse_qs(url.query), body)
+            return
+        match = _AGENT_PATH.match(url.path)
+        if method != "POST" or not match:
+            self._send(404, {"error": "not found"})
+            return
+        if unquote(match["cluster"]) != self.server.state.cluster_id:
+            self._send(404, {"error": "unknown cluster"})
+            return
+        self._agent(match["rest"], body)
+
+    # --- the agent-facing protocol -------------------------------------------------------------------------
+
+    def _agent(self, rest: str, body: Any) -> None:
+        state = self.server.state
+        endpoint = {"auth/exchange": "exchange", "heartbeat": "heartbeat", "jobs/poll": "poll"}.get(rest)
+        complete = re.match(r"^jobs/(?P<job>[^/]+)/complete$", rest)
+        if complete:
+            endpoint = "complete"
+        if endpoint is None:
+            self._send(404, {"error": "unknown endpoint"})
+            return
+        delay = state.delays.get(endpoint)
+        if delay:
+            time.sleep(delay)
+        fault = state.next_fault(endpoint)
+        if fault is not None:
+            with state.lock:
+                state.stats[f"faults_{endpoint}"] = state.stats.get(f"faults_{endpoint}", 0) + 1
+            if fault == 0:  # drop the connection without an answer
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
+            self._send(fault, {"error": f"injected fault {fault}"}, {"Retry-After": "0"} if fault in (429, 503) else None)
+            return
+        if endpoint == "exchange":
+            self._exchange()
+            return
+        if self.headers.get("X-Radix-Cluster-Token") != state.cluster_token:
+            self._send(401, {"error": "bad cluster token"})
+            return
+        if not self.headers.get("X-Radix-Tenant-Id"):
+            self._send(400, {"error": "missing X-Radix-Tenant-Id"})
+            return
+        if endpoint == "heartbeat":
+            with state.lock:
+                state.stats["heartbeats"] += 1
+                state.heartbeats.append({"at": time.time(), **(body or {})})
+                # A draining agent is leaving: release its held polls. An active one (re)started.
+                state.draining = (body or {}).get("status") == "draining"
+                state.lock.notify_all()
+            self._send(200, {"ok": True})
+        elif endpoint == "poll":
+            self._poll(body or {})
+        else:
+            self._complete(unquote(complete["job"]), body)
+
+    def _exchange(self) -> None:
+        state = self.server.state
+        token = self.headers.get("X-Radix-One-Time-Token")
+        with state.lock:
+            state.stats["exchanges"] += 1
+            if token not in state.one_time_tokens:
+                self._send(401, {"error": "unknown or used one-time token"})
+                return
+            state.one_time_tokens.discard(token)
+        self._send(200, {"cluster_token": state.cluster_token})
+
+    def _poll(self, body: dict[str, Any]) -> None:
+        state = self.server.state
+        max_jobs = body.get("max_jobs", 1)
+        wait = min(float(body.get("wait_seconds") or 0), 60.0) if state.long_poll else 0.0
+        deadline = time.monotonic() + wait
+        with state.lock:
+            state.stats["polls"] += 1
+            state.poll_bodies.append(body)
+            jobs = state.take(max_jobs)
+            while not jobs and not state.draining and not self.server.closing:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                state.lock.wait(min(remaining, 0.5))
+                jobs = state.take(max_jobs)
+        headers = {"X-Radix-Long-Poll": "1"} if state.long_poll else None
+        self._send(200, {"jobs": jobs}, headers)
+
+    def _complete(self, job_id: str, body: Any) -> None:
+        state = self.server.state
+        with state.lock:
+            state.stats["completes"] += 1
+            record = state.jobs.get(job_id)
+            if record is None:
+                self._send(404, {"error": f"unknown job {job_id}"})
+                return
+            record.deliveries += 1
+            record.idempotency_keys.append(self.headers.get("Idempotency-Key", ""))
+            if record.result is None:
+                record.result, record.state, record.completed_at = body, "done", time.time()
+                state.lock.notify_all()
+        self._send(200, {"ok": True})
+
+    # --- admin ---------------------------------------------------------------------------------------------
+
+    def _admin(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> None:
+        state = self.server.state
+        parts = path.strip("/").split("/")
+        if method == "POST" and parts == ["admin", "jobs"]:
+            if not isinstance(body, dict):
+                self._send(400, {"error": "a job is a JSON object"})
+                return
+            try:
+                self._send(201, {"job_id": state.submit(body)})
+            except ValueError as exc:
+                self._send(409, {"error": str(exc)})
+        elif method == "GET" and parts == ["admin", "jobs"]:
+            with state.lock:
+                self._send(200, {"jobs": [r.view() for r in state.jobs.values()]})
+        elif method == "GET" and len(parts) == 3 and parts[:2] == ["admin", "jobs"]:
+            wait = float(query.get("wait", ["0"])[0])
+            deadline = time.monotonic() + wait
+            with state.lock:
+                record = state.jobs.get(unquote(parts[2]))
+                while record is not None and record.result is None and time.monotonic() < deadline:
+                    state.lock.wait(min(0.5, deadline - time.monotonic()))
+                view = record.view() if record else None
+            self._send(200 if view else 404, view or {"error": "unknown job"})
+        elif method == "GET" and parts == ["admin", "heartbeats"]:
+            with state.lock:
+                self._send(200, {"heartbeats": list(state.heartbeats)})
+        elif method == "GET" and parts == ["admin", "stats"]:
+            with state.lock:
+                self._send(200, {**state.stats, "last_polls": list(state.poll_bodies)})
+        elif method == "POST" and parts == ["admin", "faults"]:
+            with state.lock:
+                endpoint = body.get("endpoint", "")
+                state.faults.setdefault(endpoint, deque()).extend(int(s) for s in body.get("responses", []))
+                if "delay" in body:
+                    state.delays[endpoint] = float(body["delay"])
+            self._send(200, {"ok": True})
+        elif method == "POST" and parts == ["admin", "reset"]:
+            with state.lock:
+                state.jobs.clear(); state.queue.clear(); state.heartbeats.clear()  # noqa: E702
+                state.faults.clear(); state.delays.clear()  # noqa: E702
+                for key in state.stats:
+                    state.stats[key] = 0
+            self._send(200, {"ok": True})
+        else:
+            self._send(404, {"error": "unknown admin endpoint"})
+
+
+class DevServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], state: State, verbose: bool) -> None:
+        super().__init__(address, Handler)
+        self.state = state
+        self.verbose = verbose
+        self.closing = False
+
+
+class DevControlPlane:
+    """The server with its own thread: `start()`, `.url`, `.state`, `stop()`."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        cluster_id: str = "dev-cluster",
+        cluster_token: str = "dev-cluster-token",
+        one_time_tokens: list[str] | None = None,
+        long_poll: bool = True,
+        verbose: bool = False,
+    ) -> None:
+        self.state = State(cluster_id, cluster_token, one_time_tokens or [], long_poll)
+        self._server = DevServer((host, port), self.state, verbose)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "DevControlPlane":
+        self._thread = threading.Thread(target=self._server.serve_forever, name="devplane", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self._server.serve_forever()
+
+    def stop(self) -> None:
+        self._server.closing = True
+        with self.state.lock:
+            self.state.lock.notify_all()
+        self._server.shutdown()
+        self._server.server_close()
