@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 from typing import Any, get_args
 
 from pydantic import ValidationError
@@ -20,6 +21,13 @@ def _is_bool(annotation: Any) -> bool:
     return annotation is bool or bool in get_args(annotation)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps help without breaking paths and flags at their hyphens."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+
 def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -27,6 +35,7 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
         description="Radix cluster agent: long-polls a Radix control plane and runs its jobs in Docker containers.",
         epilog="Every setting can also come from its environment variable; the command line wins.",
         argument_default=argparse.SUPPRESS,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"radix-cluster-agent {__version__}")
     group = parser.add_argument_group("settings (flag / environment variable / default)")

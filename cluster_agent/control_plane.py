@@ -274,4 +274,5 @@ class ControlPlaneClient:
     def _log_retry(path: str, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0.0
-        log.warning("%s failed (attempt %d): %s; retrying in %.1f s", path, state.attempt_number, exc, wait)
+        level = logging.ERROR if isinstance(exc, TokenRejected) else logging.WARNING
+        log.log(level, "%s failed (attempt %d): %s; retrying in %.1f s", path, state.attempt_number, exc, wait)

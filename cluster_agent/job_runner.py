@@ -40,6 +40,10 @@ STOP_GRACE_SECONDS = 10.0
 LABEL_JOB_ID = "radix.job_id"
 LABEL_CLUSTER_ID = "radix.cluster_id"
 STDERR_IN_MESSAGE = 2000
+EXIT_CODE_HINTS = {
+    126: " (the command is not executable in the image)",
+    127: " (the command was not found in the image; check command and the image's PATH)",
+}
 
 
 def job_id_of(raw: Any) -> str | None:
@@ -300,8 +304,10 @@ class JobRun:
                             "or use less memory"),
             )
         if exit_code != 0:
+            hint = EXIT_CODE_HINTS.get(exit_code or 0, "")
             return self._completion(
-                JobStatus.FAILED, payload, metrics, FailureReason.EXIT_CODE, with_stderr(f"job exited with code {exit_code}")
+                JobStatus.FAILED, payload, metrics, FailureReason.EXIT_CODE,
+                with_stderr(f"job exited with code {exit_code}{hint}"),
             )
         if output_error is not None:
             return self._completion(JobStatus.FAILED, payload, metrics, FailureReason.INVALID_OUTPUT, output_error)

@@ -97,10 +97,11 @@ def read_output_json(job_dir: Path, limit: int) -> Any | None:
         if exc.errno == errno.ELOOP:
             raise JobFailed(FailureReason.INVALID_OUTPUT, "output.json is a symbolic link; write the JSON file itself") from None
         raise JobFailed(FailureReason.INVALID_OUTPUT, f"output.json cannot be read: {exc.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise JobFailed(FailureReason.INVALID_OUTPUT, "output.json is not a regular file; write the JSON file itself")
     with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise JobFailed(FailureReason.INVALID_OUTPUT, "output.json is not a regular file")
         if info.st_size > limit:
             raise JobFailed(
                 FailureReason.INVALID_OUTPUT,

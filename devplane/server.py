@@ -7,7 +7,8 @@ Admin API (no auth; bind it to loopback):
   GET  /admin/heartbeats           heartbeats received, oldest first
   GET  /admin/stats                counters (polls, completes by job, ...)
   POST /admin/faults               {"endpoint": "poll|heartbeat|complete|exchange", "responses": [503, ...],
-                                    "delay": seconds?} the next answers of that endpoint
+                                    "delay": seconds?} the next answers of that endpoint;
+                                   status 0 drops the connection, 1 answers 200 with a body that is not JSON
   POST /admin/reset                forget everything
 """
 
@@ -172,6 +173,13 @@ class Handler(BaseHTTPRequestHandler):
         if fault is not None:
             with state.lock:
                 state.stats[f"faults_{endpoint}"] = state.stats.get(f"faults_{endpoint}", 0) + 1
+            if fault == 1:  # a 200 whose body is not JSON
+                data = b"<html>proxy error</html>"
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
             if fault == 0:  # drop the connection without an answer
                 self.close_connection = True
                 self.connection.shutdown(2)
@@ -218,7 +226,7 @@ class Handler(BaseHTTPRequestHandler):
         deadline = time.monotonic() + wait
         with state.lock:
             state.stats["polls"] += 1
-            state.poll_bodies.append(body)
+            state.poll_bodies.append({"at": time.time(), **body})
             jobs = state.take(max_jobs)
             while not jobs and not state.draining and not self.server.closing:
                 remaining = deadline - time.monotonic()

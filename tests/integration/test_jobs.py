@@ -1,0 +1,233 @@
+"""A job's whole path through the agent: the real engine, the dev control plane, real HTTP."""
+
+import json
+import time
+
+import pytest
+
+from tests.integration.conftest import eventually
+from tests.support.images import BUSYBOX_IMAGE
+
+
+def no_containers(docker_client, label):
+    return lambda: docker_client.containers.list(all=True, filters={"label": label}) == []
+
+
+@pytest.fixture
+def agent(start_agent):
+    return start_agent()
+
+
+def test_happy_path_output_json(cp, agent):
+    result = cp.run(
+        command=["sh", "-c"],
+        args=['cat input.json > seen.json; printf \'{"input": %s, "job": "%s", "pwd": "%s"}\' "$(cat input.json)" "$RADIX_JOB_ID" "$(pwd)" > output.json; echo done'],
+        input_payload={"x": 1, "s": "ü"},
+        env={"GREETING": "hi"},
+        job_id="happy-1",
+    )
+    assert result["status"] == "succeeded", result
+    assert result["failure_reason"] is None and result["error_message"] is None
+    assert result["output_payload"] == {"input": {"x": 1, "s": "ü"}, "job": "happy-1", "pwd": "/workspace"}
+    assert result["metrics"]["exit_code"] == 0
+    assert result["metrics"]["output_source"] == "output_json"
+    assert result["metrics"]["runtime_seconds"] >= 0
+    assert result["tenant_id"] == "demo-tenant"
+
+
+def test_stdout_json(cp, agent):
+    result = cp.run(command=["echo", '{"n": 1, "list": [1, 2]}'])
+    assert result["status"] == "succeeded"
+    assert result["output_payload"] == {"n": 1, "list": [1, 2]}
+    assert result["metrics"]["output_source"] == "stdout_json"
+
+
+def test_plain_output_is_wrapped(cp, agent):
+    result = cp.run(command=["sh", "-c", "echo hello; echo oops >&2"])
+    assert result["status"] == "succeeded"
+    assert result["output_payload"] == {"stdout": "hello\n", "stderr": "oops\n"}
+    assert result["metrics"]["output_source"] == "wrapped"
+
+
+def test_env_command_and_args_reach_the_container(cp, agent):
+    result = cp.run(command=["sh", "-c", 'echo "$A-$B-$1"', "arg0"], args=["third"], env={"A": "one", "B": 2})
+    assert result["output_payload"]["stdout"] == "one-2-third\n"
+
+
+def test_non_zero_exit(cp, agent):
+    result = cp.run(command=["sh", "-c", "echo partial; echo 'it broke' >&2; exit 3"])
+    assert result["status"] == "failed"
+    assert result["failure_reason"] == "exit_code"
+    assert result["metrics"]["exit_code"] == 3
+    assert "exited with code 3" in result["error_message"] and "it broke" in result["error_message"]
+    assert result["output_payload"] == {"stdout": "partial\n", "stderr": "it broke\n"}
+
+
+def test_invalid_output_json(cp, agent):
+    result = cp.run(command=["sh", "-c", "echo '{broken' > output.json"])
+    assert result["status"] == "failed"
+    assert result["failure_reason"] == "invalid_output"
+    assert "output.json is not valid JSON" in result["error_message"]
+
+
+def test_oversized_output_json(cp, start_agent):
+    start_agent("--max-output-bytes", "1000")
+    result = cp.run(command=["sh", "-c", "head -c 5000 /dev/zero | tr '\\0' x | sed 's/.*/{\"x\": \"&\"}/' > output.json"])
+    assert result["failure_reason"] == "invalid_output"
+    assert "over the output limit of 1000 bytes" in result["error_message"]
+
+
+def test_output_json_symlink_to_a_host_path_is_refused(cp, agent):
+    result = cp.run(command=["sh", "-c", "ln -s /etc/hostname output.json"])
+    assert result["failure_reason"] == "invalid_output"
+    assert "symbolic link" in result["error_message"]
+
+
+def test_missing_image(cp, agent):
+    result = cp.run(image="radix-test/does-not-exist:1", command=["true"])
+    assert result["status"] == "failed"
+    assert result["failure_reason"] == "image_unavailable"
+    assert "radix-test/does-not-exist" in result["error_message"]
+    # The engine's own reason is passed on.
+    assert "denied" in result["error_message"] or "not found" in result["error_message"] or "lookup" in result["error_message"] or "dial" in result["error_message"]
+
+
+def test_command_missing_from_the_image(cp, agent):
+    result = cp.run(command=["/no/such/program"])
+    assert result["status"] == "failed"
+    # As in a shell: the init process reports the missing program as exit code 127.
+    assert result["failure_reason"] == "exit_code"
+    assert result["metrics"]["exit_code"] == 127
+    assert "not found in the image" in result["error_message"]
+    assert "/no/such/program" in result["error_message"]
+
+
+@pytest.mark.parametrize("job_id", ["bad id", "../escape", "-x", "a" * 129])
+def test_bad_job_ids_are_invalid_and_nothing_is_written(cp, agent, docker_client, cluster_id, job_id):
+    result = cp.run(job_id=job_id, command=["true"])
+    assert result["status"] == "failed"
+    assert result["failure_reason"] == "invalid_job"
+    assert "does not match" in result["error_message"]
+    assert not agent.jobs_dir.exists() or list(agent.jobs_dir.iterdir()) == []
+    assert not (agent.jobs_dir.parent / "escape").exists()
+    assert docker_client.containers.list(all=True, filters={"label": f"radix.cluster_id={cluster_id}"}) == []
+
+
+@pytest.mark.parametrize(
+    "fields, fragment",
+    [
+        ({"command": "echo not-a-list"}, "command"),
+        ({"env": {"BAD NAME": "x"}}, "env"),
+        ({"timeout_seconds": -5}, "timeout_seconds"),
+        ({"image": ""}, "image"),
+    ],
+)
+def test_invalid_job_specs(cp, agent, fields, fragment):
+    result = cp.run(**fields)
+    assert result["failure_reason"] == "invalid_job"
+    assert fragment in result["error_message"]
+
+
+def test_timeout_stops_the_container(cp, agent, docker_client, cluster_id):
+    started = time.monotonic()
+    result = cp.run(command=["sleep", "120"], timeout_seconds=2)
+    assert time.monotonic() - started < 30
+    assert result["status"] == "failed"
+    assert result["failure_reason"] == "timeout"
+    assert "timeout of 2 s" in result["error_message"]
+    eventually(no_containers(docker_client, f"radix.cluster_id={cluster_id}"), what="container removed")
+
+
+def test_default_timeout_comes_from_the_setting(cp, start_agent):
+    start_agent("--job-timeout", "1")
+    result = cp.run(command=["sleep", "60"])
+    assert result["failure_reason"] == "timeout"
+
+
+def test_oom_under_a_small_memory_limit(cp, agent):
+    # tail keeps a whole "line" of /dev/zero (no newline) in memory: far past 32 MiB.
+    result = cp.run(command=["sh", "-c", "head -c 400m /dev/zero | tail > /dev/null"], resources={"memory_mb": 32})
+    assert result["status"] == "failed"
+    assert result["failure_reason"] == "oom", result
+    assert "out of memory" in result["error_message"] and "32 MiB" in result["error_message"]
+
+
+def test_container_is_hardened_and_sees_only_its_workspace(cp, agent, docker_client, cluster_id):
+    job_id = cp.submit(command=["sh", "-c", "grep NoNewPrivs /proc/self/status; cat /proc/mounts; sleep 3"])
+    deadline = time.monotonic() + 20
+    containers = []
+    while time.monotonic() < deadline and not containers:
+        containers = docker_client.containers.list(filters={"label": f"radix.job_id={job_id}"})
+        time.sleep(0.1)
+    assert containers, "the job's container never showed up"
+    attrs = containers[0].attrs
+    assert attrs["Config"]["Labels"]["radix.cluster_id"] == cluster_id
+    assert attrs["HostConfig"]["Privileged"] is False
+    assert "no-new-privileges" in attrs["HostConfig"]["SecurityOpt"]
+    assert attrs["HostConfig"]["PidsLimit"] == 4096
+    binds = [m for m in attrs["Mounts"] if m["Type"] == "bind"]
+    assert [(m["Destination"], m["RW"]) for m in binds] == [("/workspace", True)]
+    result = cp.result(job_id)["result"]
+    stdout = result["output_payload"]["stdout"]
+    assert "NoNewPrivs:\t1" in stdout
+    assert " /workspace " in stdout
+    # After delivery, the container and the job directory are gone.
+    eventually(no_containers(docker_client, f"radix.job_id={job_id}"), what="container removed")
+    eventually(lambda: not (agent.jobs_dir / job_id).exists(), what="job directory removed")
+
+
+def test_resources_are_applied(cp, agent):
+    result = cp.run(
+        command=["sh", "-c", "cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/memory.max 2>/dev/null; df -m /dev/shm | tail -1"],
+        resources={"memory_mb": 64, "shm_mb": 16, "cpus": 0.5},
+    )
+    stdout = result["output_payload"]["stdout"]
+    assert str(64 * 1024 * 1024) in stdout
+    assert " 16 " in stdout.splitlines()[-1]
+
+
+def test_a_job_printing_hundreds_of_mb_does_not_grow_the_agent(cp, agent):
+    baseline = agent.peak_rss_mb()
+    result = cp.run(
+        wait=300,
+        command=["sh", "-c", "yes 'a line of job output that goes on and on' | head -c 300000000; echo; echo THE-END"],
+    )
+    assert result["status"] == "succeeded"
+    assert result["output_payload"]["stdout"].endswith("THE-END\n")
+    assert len(result["output_payload"]["stdout"]) == 10_000
+    peak = agent.peak_rss_mb()
+    assert peak - baseline < 60, f"agent grew from {baseline:.0f} MB to {peak:.0f} MB while a job printed 300 MB"
+
+
+def test_jobs_run_one_after_another_and_all_get_results(cp, agent):
+    ids = [cp.submit(command=["sh", "-c", f"echo '{{\"i\": {i}}}'"]) for i in range(5)]
+    results = [cp.result(job_id) for job_id in ids]
+    assert [r["result"]["output_payload"] for r in results] == [{"i": i} for i in range(5)]
+    assert all(r["deliveries"] == 1 for r in results)
+    assert all(r["idempotency_keys"] == [r["job_id"]] for r in results)
+
+
+def test_run_job_prints_the_completion(tmp_path, busybox):
+    import subprocess
+    import sys
+
+    from tests.integration.conftest import ROOT
+
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"job_id": "local-1", "image": BUSYBOX_IMAGE, "command": ["echo", '{"local": true}']}))
+    out = subprocess.run(
+        [sys.executable, "main.py", "run-job", str(job), "--jobs-workdir", str(tmp_path / "jobs")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    completion = json.loads(out.stdout)
+    assert completion["status"] == "succeeded" and completion["output_payload"] == {"local": True}
+    assert not (tmp_path / "jobs" / "local-1").exists()  # run-job cleans up before it prints
+
+    job.write_text(json.dumps({"job_id": "local-2", "image": BUSYBOX_IMAGE, "command": ["false"]}))
+    out = subprocess.run(
+        [sys.executable, "main.py", "run-job", str(job), "--jobs-workdir", str(tmp_path / "jobs")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 1
+    assert json.loads(out.stdout)["failure_reason"] == "exit_code"

@@ -1,0 +1,82 @@
+import pytest
+from pydantic import ValidationError
+
+from cluster_agent.job_runner import container_name, torchrun_command
+from cluster_agent.models import JobSpec
+
+
+def spec(**fields):
+    return JobSpec.model_validate({"job_id": "job-1", "image": "busybox:1", **fields})
+
+
+@pytest.mark.parametrize("job_id", ["a", "Job_1.2-x", "9" * 128])
+def test_valid_job_ids(job_id):
+    assert spec(job_id=job_id).job_id == job_id
+
+
+@pytest.mark.parametrize("job_id", ["", "-lead", ".hidden", "has space", "a/b", "../etc", "x" * 129, "ünï"])
+def test_invalid_job_ids(job_id):
+    with pytest.raises(ValidationError):
+        spec(job_id=job_id)
+
+
+def test_null_lists_and_objects_are_empty():
+    s = spec(command=None, args=None, env=None, orchestration=None, resources=None)
+    assert s.command == [] and s.args == [] and s.env == {} and s.orchestration.num_gpus == 0
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"command": "echo hi"},
+        {"args": [1, 2]},
+        {"image": ""},
+        {"image": "bad image"},
+        {"env": {"1BAD": "x"}},
+        {"env": {"A=B": "x"}},
+        {"env": {"RADIX_JOB_ID": "spoof"}},
+        {"env": ["A=B"]},
+        {"timeout_seconds": 0},
+        {"timeout_seconds": "soon"},
+        {"orchestration": {"num_gpus": -1}},
+        {"resources": {"memory_mb": 1}},
+        {"resources": {"cpus": 0}},
+    ],
+)
+def test_invalid_fields_are_rejected(fields):
+    with pytest.raises(ValidationError):
+        spec(**fields)
+
+
+def test_env_numbers_and_booleans_become_strings():
+    assert spec(env={"N": 3, "F": 1.5, "B": True}).env == {"N": "3", "F": "1.5", "B": "true"}
+
+
+def test_unknown_fields_from_a_newer_server_are_kept():
+    assert spec(priority=5).model_extra == {"priority": 5}
+
+
+def test_gpu_count_prefers_resources_gpus():
+    assert spec(orchestration={"num_gpus": 2}).gpu_count == 2
+    assert spec(orchestration={"num_gpus": 2}, resources={"gpus": 1}).gpu_count == 1
+    assert spec().gpu_count == 0
+
+
+def test_torchrun_wraps_multi_gpu_jobs_that_ask_for_it():
+    s = spec(command=["python", "train.py"], args=["--epochs", "1"], orchestration={"num_gpus": 4, "launcher": "torchrun"})
+    assert torchrun_command(s) == [
+        "torchrun", "--standalone", "--nnodes=1", "--nproc_per_node=4", "train.py", "--epochs", "1",
+    ]
+
+
+@pytest.mark.parametrize(
+    "orchestration",
+    [{"num_gpus": 1, "launcher": "torchrun"}, {"num_gpus": 4}, {"num_gpus": 4, "launcher": "mpirun"}],
+)
+def test_torchrun_is_not_applied_otherwise(orchestration):
+    s = spec(command=["python", "train.py"], orchestration=orchestration)
+    assert torchrun_command(s) == ["python", "train.py"]
+
+
+def test_container_names_are_per_cluster_and_job():
+    assert container_name("c1", "job-1") == "radix-c1-job-1"

@@ -1,0 +1,103 @@
+import json
+import os
+
+import pytest
+
+from cluster_agent.errors import JobFailed
+from cluster_agent.models import FailureReason, OutputSource
+from cluster_agent.output import TAIL_CHARS, OutputCollector, resolve_output
+
+LIMIT = 1000
+
+
+def collector(stdout=b"", stderr=b"", limit=LIMIT):
+    c = OutputCollector(limit)
+    if stdout:
+        c.feed_stdout(stdout)
+    if stderr:
+        c.feed_stderr(stderr)
+    return c
+
+
+def test_output_json_comes_first(tmp_path):
+    (tmp_path / "output.json").write_text('{"from": "file"}')
+    payload, source = resolve_output(tmp_path, collector(b'{"from": "stdout"}'), LIMIT)
+    assert payload == {"from": "file"} and source is OutputSource.OUTPUT_JSON
+
+
+def test_output_json_may_hold_any_json_value(tmp_path):
+    (tmp_path / "output.json").write_text("null")
+    assert resolve_output(tmp_path, collector(b'{"a": 1}'), LIMIT) == (None, OutputSource.OUTPUT_JSON)
+
+
+def test_stdout_that_is_one_json_document(tmp_path):
+    payload, source = resolve_output(tmp_path, collector(b'  {"n": 1,\n "m": [2]}\n'), LIMIT)
+    assert payload == {"n": 1, "m": [2]} and source is OutputSource.STDOUT_JSON
+
+
+def test_stdout_json_fed_in_pieces(tmp_path):
+    c = OutputCollector(LIMIT)
+    for piece in (b'{"a"', b": ", b"[1, 2", b"]}"):
+        c.feed_stdout(piece)
+    assert resolve_output(tmp_path, c, LIMIT) == ({"a": [1, 2]}, OutputSource.STDOUT_JSON)
+
+
+@pytest.mark.parametrize("stdout", [b"", b"hello\n", b'{"a": 1}\n{"b": 2}\n', b"   \n"])
+def test_anything_else_is_wrapped(tmp_path, stdout):
+    payload, source = resolve_output(tmp_path, collector(stdout, b"warn\n"), LIMIT)
+    assert source is OutputSource.WRAPPED
+    assert payload == {"stdout": stdout.decode(), "stderr": "warn\n"}
+
+
+def test_wrapped_output_keeps_the_last_10000_characters(tmp_path):
+    stdout = ("x" * 20_000 + "END").encode()
+    stderr = ("é" * 30_000 + "LAST").encode()
+    payload, _ = resolve_output(tmp_path, collector(stdout, stderr), LIMIT)
+    assert len(payload["stdout"]) == TAIL_CHARS and payload["stdout"].endswith("END")
+    assert len(payload["stderr"]) == TAIL_CHARS and payload["stderr"].endswith("LAST")
+
+
+def test_stdout_over_the_limit_is_not_taken_as_json(tmp_path):
+    big = json.dumps({"data": "x" * (LIMIT * 2)}).encode()
+    payload, source = resolve_output(tmp_path, collector(big), LIMIT)
+    assert source is OutputSource.WRAPPED
+
+
+def test_collector_memory_is_bounded_whatever_the_job_prints():
+    c = OutputCollector(LIMIT)
+    chunk = b"line of output\n" * 1000
+    for _ in range(2000):  # 30 MB
+        c.feed_stdout(chunk)
+        c.feed_stderr(chunk)
+    assert c.stdout_bytes == 2000 * len(chunk)
+    assert c.stdout_document() is None  # not JSON: nothing kept whole
+    assert len(c._stdout_tail._buf) <= 4 * TAIL_CHARS and len(c._stderr_tail._buf) <= 4 * TAIL_CHARS
+
+
+def test_invalid_output_json_is_invalid_output(tmp_path):
+    (tmp_path / "output.json").write_text("{not json")
+    with pytest.raises(JobFailed) as caught:
+        resolve_output(tmp_path, collector(), LIMIT)
+    assert caught.value.reason is FailureReason.INVALID_OUTPUT and "not valid JSON" in str(caught.value)
+
+
+def test_oversized_output_json_is_invalid_output(tmp_path):
+    (tmp_path / "output.json").write_text(json.dumps({"x": "y" * LIMIT}))
+    with pytest.raises(JobFailed) as caught:
+        resolve_output(tmp_path, collector(), LIMIT)
+    assert caught.value.reason is FailureReason.INVALID_OUTPUT and "over the output limit" in str(caught.value)
+
+
+def test_output_json_symlink_is_not_followed(tmp_path):
+    secret = tmp_path.parent / "host-secret.json"
+    secret.write_text('{"secret": true}')
+    os.symlink(secret, tmp_path / "output.json")
+    with pytest.raises(JobFailed, match="symbolic link"):
+        resolve_output(tmp_path, collector(), LIMIT)
+
+
+def test_output_json_directory_is_invalid_output(tmp_path):
+    (tmp_path / "output.json").mkdir()
+    with pytest.raises(JobFailed) as caught:
+        resolve_output(tmp_path, collector(), LIMIT)
+    assert caught.value.reason is FailureReason.INVALID_OUTPUT

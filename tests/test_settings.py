@@ -1,0 +1,150 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster_agent.cli import load_settings
+from cluster_agent.errors import ConfigError
+from cluster_agent.settings import Settings, env_name, flag_name
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_follow_the_contract():
+    settings = load_settings({})
+    assert settings.poll_interval == 30
+    assert settings.heartbeat_interval == 300
+    assert settings.long_poll_seconds == 25
+    assert settings.job_timeout == 3600
+    assert settings.max_concurrent_jobs == 1
+    assert settings.tenant_id == "demo-tenant"
+    assert str(settings.jobs_workdir) == "/tmp/radix-jobs"
+    assert str(settings.token_file) == "/var/lib/radix/cluster_token"
+    assert settings.execution_mode == "docker"
+    assert settings.shutdown_grace == 30
+
+
+def test_env_names_follow_the_contract():
+    assert env_name("poll_interval") == "RADIX_POLL_INTERVAL_SECONDS"
+    assert env_name("heartbeat_interval") == "RADIX_HEARTBEAT_INTERVAL_SECONDS"
+    assert env_name("job_timeout") == "RADIX_JOB_TIMEOUT_SECONDS"
+    assert env_name("max_concurrent_jobs") == "RADIX_MAX_CONCURRENT_JOBS"
+    assert env_name("api_base") == "RADIX_API_BASE"
+    assert flag_name("long_poll_seconds") == "--long-poll-seconds"
+
+
+def test_env_vars_are_read(monkeypatch):
+    monkeypatch.setenv("RADIX_API_BASE", "https://cp.example.com/api/")
+    monkeypatch.setenv("RADIX_CLUSTER_ID", "gpu-1")
+    monkeypatch.setenv("RADIX_POLL_INTERVAL_SECONDS", "7")
+    monkeypatch.setenv("RADIX_MAX_CONCURRENT_JOBS", "3")
+    settings = load_settings({})
+    assert settings.api_base == "https://cp.example.com/api"  # trailing slash dropped
+    assert settings.cluster_id == "gpu-1"
+    assert settings.poll_interval == 7
+    assert settings.max_concurrent_jobs == 3
+
+
+def test_cli_wins_over_env(monkeypatch):
+    monkeypatch.setenv("RADIX_POLL_INTERVAL_SECONDS", "7")
+    monkeypatch.setenv("RADIX_TENANT_ID", "from-env")
+    settings = load_settings({"poll_interval": "2", "tenant_id": "from-cli"})
+    assert settings.poll_interval == 2
+    assert settings.tenant_id == "from-cli"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://example.com", "http://10.0.0.5:8080/api"],
+)
+def test_plain_http_is_refused_off_loopback(url):
+    with pytest.raises(ConfigError, match="allow-insecure-http"):
+        load_settings({"api_base": url})
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080", "http://localhost/api", "http://[::1]:9000"])
+def test_plain_http_is_allowed_on_loopback(url):
+    assert load_settings({"api_base": url}).api_base == url
+
+
+def test_insecure_http_can_be_allowed_explicitly():
+    assert load_settings({"api_base": "http://example.com", "allow_insecure_http": True}).api_base == "http://example.com"
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"api_base": "ftp://x"}, "--api-base / RADIX_API_BASE"),
+        ({"api_base": "not a url"}, "--api-base / RADIX_API_BASE"),
+        ({"api_base": "https://user:pw@cp.example.com"}, "no credentials"),
+        ({"poll_interval": "soon"}, "--poll-interval / RADIX_POLL_INTERVAL_SECONDS"),
+        ({"max_concurrent_jobs": "0"}, "--max-concurrent-jobs / RADIX_MAX_CONCURRENT_JOBS"),
+        ({"cluster_id": "has space"}, "--cluster-id / RADIX_CLUSTER_ID"),
+        ({"log_level": "LOUD"}, "--log-level / RADIX_LOG_LEVEL"),
+    ],
+)
+def test_bad_values_name_the_setting(values, message):
+    with pytest.raises(ConfigError) as caught:
+        load_settings(values)
+    assert message in str(caught.value)
+
+
+def test_the_agent_requires_api_base_and_cluster_id():
+    with pytest.raises(ConfigError, match="--api-base / RADIX_API_BASE is required"):
+        load_settings({"cluster_id": "c"}).require_agent_settings()
+
+
+def _main(*args, env=None):
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RADIX_")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True, text=True, env=full_env, timeout=60)
+
+
+def test_help_lists_every_setting_with_env_var_and_default():
+    result = _main("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for name, info in Settings.model_fields.items():
+        assert flag_name(name) in text
+        assert env_name(name) in text
+    assert "default: 30.0" in text and "default: /tmp/radix-jobs" in text
+
+
+def test_missing_required_setting_exits_2_without_traceback():
+    result = _main()
+    assert result.returncode == 2
+    assert "--api-base / RADIX_API_BASE is required" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_malformed_url_exits_2_without_traceback():
+    result = _main("--api-base", "htp:/nope", "--cluster-id", "c")
+    assert result.returncode == 2
+    assert "RADIX_API_BASE" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_insecure_http_exits_2():
+    result = _main(env={"RADIX_API_BASE": "http://radix.example.com", "RADIX_CLUSTER_ID": "c"})
+    assert result.returncode == 2
+    assert "--allow-insecure-http" in result.stderr
+
+
+def test_unwritable_jobs_dir_exits_2(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = _main("--api-base", "http://127.0.0.1:9", "--cluster-id", "c", "--jobs-workdir", str(blocker / "jobs"))
+    assert result.returncode == 2
+    assert "--jobs-workdir / RADIX_JOBS_WORKDIR" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unreachable_engine_exits_2(tmp_path):
+    result = _main(
+        "--api-base", "http://127.0.0.1:9", "--cluster-id", "c", "--jobs-workdir", str(tmp_path),
+        "--docker-host", f"unix://{tmp_path}/no.sock",
+    )
+    assert result.returncode == 2
+    assert "Docker engine" in result.stderr and "start dockerd" in result.stderr
+    assert "Traceback" not in result.stderr
