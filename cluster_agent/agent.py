@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from . import health
 from .control_plane import ControlPlaneClient, Delivery
 from .errors import ControlPlaneError, MalformedResponse
 from .executors import Executor
@@ -70,7 +71,11 @@ class Agent:
         self._heartbeat.start()
         self._poller = threading.Thread(target=self._poll_loop, name="poller", daemon=True)
         self._poller.start()
-        self.stopping.wait()
+        while not self.stopping.is_set():
+            # A dead poller stops the touches, so the image's HEALTHCHECK turns unhealthy.
+            if self._poller.is_alive():
+                health.touch(self._settings.health_file)
+            self.stopping.wait(health.TOUCH_EVERY_SECONDS / 2)
         return self._shutdown()
 
     def _shutdown(self) -> int:
@@ -113,38 +118,45 @@ class Agent:
 
     def _poll_loop(self) -> None:
         while not self.stopping.is_set():
-            free = self._free_slots()
-            if free <= 0:
-                self._slot_freed.wait(1.0)
-                self._slot_freed.clear()
-                continue
-            asked = self._clock()
             try:
-                result = self._client.poll(
-                    free,
-                    wait_seconds=self._settings.long_poll_seconds,
-                    running_job_ids=sorted(j.job_id for j in self._active() if j.job_id),
-                    free_gpus=self._gpus.free_count(),
-                    cancel=self.stopping,
-                )
-            except MalformedResponse as exc:
-                log.error("poll: %s; polling again in %.0f s", exc, MALFORMED_BACKOFF_SECONDS)
+                self._poll_once()
+            except Exception:  # a bug in one iteration must not end the loop
+                log.exception("poll loop: unexpected error; polling again in %.0f s", MALFORMED_BACKOFF_SECONDS)
                 self.stopping.wait(MALFORMED_BACKOFF_SECONDS)
-                continue
-            except ControlPlaneError as exc:
-                if self.stopping.is_set():
-                    break
+
+    def _poll_once(self) -> None:
+        """One iteration: wait for a free slot, poll, accept what came."""
+        free = self._free_slots()
+        if free <= 0:
+            self._slot_freed.wait(1.0)
+            self._slot_freed.clear()
+            return
+        asked = self._clock()
+        try:
+            result = self._client.poll(
+                free,
+                wait_seconds=self._settings.long_poll_seconds,
+                running_job_ids=sorted(j.job_id for j in self._active() if j.job_id),
+                free_gpus=self._gpus.free_count(),
+                cancel=self.stopping,
+            )
+        except MalformedResponse as exc:
+            log.error("poll: %s; polling again in %.0f s", exc, MALFORMED_BACKOFF_SECONDS)
+            self.stopping.wait(MALFORMED_BACKOFF_SECONDS)
+            return
+        except ControlPlaneError as exc:
+            if not self.stopping.is_set():
                 log.error("poll: %s; polling again in %.0f s", exc, self._settings.poll_interval)
                 self.stopping.wait(self._settings.poll_interval)
-                continue
-            for raw in result.jobs:
-                self._accept(raw)
-            if result.jobs:
-                continue
-            if not result.long_poll:
-                self.stopping.wait(self._settings.poll_interval)
-            elif self._clock() - asked < MIN_SECONDS_BETWEEN_EMPTY_LONG_POLLS and not result.cancel_job_ids:
-                self.stopping.wait(MIN_SECONDS_BETWEEN_EMPTY_LONG_POLLS)
+            return
+        for raw in result.jobs:
+            self._accept(raw)
+        if result.jobs:
+            return
+        if not result.long_poll:
+            self.stopping.wait(self._settings.poll_interval)
+        elif self._clock() - asked < MIN_SECONDS_BETWEEN_EMPTY_LONG_POLLS and not result.cancel_job_ids:
+            self.stopping.wait(MIN_SECONDS_BETWEEN_EMPTY_LONG_POLLS)
 
     def _accept(self, raw: Any) -> None:
         job_id = job_id_of(raw)

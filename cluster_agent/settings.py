@@ -108,6 +108,11 @@ class Settings(BaseSettings):
         default=None, description="Docker engine address; default: DOCKER_HOST, else unix:///var/run/docker.sock."
     )
 
+    health_file: Path = Field(
+        default=Path("/tmp/radix-agent.alive"),
+        description="File the agent touches every few seconds while its poll loop runs (the image's HEALTHCHECK reads it).",
+    )
+
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
 

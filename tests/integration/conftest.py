@@ -20,7 +20,7 @@ import docker
 import pytest
 
 from devplane import DevControlPlane
-from tests.support.images import BUSYBOX_IMAGE, ensure_busybox_image
+from devplane.images import BUSYBOX_IMAGE, ensure_busybox_image
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "integration-cluster-token"

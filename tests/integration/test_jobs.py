@@ -6,7 +6,7 @@ import time
 import pytest
 
 from tests.integration.conftest import eventually
-from tests.support.images import BUSYBOX_IMAGE
+from devplane.images import BUSYBOX_IMAGE
 
 
 def no_containers(docker_client, label):

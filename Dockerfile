@@ -1,0 +1,25 @@
+# The Radix cluster agent's image: the agent and its runtime dependencies, nothing else.
+# BASE_IMAGE: any image with Python 3.11+ and its venv module (CI, which cannot pull, passes a debootstrap one).
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PATH=/opt/venv/bin:$PATH
+
+COPY requirements.txt /tmp/requirements.txt
+COPY docker/extra-ca/ /tmp/extra-ca/
+RUN if [ -s /tmp/extra-ca/ca-certificates.crt ]; then export PIP_CERT=/tmp/extra-ca/ca-certificates.crt; fi \
+ && python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements.txt \
+ && rm -rf /tmp/extra-ca /tmp/requirements.txt
+
+WORKDIR /app
+COPY main.py /app/main.py
+COPY cluster_agent /app/cluster_agent
+
+# The agent is PID 1 (exec form): SIGTERM from `docker stop` reaches its handler directly.
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
+  CMD ["python3", "-m", "cluster_agent.health"]
+ENTRYPOINT ["python3", "/app/main.py"]

@@ -1,0 +1,47 @@
+# Radix cluster agent. `make test` is the test command (CI runs it through .ci/run).
+PYTHON      ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+IMAGE       ?= radix-cluster-agent:dev
+BASE_IMAGE  ?=
+CA_BUNDLE   ?=
+
+.PHONY: help venv engine test-deps test unit-test integration-test demo image clean
+
+help:
+	@echo "make test    unit + integration tests (starts a Docker engine if none answers)"
+	@echo "make demo    dev control plane + agent + the jobs in examples/jobs, results printed"
+	@echo "make image   build the agent's image ($(IMAGE)); BASE_IMAGE=... CA_BUNDLE=... optional"
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+engine:
+	scripts/ensure-docker.sh
+
+# busybox-static makes the local job image (no registry is needed).
+test-deps: venv engine
+	@command -v busybox >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >/dev/null; }
+	$(PY) -m devplane.images
+
+unit-test: venv
+	$(PY) -m pytest -q tests --ignore=tests/integration
+
+integration-test: test-deps
+	AGENT_TEST_BASE_IMAGE="$(BASE_IMAGE)" AGENT_TEST_CA_BUNDLE="$(CA_BUNDLE)" $(PY) -m pytest -q tests/integration
+
+test: test-deps
+	AGENT_TEST_BASE_IMAGE="$(BASE_IMAGE)" AGENT_TEST_CA_BUNDLE="$(CA_BUNDLE)" $(PY) -m pytest -q tests
+
+demo: test-deps
+	$(PY) scripts/demo.py
+
+image: venv engine
+	$(PY) scripts/build_image.py --tag $(IMAGE) $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE)) $(if $(CA_BUNDLE),--ca-bundle $(CA_BUNDLE))
+
+clean:
+	rm -rf $(VENV) .pytest_cache

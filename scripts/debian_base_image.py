@@ -1,0 +1,49 @@
+#!/usr/bin/env python3
+"""Builds a Debian (bookworm) image with Python 3 from Debian's packages, for hosts that cannot pull a base image.
+
+debootstrap writes a minimal rootfs with python3 and python3-venv; the Docker SDK imports it as an image.
+Used by .ci/run as BASE_IMAGE for `make image`. Usage: debian_base_image.py [IMAGE]  (root; ~2 minutes)
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import docker
+
+DEFAULT_IMAGE = "radix-build/debian-python3:bookworm"
+MIRROR = "http://deb.debian.org/debian"
+
+
+def main() -> int:
+    name = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_IMAGE
+    client = docker.from_env()
+    try:
+        client.images.get(name)
+        print(f"{name}: present")
+        return 0
+    except docker.errors.ImageNotFound:
+        pass
+    with tempfile.TemporaryDirectory(prefix="radix-rootfs-") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        print(f"{name}: debootstrap into {rootfs}", flush=True)
+        subprocess.run(
+            ["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
+             "bookworm", str(rootfs), MIRROR],
+            check=True, stdout=subprocess.DEVNULL,
+        )
+        for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            subprocess.run(["find", str(rootfs / cache), "-type", "f", "-delete"], check=False)
+        tarball = Path(tmp) / "rootfs.tar"
+        subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tarball), "."], check=True)
+        repository, tag = name.rsplit(":", 1)
+        client.api.import_image_from_file(str(tarball), repository=repository, tag=tag, changes=['CMD ["python3"]'])
+    print(f"{name}: imported")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

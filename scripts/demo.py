@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""`make demo`: the whole thing on one machine, then everything stopped.
+
+Builds the local job image, starts the dev control plane and the agent, submits every job in examples/jobs/,
+prints each result, and shuts the agent down with SIGTERM. Needs a Docker engine (make demo starts one).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import docker  # noqa: E402
+
+from devplane import DevControlPlane  # noqa: E402
+from devplane.images import ensure_busybox_image  # noqa: E402
+
+TOKEN = "demo-cluster-token"
+
+
+def main() -> int:
+    print("== job image:", ensure_busybox_image(docker.from_env()))
+    plane = DevControlPlane(cluster_id="demo-cluster", cluster_token=TOKEN).start()
+    print("== dev control plane:", plane.url)
+    workdir = Path(tempfile.mkdtemp(prefix="radix-demo-"))
+    agent = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "--api-base", plane.url, "--cluster-id", "demo-cluster",
+         "--cluster-token", TOKEN, "--jobs-workdir", str(workdir / "jobs"), "--token-file", str(workdir / "token"),
+         "--heartbeat-interval", "10", "--shutdown-grace", "10"],
+        cwd=ROOT,
+    )
+    ok = True
+    try:
+        jobs = sorted((ROOT / "examples" / "jobs").glob("*.json"))
+        ids = [plane.state.submit(json.loads(path.read_text())) for path in jobs]
+        print(f"== submitted {len(ids)} jobs: {', '.join(ids)}")
+        for job_id in ids:
+            record = _wait(plane, job_id, 120)
+            if record is None:
+                print(f"-- {job_id}: NO RESULT within 120 s")
+                ok = False
+                continue
+            result = record.result
+            line = f"-- {job_id}: {result['status']}"
+            if result.get("failure_reason"):
+                line += f" ({result['failure_reason']}: {result['error_message']})"
+            print(line)
+            print("   output:", json.dumps(result["output_payload"]))
+            print("   metrics:", json.dumps(result["metrics"]))
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        code = agent.wait(60)
+        plane.stop()
+        print(f"== agent exited with {code}; control plane stopped")
+    return 0 if ok and code == 0 else 1
+
+
+def _wait(plane: DevControlPlane, job_id: str, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = plane.state.jobs.get(job_id)
+        if record is not None and record.result is not None:
+            return record
+        time.sleep(0.1)
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
