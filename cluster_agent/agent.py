@@ -5,6 +5,7 @@ Threads, each with a name and an owner:
   poller     long-polls the control plane and accepts jobs
   heartbeat  sends heartbeats on its own timer (heartbeat.py)
   job-<id>   runs one job (job_runner.py) and delivers its result
+  logs-<id>  ships one job's live log (log_streamer.py); start-<id> sends its start acknowledgement
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import time
 from typing import Any, Callable
 
 from . import health
-from .control_plane import ControlPlaneClient, Delivery
+from .control_plane import ControlPlaneClient, Delivery, PollInterrupted
 from .errors import ControlPlaneError, MalformedResponse
 from .executors import Executor
 from .gpu_pool import GpuPool
 from .heartbeat import Heartbeat
 from .job_runner import JobRun, job_id_of
-from .models import Completion, FailureReason
+from .live_job import LiveJob
+from .models import Completion, FailureReason, PollResult
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,12 @@ class Agent:
         self._abandon = threading.Event()  # exit now: stop retrying deliveries
         self._slots = threading.BoundedSemaphore(settings.max_concurrent_jobs)
         self._runs: dict[str, JobRun] = {}
+        self._live: dict[str, LiveJob] = {}
         self._runs_lock = threading.Lock()
-        self._slot_freed = threading.Event()
+        # Wakes the poller from a wait (a slot freed, or shutdown); `_interrupt` breaks off a max_jobs-0 poll.
+        self._wake = threading.Event()
+        self._interrupt = threading.Event()
+        self._zero_poll_in_flight = False  # guarded by _runs_lock: only such a poll may be broken off
         self._threads: list[threading.Thread] = []
         self._poller: threading.Thread | None = None
         self.jobs_finished = 0
@@ -83,6 +89,7 @@ class Agent:
         deadline = self._clock() + grace
         log.info("shutting down: no new jobs; %d running; exiting within %.0f s", len(self._active()), grace)
         self._heartbeat.stop()
+        self._wake_poller()
         self._heartbeat.send_draining()
         # Jobs still running this long before the deadline are stopped, leaving time for their stop and result.
         stop_margin = min(grace / 2, 15.0)
@@ -96,9 +103,12 @@ class Agent:
             self._poller.join(timeout=max(0.0, deadline - 1.0 - self._clock()))
         self._join_jobs(deadline - 0.5)
         self._abandon.set()
-        leftover = self._active()
+        with self._runs_lock:
+            for live in self._live.values():
+                live.abandon()
+        leftover = [t.name.removeprefix("job-") for t in self._threads if t.is_alive()]
         if leftover:
-            log.error("exiting with %d result(s) not delivered: %s", len(leftover), ", ".join(r.job_id or "?" for r in leftover))
+            log.error("exiting with %d result(s) not delivered: %s", len(leftover), ", ".join(leftover))
         log.info("agent stopped")
         return 0
 
@@ -112,10 +122,6 @@ class Agent:
 
     # --- getting work --------------------------------------------------------------------------------------
 
-    def _free_slots(self) -> int:
-        with self._runs_lock:
-            return self._settings.max_concurrent_jobs - len(self._runs)
-
     def _poll_loop(self) -> None:
         while not self.stopping.is_set():
             try:
@@ -125,50 +131,99 @@ class Agent:
                 self.stopping.wait(MALFORMED_BACKOFF_SECONDS)
 
     def _poll_once(self) -> None:
-        """One iteration: wait for a free slot, poll, accept what came."""
-        free = self._free_slots()
-        if free <= 0:
-            self._slot_freed.wait(1.0)
-            self._slot_freed.clear()
-            return
+        """One iteration: poll for as many jobs as there are free slots, act on the answer."""
         asked = self._clock()
-        try:
-            result = self._client.poll(
-                free,
-                wait_seconds=self._settings.long_poll_seconds,
-                running_job_ids=sorted(j.job_id for j in self._active() if j.job_id),
-                free_gpus=self._gpus.free_count(),
-                cancel=self.stopping,
-            )
-        except MalformedResponse as exc:
-            log.error("poll: %s; polling again in %.0f s", exc, MALFORMED_BACKOFF_SECONDS)
-            self.stopping.wait(MALFORMED_BACKOFF_SECONDS)
+        result = self._poll()
+        if result is None:
             return
-        except ControlPlaneError as exc:
-            if not self.stopping.is_set():
-                log.error("poll: %s; polling again in %.0f s", exc, self._settings.poll_interval)
-                self.stopping.wait(self._settings.poll_interval)
-            return
+        for job_id in result.cancel_job_ids:
+            self.cancel(job_id)
         for raw in result.jobs:
             self._accept(raw)
         if result.jobs:
             return
         if not result.long_poll:
-            self.stopping.wait(self._settings.poll_interval)
+            self._sleep(self._settings.poll_interval)
         elif self._clock() - asked < MIN_SECONDS_BETWEEN_EMPTY_LONG_POLLS and not result.cancel_job_ids:
-            self.stopping.wait(MIN_SECONDS_BETWEEN_EMPTY_LONG_POLLS)
+            self._sleep(MIN_SECONDS_BETWEEN_EMPTY_LONG_POLLS)
+
+    def _poll(self) -> PollResult | None:
+        """The poll itself; None when it failed (after logging and waiting) or was broken off."""
+        # With every slot busy the poll still goes out, with max_jobs 0, so cancellations arrive at once. When a
+        # slot frees, that poll -- and only such a poll, which cannot carry jobs -- is broken off and a new one
+        # asks for work.
+        with self._runs_lock:
+            free = max(0, self._settings.max_concurrent_jobs - len(self._runs))
+            self._zero_poll_in_flight = free == 0
+            self._interrupt.clear()
+            self._wake.clear()
+        try:
+            return self._client.poll(
+                free,
+                wait_seconds=self._settings.long_poll_seconds,
+                running_job_ids=sorted(j.job_id for j in self._active() if j.job_id),
+                free_gpus=self._gpus.free_count(),
+                cancel=self.stopping,
+                interrupt=self._interrupt if free == 0 else None,
+            )
+        except PollInterrupted:
+            return None
+        except MalformedResponse as exc:
+            log.error("poll: %s; polling again in %.0f s", exc, MALFORMED_BACKOFF_SECONDS)
+            self.stopping.wait(MALFORMED_BACKOFF_SECONDS)
+            return None
+        except ControlPlaneError as exc:
+            if not self.stopping.is_set():
+                log.error("poll: %s; polling again in %.0f s", exc, self._settings.poll_interval)
+                self._sleep(self._settings.poll_interval)
+            return None
+        finally:
+            with self._runs_lock:
+                self._zero_poll_in_flight = False
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait between polls; a freed slot or shutdown ends the wait (the next job should not wait for a timer)."""
+        self._wake.wait(seconds)
+        self._wake.clear()
+
+    def _wake_poller(self) -> None:
+        self._wake.set()
+        with self._runs_lock:
+            if not self._zero_poll_in_flight:
+                return
+            self._interrupt.set()
+        self._client.interrupt_poll()
+
+    def cancel(self, job_id: str) -> None:
+        """Cancel a job the control plane asked to cancel; one this agent does not run is ignored."""
+        with self._runs_lock:
+            run = self._runs.get(job_id)
+        if run is None:
+            log.info("cancel for job %s, which this agent does not run: ignored", job_id)
+            return
+        log.info("job %s: cancel requested by the control plane", job_id)
+        # Stopping takes up to the SIGKILL grace: never on the poller's or a streamer's thread.
+        threading.Thread(
+            target=run.stop, args=(FailureReason.CANCELED, "canceled by the control plane"),
+            name=f"cancel-{job_id}", daemon=True,
+        ).start()
 
     def _accept(self, raw: Any) -> None:
         job_id = job_id_of(raw)
         if job_id is None:
             log.error("poll returned a job without a job_id (%s); it cannot be run or reported", str(raw)[:200])
             return
-        run = JobRun(raw, settings=self._settings, executor=self._executor, gpu_pool=self._gpus, clock=self._clock)
         with self._runs_lock:
             if job_id in self._runs:
                 log.warning("job %s: received again while it runs; ignoring the duplicate", job_id)
                 return
+            live = LiveJob(self._client, job_id, on_cancel=lambda: self.cancel(job_id))
+            run = JobRun(
+                raw, settings=self._settings, executor=self._executor, gpu_pool=self._gpus, clock=self._clock,
+                observer=live,
+            )
             self._runs[job_id] = run
+            self._live[job_id] = live
         log.info("job %s: received", job_id)
         if self.stopping.is_set():
             # Arrived with the last poll after shutdown began: report it rather than leave it assigned to nobody.
@@ -181,21 +236,28 @@ class Agent:
 
     def _work(self, run: JobRun) -> None:
         job_id = run.job_id or "?"
+        with self._runs_lock:
+            live = self._live.get(job_id)
         try:
             with self._slots:
                 completion = run.execute()
-            log.info(
-                "job %s: finished: %s%s in %.1f s",
-                job_id, completion.status.value,
-                f" ({completion.failure_reason.value})" if completion.failure_reason else "",
-                completion.metrics.runtime_seconds,
-            )
-            self._deliver(run, completion)
         finally:
+            # The slot is free as soon as the container has ended: the next job need not wait for this
+            # job's delivery and clean-up.
             with self._runs_lock:
                 self._runs.pop(job_id, None)
-            self.jobs_finished += 1
-            self._slot_freed.set()
+                self._live.pop(job_id, None)
+            self._wake_poller()
+        log.info(
+            "job %s: finished: %s%s in %.1f s",
+            job_id, completion.status.value,
+            f" ({completion.failure_reason.value})" if completion.failure_reason else "",
+            completion.metrics.runtime_seconds,
+        )
+        if live is not None:
+            live.finish()
+        self._deliver(run, completion)
+        self.jobs_finished += 1
 
     def _deliver(self, run: JobRun, completion: Completion) -> None:
         job_id = run.job_id or "?"

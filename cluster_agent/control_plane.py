@@ -24,6 +24,7 @@ from tenacity.stop import stop_base
 
 from . import __version__
 from .errors import ControlPlaneError, ControlPlaneUnavailable, MalformedResponse, TokenRejected
+from .http_transport import InterruptibleTransport
 from .models import Capabilities, Completion, PollResult
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,14 @@ class RetryPolicy:
     jitter: float = 1.0
     # Seconds between attempts after a 401/403: slow enough never to hammer a server that rejects us.
     token_rejected: float = 60.0
+
+
+class PollInterrupted(Exception):
+    """The agent broke off its own `max_jobs: 0` poll (a slot freed, or shutdown)."""
+
+
+class ExtensionUnsupported(ControlPlaneError):
+    """The server answered 404 on an extension endpoint: it does not have it."""
 
 
 class Delivery(Enum):
@@ -82,8 +91,28 @@ class _BackoffWait:
         return min(wait, self._policy.maximum)
 
 
+class _AnyEvent:
+    """Looks like an Event to the retry loop: set when any of its events is set."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        self._events = events
+
+    def is_set(self) -> bool:
+        return any(event.is_set() for event in self._events)
+
+    def wait(self, timeout: float) -> bool:
+        # Retry sleeps are seconds long at most; slice them so either event ends the wait promptly.
+        deadline = time.monotonic() + timeout
+        while not self.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._events[0].wait(min(remaining, 0.2))
+        return True
+
+
 class _StopOn(stop_base):
-    def __init__(self, event: threading.Event) -> None:
+    def __init__(self, event: threading.Event | _AnyEvent) -> None:
         self._event = event
 
     def __call__(self, state: RetryCallState) -> bool:
@@ -109,14 +138,42 @@ class ControlPlaneClient:
         self._token = token
         self._retry = retry
         self._timeout = request_timeout
+        headers = {"User-Agent": f"radix-cluster-agent/{__version__}"}
         self._http = http or httpx.Client(
             timeout=httpx.Timeout(request_timeout),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
-            headers={"User-Agent": f"radix-cluster-agent/{__version__}"},
+            headers=headers,
         )
+        # Polls get a client of their own, whose in-flight request can be broken off (see http_transport.py).
+        self._poll_transport: InterruptibleTransport | None = None
+        if http is None:
+            self._poll_transport = InterruptibleTransport()
+            self._poll_http = httpx.Client(timeout=httpx.Timeout(request_timeout), headers=headers, transport=self._poll_transport)
+        else:
+            self._poll_http = http
+        self._unsupported: set[str] = set()
+        self._unsupported_lock = threading.Lock()
 
     def close(self) -> None:
         self._http.close()
+        if self._poll_http is not self._http:
+            self._poll_http.close()
+
+    def interrupt_poll(self) -> None:
+        """Break off the poll in flight, if any; the poll raises PollInterrupted when its `interrupt` is set."""
+        if self._poll_transport is not None:
+            self._poll_transport.interrupt()
+
+    def supports(self, extension: str) -> bool:
+        with self._unsupported_lock:
+            return extension not in self._unsupported
+
+    def _mark_unsupported(self, extension: str) -> None:
+        with self._unsupported_lock:
+            if extension in self._unsupported:
+                return
+            self._unsupported.add(extension)
+        log.warning("the control plane has no %s endpoint (HTTP 404): %s calls are off for this server", extension, extension)
 
     @property
     def token(self) -> str | None:
@@ -152,8 +209,13 @@ class ControlPlaneClient:
         running_job_ids: list[str],
         free_gpus: int,
         cancel: threading.Event,
+        interrupt: threading.Event | None = None,
     ) -> PollResult:
-        """`POST /jobs/poll` with the long-poll extension; retried until it works or `cancel` is set."""
+        """`POST /jobs/poll` with the long-poll extension; retried until it works or `cancel` is set.
+
+        With `interrupt` (only for `max_jobs: 0` polls, which cannot carry jobs), `interrupt_poll()` breaks the
+        request off and this raises PollInterrupted.
+        """
         body = {
             "max_jobs": max_jobs,
             "wait_seconds": wait_seconds,
@@ -162,7 +224,17 @@ class ControlPlaneClient:
         }
         # The read timeout must outlast the server's hold, or every idle long poll would end as an error.
         timeout = httpx.Timeout(self._timeout, read=wait_seconds + self._timeout)
-        response = self._send("jobs/poll", body, cancel=cancel, timeout=timeout)
+        stop = cancel
+        if interrupt is not None:
+            if interrupt.is_set():
+                raise PollInterrupted()
+            stop = _AnyEvent(cancel, interrupt)
+        try:
+            response = self._send("jobs/poll", body, cancel=stop, timeout=timeout, http=self._poll_http)
+        except ControlPlaneError:
+            if interrupt is not None and interrupt.is_set():
+                raise PollInterrupted() from None
+            raise
         data = self._json(response, "jobs/poll")
         if not isinstance(data, dict):
             raise MalformedResponse(f"jobs/poll answered with a JSON {type(data).__name__}, expected an object")
@@ -174,6 +246,45 @@ class ControlPlaneClient:
             raise MalformedResponse(f"jobs/poll answer does not follow the contract: {exc.errors()[0]['msg']}") from None
         result.long_poll = response.headers.get(LONG_POLL_HEADER) == "1"
         return result
+
+    def start(
+        self, job_id: str, *, started_at: str, container_id: str, gpu_ids: list[str], cancel: threading.Event
+    ) -> bool:
+        """`POST /jobs/{id}/start` (extension). False when the server does not have it."""
+        if not self.supports("start"):
+            return False
+        body = {"started_at": started_at, "container_id": container_id, "gpu_ids": gpu_ids}
+        try:
+            self._send(f"jobs/{quote(job_id, safe='')}/start", body, cancel=cancel, attempts=5, retry_on=_unavailable)
+        except ControlPlaneError as exc:
+            if exc.status == 404:
+                self._mark_unsupported("start")
+                return False
+            raise
+        return True
+
+    def logs(self, job_id: str, *, offset: int, data: str, cancel: threading.Event) -> bool:
+        """`POST /jobs/{id}/logs` (extension), retried until accepted or `cancel` is set.
+
+        Returns True when the answer asks to cancel the job. Raises ExtensionUnsupported on a 404.
+        """
+        if not self.supports("logs"):
+            raise ExtensionUnsupported("logs endpoint not supported", status=404)
+        try:
+            response = self._send(
+                f"jobs/{quote(job_id, safe='')}/logs", {"offset": offset, "data": data}, cancel=cancel,
+                retry_on=lambda exc: isinstance(exc, ControlPlaneError) and exc.status not in (400, 404, 409, 410, 413, 422),
+            )
+        except ControlPlaneError as exc:
+            if exc.status == 404:
+                self._mark_unsupported("logs")
+                raise ExtensionUnsupported("logs endpoint not supported", status=404) from None
+            raise
+        try:
+            answer = response.json() if response.content else {}
+        except ValueError:
+            return False
+        return isinstance(answer, dict) and answer.get("cancel") is True
 
     def complete(self, job_id: str, completion: Completion, *, cancel: threading.Event) -> Delivery:
         """`POST /jobs/{id}/complete`, retried until a 2xx or a 404/409/410, or until `cancel` is set.
@@ -206,14 +317,16 @@ class ControlPlaneClient:
         path: str,
         body: dict[str, Any],
         *,
-        cancel: threading.Event,
+        cancel: threading.Event | _AnyEvent,
         headers: dict[str, str] | None = None,
         attempts: int | None = None,
         timeout: httpx.Timeout | None = None,
         auth: bool = True,
         retry_on: Callable[[BaseException], bool] | None = None,
+        http: httpx.Client | None = None,
     ) -> httpx.Response:
         url = f"{self._base}/{path}"
+        client = http or self._http
         request_headers = {"X-Radix-Tenant-Id": self._tenant_id, "Content-Type": "application/json"}
         if auth:
             if not self._token:
@@ -222,7 +335,7 @@ class ControlPlaneClient:
         request_headers.update(headers or {})
 
         def once() -> httpx.Response:
-            return self._request_once(url, path, body, request_headers, timeout)
+            return self._request_once(client, url, path, body, request_headers, timeout)
 
         retrying = Retrying(
             retry=retry_if_exception(retry_on or (lambda exc: isinstance(exc, (ControlPlaneUnavailable, TokenRejected)))),
@@ -235,10 +348,16 @@ class ControlPlaneClient:
         return retrying(once)
 
     def _request_once(
-        self, url: str, path: str, body: dict[str, Any], headers: dict[str, str], timeout: httpx.Timeout | None
+        self,
+        client: httpx.Client,
+        url: str,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        timeout: httpx.Timeout | None,
     ) -> httpx.Response:
         try:
-            response = self._http.post(url, json=body, headers=headers, timeout=timeout or httpx.USE_CLIENT_DEFAULT)
+            response = client.post(url, json=body, headers=headers, timeout=timeout or httpx.USE_CLIENT_DEFAULT)
         except httpx.TransportError as exc:
             # str(exc) of httpx errors names the host, never headers; keep the type for diagnosis.
             raise ControlPlaneUnavailable(f"{path}: cannot reach the control plane ({type(exc).__name__}: {exc})") from None

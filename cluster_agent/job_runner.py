@@ -12,8 +12,9 @@ import os
 import shutil
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from pydantic import ValidationError
 
@@ -46,6 +47,35 @@ EXIT_CODE_HINTS = {
 }
 
 
+class JobObserver(Protocol):
+    """What the agent hears of a running job (start acknowledgement, live logs). Must never block."""
+
+    def started(self, container_id: str, started_at: str, gpu_ids: list[str]) -> None: ...
+
+    def output(self, data: bytes) -> None: ...
+
+
+class _Unobserved:
+    def started(self, container_id: str, started_at: str, gpu_ids: list[str]) -> None:
+        pass
+
+    def output(self, data: bytes) -> None:
+        pass
+
+
+def gpus_for(spec: JobSpec, host_gpus: int, max_concurrent_jobs: int) -> int:
+    """How many GPUs a job gets.
+
+    A job that names a count gets exactly that many. One that names none gets every GPU of the host when the
+    agent runs one job at a time (Radix behaviour: nothing else could use them), and none when jobs run in
+    parallel, so that GPUs stay bookable by the jobs that ask for them.
+    """
+    request = spec.gpu_request
+    if request is not None:
+        return request
+    return host_gpus if max_concurrent_jobs == 1 else 0
+
+
 def job_id_of(raw: Any) -> str | None:
     """The job id a raw job carries, if it carries a string one (valid or not)."""
     if isinstance(raw, dict) and isinstance(raw.get("job_id"), str) and raw["job_id"]:
@@ -58,10 +88,9 @@ def container_name(cluster_id: str, job_id: str) -> str:
     return f"radix-{cluster_id}-{job_id}"[:200]
 
 
-def torchrun_command(spec: JobSpec) -> list[str]:
+def torchrun_command(spec: JobSpec, gpus: int) -> list[str]:
     """`command + args`, wrapped in torchrun when the job asks for it (num_gpus > 1, launcher torchrun)."""
     command = [*spec.command, *spec.args]
-    gpus = spec.gpu_count
     if spec.orchestration.launcher != "torchrun" or gpus <= 1 or not command:
         return command
     if command[0] == "torchrun":
@@ -83,6 +112,7 @@ class JobRun:
         gpu_pool: GpuPool,
         received_at: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        observer: JobObserver | None = None,
     ) -> None:
         self.raw = raw
         self.job_id = job_id_of(raw)
@@ -98,6 +128,8 @@ class JobRun:
         self._container_id: str | None = None
         self._job_dir: Path | None = None
         self._gpu_ids: list[str] = []
+        self._gpu_count = 0
+        self._observer: JobObserver = observer or _Unobserved()
 
     @property
     def job_dir(self) -> Path | None:
@@ -153,13 +185,14 @@ class JobRun:
                 for err in exc.errors()[:5]
             )
             raise JobFailed(FailureReason.INVALID_JOB, f"invalid job spec: {problems}") from None
-        self._gpus.check_request(spec.job_id, spec.gpu_count)
+        self._gpu_count = gpus_for(spec, self._gpus.total, self._settings.max_concurrent_jobs)
+        self._gpus.check_request(spec.job_id, self._gpu_count)
         return spec
 
     def _run(self, spec: JobSpec) -> Completion:
         self._job_dir = self._prepare_directory(spec)
         self._executor.prepare_image(spec.image)
-        gpus = self._gpus.acquire(spec.job_id, spec.gpu_count, self._stop_requested)
+        gpus = self._gpus.acquire(spec.job_id, self._gpu_count, self._stop_requested)
         if gpus is None:
             return self._stopped_before_start()
         try:
@@ -189,11 +222,17 @@ class JobRun:
     def _container_spec(self, spec: JobSpec, job_dir: Path) -> ContainerSpec:
         env = dict(spec.env)
         env["RADIX_JOB_ID"] = spec.job_id
+        if self._gpu_ids:
+            # Pinned by UUID; overrides an image's NVIDIA_VISIBLE_DEVICES=all (CUDA images set it).
+            env["NVIDIA_VISIBLE_DEVICES"] = ",".join(self._gpu_ids)
+        elif self._gpus.total:
+            # On a GPU host, a job without GPUs must not get them through its image's env and the NVIDIA hook.
+            env["NVIDIA_VISIBLE_DEVICES"] = "void"
         resources = spec.resources
         return ContainerSpec(
             name=container_name(self._settings.cluster_id or "local", spec.job_id),
             image=spec.image,
-            command=torchrun_command(spec),
+            command=torchrun_command(spec, self._gpu_count),
             env=env,
             workspace=job_dir,
             labels={
@@ -224,11 +263,22 @@ class JobRun:
         started = self._clock()
         queue_seconds = started - self._received
         log.info("job %s: started container %s (%s)", spec.job_id, container_id[:12], spec.image)
+        self._observer.started(container_id, datetime.now(timezone.utc).isoformat(), list(self._gpu_ids))
 
         collected = OutputCollector(self._settings.max_output_bytes)
+        observer = self._observer
+
+        def on_stdout(data: bytes) -> None:
+            collected.feed_stdout(data)
+            observer.output(data)
+
+        def on_stderr(data: bytes) -> None:
+            collected.feed_stderr(data)
+            observer.output(data)
+
         reader = threading.Thread(
             target=self._executor.stream_output,
-            args=(container_id, collected.feed_stdout, collected.feed_stderr),
+            args=(container_id, on_stdout, on_stderr),
             name=f"output-{spec.job_id}",
             daemon=True,
         )

@@ -46,7 +46,7 @@ class _Lenient(BaseModel):
 
 
 class Orchestration(_Lenient):
-    num_gpus: int = Field(default=0, ge=0, le=1024)
+    num_gpus: int | None = Field(default=None, ge=0, le=1024)
     launcher: str | None = None
 
 
@@ -123,8 +123,8 @@ class JobSpec(_Lenient):
         return out
 
     @property
-    def gpu_count(self) -> int:
-        """GPUs the job asks for: `resources.gpus` when given, else `orchestration.num_gpus`."""
+    def gpu_request(self) -> int | None:
+        """GPUs the job asks for: `resources.gpus` when given, else `orchestration.num_gpus`; None if neither."""
         if self.resources.gpus is not None:
             return self.resources.gpus
         return self.orchestration.num_gpus

@@ -27,11 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--cluster-id", default="dev-cluster")
     serve.add_argument("--cluster-token", default="dev-cluster-token")
     serve.add_argument("--one-time-token", action="append", default=[], help="accept this one-time token once")
-    serve.add_argument("--no-long-poll", action="store_true", help="behave like a core-only server")
+    serve.add_argument("--no-long-poll", action="store_true", help="answer polls at once, unmarked (core server)")
+    serve.add_argument("--core-only", action="store_true", help="also 404 the start/logs extensions")
     serve.add_argument("--verbose", action="store_true", help="log every request")
     submit = sub.add_parser("submit", help="submit job spec files; prints their job ids")
     submit.add_argument("--url", default="http://127.0.0.1:8080")
     submit.add_argument("files", nargs="+", type=Path)
+    cancel = sub.add_parser("cancel", help="ask the agent to cancel a job")
+    cancel.add_argument("--url", default="http://127.0.0.1:8080")
+    cancel.add_argument("job_id")
     result = sub.add_parser("result", help="wait for a job's result and print it")
     result.add_argument("--url", default="http://127.0.0.1:8080")
     result.add_argument("--wait", type=float, default=300)
@@ -41,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         plane = DevControlPlane(
             args.host, args.port, cluster_id=args.cluster_id, cluster_token=args.cluster_token,
-            one_time_tokens=args.one_time_token, long_poll=not args.no_long_poll, verbose=args.verbose,
+            one_time_tokens=args.one_time_token, long_poll=not (args.no_long_poll or args.core_only),
+            extensions=not args.core_only, verbose=args.verbose,
         )
         print(f"dev control plane on {plane.url} (cluster {args.cluster_id})", flush=True)
         try:
@@ -53,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.files:
             answer = _call(f"{args.url}/admin/jobs", "POST", json.loads(path.read_text()))
             print(answer["job_id"])  # type: ignore[index]
+        return 0
+    if args.command == "cancel":
+        _call(f"{args.url}/admin/jobs/{args.job_id}/cancel", "POST", {})
         return 0
     record = _call(f"{args.url}/admin/jobs/{args.job_id}?wait={args.wait}")
     print(json.dumps(record, indent=2))

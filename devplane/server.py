@@ -9,6 +9,9 @@ Admin API (no auth; bind it to loopback):
   POST /admin/faults               {"endpoint": "poll|heartbeat|complete|exchange", "responses": [503, ...],
                                     "delay": seconds?} the next answers of that endpoint;
                                    status 0 drops the connection, 1 answers 200 with a body that is not JSON
+  POST /admin/jobs/{id}/cancel     ask the agent to cancel a job (sent once in a poll answer, and in every logs
+                                   answer while it runs)
+  POST /admin/config               {"long_poll": bool, "extensions": bool, "cancel_via": "poll"|"logs"}
   POST /admin/reset                forget everything
 """
 
@@ -37,6 +40,12 @@ class JobRecord:
     result: dict[str, Any] | None = None
     deliveries: int = 0  # complete calls received, duplicates included
     idempotency_keys: list[str] = field(default_factory=list)
+    started: dict[str, Any] | None = None  # the start call's body, with "at"
+    log: bytearray = field(default_factory=bytearray)
+    log_requests: list[dict[str, Any]] = field(default_factory=list)  # {"at", "offset", "bytes"} per call
+    log_gaps: int = 0  # chunks whose offset was past the end (a gap)
+    cancel_requested: bool = False
+    cancel_sent: bool = False
 
     def view(self) -> dict[str, Any]:
         return {
@@ -49,15 +58,25 @@ class JobRecord:
             "result": self.result,
             "deliveries": self.deliveries,
             "idempotency_keys": self.idempotency_keys,
+            "started": self.started,
+            "log": self.log.decode("utf-8", errors="replace"),
+            "log_bytes": len(self.log),
+            "log_requests": self.log_requests,
+            "log_gaps": self.log_gaps,
+            "cancel_requested": self.cancel_requested,
         }
 
 
 class State:
-    def __init__(self, cluster_id: str, cluster_token: str, one_time_tokens: list[str], long_poll: bool) -> None:
+    def __init__(
+        self, cluster_id: str, cluster_token: str, one_time_tokens: list[str], long_poll: bool, extensions: bool = True
+    ) -> None:
         self.cluster_id = cluster_id
         self.cluster_token = cluster_token
         self.one_time_tokens = set(one_time_tokens)
         self.long_poll = long_poll
+        self.extensions = extensions  # False: 404 on start/logs, like a core-only server
+        self.cancel_via = "poll"  # or "logs": deliver cancellations only in logs answers
         self.lock = threading.Condition()
         self.jobs: dict[str, JobRecord] = {}
         self.queue: deque[str] = deque()
@@ -92,6 +111,30 @@ class State:
             record.state, record.assigned_at = "assigned", time.time()
             taken.append(record.spec)
         return taken
+
+    def request_cancel(self, job_id: str) -> bool:
+        with self.lock:
+            record = self.jobs.get(job_id)
+            if record is None:
+                # A cancel for a job the agent does not run: still sent, and must be ignored by the agent.
+                record = self.jobs[job_id] = JobRecord(job_id, {"job_id": job_id}, state="unknown")
+            if record.state == "queued":
+                self.queue.remove(job_id)
+                record.state = "done"
+                record.result = {"status": "canceled", "failure_reason": "canceled", "note": "canceled before assignment"}
+            record.cancel_requested = True
+            self.lock.notify_all()
+            return True
+
+    def take_cancellations(self) -> list[str]:
+        if self.cancel_via != "poll":
+            return []
+        ids = []
+        for record in self.jobs.values():
+            if record.cancel_requested and not record.cancel_sent and record.state in ("assigned", "unknown"):
+                record.cancel_sent = True
+                ids.append(record.job_id)
+        return ids
 
     def next_fault(self, endpoint: str) -> int | None:
         with self.lock:
@@ -160,9 +203,12 @@ class Handler(BaseHTTPRequestHandler):
     def _agent(self, rest: str, body: Any) -> None:
         state = self.server.state
         endpoint = {"auth/exchange": "exchange", "heartbeat": "heartbeat", "jobs/poll": "poll"}.get(rest)
-        complete = re.match(r"^jobs/(?P<job>[^/]+)/complete$", rest)
-        if complete:
-            endpoint = "complete"
+        per_job = re.match(r"^jobs/(?P<job>[^/]+)/(?P<call>complete|start|logs)$", rest)
+        if per_job:
+            endpoint = per_job["call"]
+            if endpoint in ("start", "logs") and not state.extensions:
+                self._send(404, {"error": "not found"})
+                return
         if endpoint is None:
             self._send(404, {"error": "unknown endpoint"})
             return
@@ -205,8 +251,12 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, {"ok": True})
         elif endpoint == "poll":
             self._poll(body or {})
+        elif endpoint == "start":
+            self._start(unquote(per_job["job"]), body or {})
+        elif endpoint == "logs":
+            self._logs(unquote(per_job["job"]), body or {})
         else:
-            self._complete(unquote(complete["job"]), body)
+            self._complete(unquote(per_job["job"]), body)
 
     def _exchange(self) -> None:
         state = self.server.state
@@ -228,14 +278,51 @@ class Handler(BaseHTTPRequestHandler):
             state.stats["polls"] += 1
             state.poll_bodies.append({"at": time.time(), **body})
             jobs = state.take(max_jobs)
-            while not jobs and not state.draining and not self.server.closing:
+            cancels = state.take_cancellations()
+            while not jobs and not cancels and not state.draining and not self.server.closing:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 state.lock.wait(min(remaining, 0.5))
                 jobs = state.take(max_jobs)
+                cancels = state.take_cancellations()
         headers = {"X-Radix-Long-Poll": "1"} if state.long_poll else None
-        self._send(200, {"jobs": jobs}, headers)
+        answer: dict[str, Any] = {"jobs": jobs}
+        if cancels:
+            answer["cancel_job_ids"] = cancels
+        self._send(200, answer, headers)
+
+    def _start(self, job_id: str, body: dict[str, Any]) -> None:
+        state = self.server.state
+        with state.lock:
+            record = state.jobs.get(job_id)
+            if record is None:
+                self._send(404, {"error": f"unknown job {job_id}"})
+                return
+            record.started = {"at": time.time(), **body}
+            state.lock.notify_all()
+        self._send(200, {"ok": True})
+
+    def _logs(self, job_id: str, body: dict[str, Any]) -> None:
+        state = self.server.state
+        offset, data = body.get("offset"), body.get("data")
+        if not isinstance(offset, int) or not isinstance(data, str):
+            self._send(400, {"error": "logs need an integer offset and a string data"})
+            return
+        chunk = data.encode("utf-8")
+        with state.lock:
+            record = state.jobs.get(job_id)
+            if record is None:
+                self._send(404, {"error": f"unknown job {job_id}"})
+                return
+            record.log_requests.append({"at": time.time(), "offset": offset, "bytes": len(chunk)})
+            have = len(record.log)
+            if offset > have:
+                record.log_gaps += 1
+            elif offset + len(chunk) > have:
+                record.log += chunk[have - offset:]  # ignore what it already has
+            cancel = record.cancel_requested and record.state == "assigned"
+        self._send(200, {"cancel": True} if cancel else {"ok": True})
 
     def _complete(self, job_id: str, body: Any) -> None:
         state = self.server.state
@@ -277,6 +364,15 @@ class Handler(BaseHTTPRequestHandler):
                     state.lock.wait(min(0.5, deadline - time.monotonic()))
                 view = record.view() if record else None
             self._send(200 if view else 404, view or {"error": "unknown job"})
+        elif method == "POST" and len(parts) == 4 and parts[:2] == ["admin", "jobs"] and parts[3] == "cancel":
+            state.request_cancel(unquote(parts[2]))
+            self._send(200, {"ok": True})
+        elif method == "POST" and parts == ["admin", "config"]:
+            with state.lock:
+                for key in ("long_poll", "extensions", "cancel_via"):
+                    if key in body:
+                        setattr(state, key, body[key])
+            self._send(200, {"ok": True})
         elif method == "GET" and parts == ["admin", "heartbeats"]:
             with state.lock:
                 self._send(200, {"heartbeats": list(state.heartbeats)})
@@ -324,9 +420,10 @@ class DevControlPlane:
         cluster_token: str = "dev-cluster-token",
         one_time_tokens: list[str] | None = None,
         long_poll: bool = True,
+        extensions: bool = True,
         verbose: bool = False,
     ) -> None:
-        self.state = State(cluster_id, cluster_token, one_time_tokens or [], long_poll)
+        self.state = State(cluster_id, cluster_token, one_time_tokens or [], long_poll, extensions)
         self._server = DevServer((host, port), self.state, verbose)
         self._thread: threading.Thread | None = None
 

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from cluster_agent.job_runner import container_name, torchrun_command
+from cluster_agent.job_runner import container_name, gpus_for, torchrun_command
 from cluster_agent.models import JobSpec
 
 
@@ -22,7 +22,7 @@ def test_invalid_job_ids(job_id):
 
 def test_null_lists_and_objects_are_empty():
     s = spec(command=None, args=None, env=None, orchestration=None, resources=None)
-    assert s.command == [] and s.args == [] and s.env == {} and s.orchestration.num_gpus == 0
+    assert s.command == [] and s.args == [] and s.env == {} and s.orchestration.num_gpus is None
 
 
 @pytest.mark.parametrize(
@@ -56,15 +56,23 @@ def test_unknown_fields_from_a_newer_server_are_kept():
     assert spec(priority=5).model_extra == {"priority": 5}
 
 
-def test_gpu_count_prefers_resources_gpus():
-    assert spec(orchestration={"num_gpus": 2}).gpu_count == 2
-    assert spec(orchestration={"num_gpus": 2}, resources={"gpus": 1}).gpu_count == 1
-    assert spec().gpu_count == 0
+def test_gpu_request_prefers_resources_gpus():
+    assert spec(orchestration={"num_gpus": 2}).gpu_request == 2
+    assert spec(orchestration={"num_gpus": 2}, resources={"gpus": 1}).gpu_request == 1
+    assert spec(orchestration={"num_gpus": 0}).gpu_request == 0
+    assert spec().gpu_request is None
+
+
+def test_gpu_rule_for_jobs_that_name_no_count():
+    assert gpus_for(spec(), host_gpus=8, max_concurrent_jobs=1) == 8  # Radix behaviour: the whole host
+    assert gpus_for(spec(), host_gpus=8, max_concurrent_jobs=4) == 0  # parallel: GPUs only on request
+    assert gpus_for(spec(resources={"gpus": 2}), host_gpus=8, max_concurrent_jobs=4) == 2
+    assert gpus_for(spec(orchestration={"num_gpus": 0}), host_gpus=8, max_concurrent_jobs=1) == 0
 
 
 def test_torchrun_wraps_multi_gpu_jobs_that_ask_for_it():
     s = spec(command=["python", "train.py"], args=["--epochs", "1"], orchestration={"num_gpus": 4, "launcher": "torchrun"})
-    assert torchrun_command(s) == [
+    assert torchrun_command(s, 4) == [
         "torchrun", "--standalone", "--nnodes=1", "--nproc_per_node=4", "train.py", "--epochs", "1",
     ]
 
@@ -75,7 +83,7 @@ def test_torchrun_wraps_multi_gpu_jobs_that_ask_for_it():
 )
 def test_torchrun_is_not_applied_otherwise(orchestration):
     s = spec(command=["python", "train.py"], orchestration=orchestration)
-    assert torchrun_command(s) == ["python", "train.py"]
+    assert torchrun_command(s, orchestration["num_gpus"]) == ["python", "train.py"]
 
 
 def test_container_names_are_per_cluster_and_job():
