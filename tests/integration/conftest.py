@@ -80,6 +80,15 @@ class ControlPlane:
         assert record["result"] is not None, f"job {job_id} got no result within {wait} s: {record}"
         return record
 
+    def result_now(self, job_id: str) -> dict:
+        return self._call(f"/admin/jobs/{urllib.request.quote(job_id, safe='')}")
+
+    def cancel(self, job_id: str) -> None:
+        self._call(f"/admin/jobs/{urllib.request.quote(job_id, safe='')}/cancel", {})
+
+    def config(self, **values) -> None:
+        self._call("/admin/config", values)
+
     def run(self, wait: float = 60, **job) -> dict:
         """Submit a job and return its completion body."""
         return self.result(self.submit(**job), wait)["result"]

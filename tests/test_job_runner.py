@@ -1,0 +1,142 @@
+"""The job runner with a fake executor: GPU pinning, waiting, invalid requests, stop before start."""
+
+import threading
+import time
+
+import pytest
+
+from cluster_agent.executors import ContainerSpec, ExitInfo
+from cluster_agent.gpu_pool import GpuPool
+from cluster_agent.job_runner import JobRun
+from cluster_agent.models import FailureReason, GpuInfo, JobStatus
+from cluster_agent.settings import Settings
+
+
+class FakeExecutor:
+    """Records container specs; each container 'runs' until released (or for `run_seconds`)."""
+
+    def __init__(self, run_seconds=0.0):
+        self.specs: list[ContainerSpec] = []
+        self.run_seconds = run_seconds
+        self.running: set[str] = set()
+        self.max_running = 0
+        self._lock = threading.Lock()
+
+    def ping(self):
+        pass
+
+    def prepare_image(self, image):
+        pass
+
+    def start(self, spec):
+        with self._lock:
+            self.specs.append(spec)
+            cid = f"c{len(self.specs)}"
+            self.running.add(cid)
+            self.max_running = max(self.max_running, len(self.running))
+        return cid
+
+    def stream_output(self, cid, on_stdout, on_stderr):
+        on_stdout(b"{}")
+
+    def wait(self, cid, timeout):
+        time.sleep(self.run_seconds)
+        with self._lock:
+            self.running.discard(cid)
+        return True
+
+    def stop(self, cid, grace):
+        pass
+
+    def exit_info(self, cid):
+        return ExitInfo(exit_code=0, oom_killed=False)
+
+    def remove(self, cid):
+        pass
+
+
+GPUS = [GpuInfo(index=i, uuid=f"GPU-{i}", name="fake H100", memory_total_mb=81559) for i in range(2)]
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return Settings(jobs_workdir=tmp_path, cluster_id="c1", max_concurrent_jobs=2)
+
+
+def run(settings, executor, pool, **job):
+    job = {"job_id": "j1", "image": "img:1", **job}
+    return JobRun(job, settings=settings, executor=executor, gpu_pool=pool).execute()
+
+
+def test_job_gets_exactly_its_gpus_pinned_by_uuid(settings):
+    executor = FakeExecutor()
+    completion = run(settings, executor, GpuPool(GPUS), resources={"gpus": 1})
+    spec = executor.specs[0]
+    assert spec.gpu_uuids == ["GPU-0"]
+    assert spec.env["NVIDIA_VISIBLE_DEVICES"] == "GPU-0"
+    assert spec.labels["radix.gpu_ids"] == "GPU-0"
+    assert completion.metrics.gpu_ids == ["GPU-0"]
+
+
+def test_job_env_cannot_override_the_pinning(settings):
+    executor = FakeExecutor()
+    run(settings, executor, GpuPool(GPUS), orchestration={"num_gpus": 2}, env={"NVIDIA_VISIBLE_DEVICES": "all"})
+    assert executor.specs[0].env["NVIDIA_VISIBLE_DEVICES"] == "GPU-0,GPU-1"
+
+
+def test_gpu_less_job_on_a_gpu_host_sees_no_gpu(settings):
+    executor = FakeExecutor()
+    run(settings, executor, GpuPool(GPUS))
+    assert executor.specs[0].gpu_uuids == []
+    assert executor.specs[0].env["NVIDIA_VISIBLE_DEVICES"] == "void"
+
+
+def test_one_job_at_a_time_gets_every_gpu_when_it_names_no_count(tmp_path):
+    executor = FakeExecutor()
+    run(Settings(jobs_workdir=tmp_path, max_concurrent_jobs=1), executor, GpuPool(GPUS))
+    assert executor.specs[0].gpu_uuids == ["GPU-0", "GPU-1"]
+
+
+def test_more_gpus_than_the_host_has_is_invalid_at_once(settings):
+    executor = FakeExecutor()
+    completion = run(settings, executor, GpuPool(GPUS), resources={"gpus": 3})
+    assert completion.status is JobStatus.FAILED
+    assert completion.failure_reason is FailureReason.INVALID_JOB
+    assert "asks for 3 GPU(s) but this host has 2" in completion.error_message
+    assert executor.specs == []
+
+
+def test_gpu_jobs_wait_for_each_other_and_never_share(settings):
+    executor = FakeExecutor(run_seconds=0.3)
+    pool = GpuPool(GPUS)
+    results = {}
+
+    def go(job_id):
+        results[job_id] = JobRun(
+            {"job_id": job_id, "image": "img:1", "resources": {"gpus": 2}}, settings=settings, executor=executor, gpu_pool=pool
+        ).execute()
+
+    threads = [threading.Thread(target=go, args=(f"j{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert all(r.status is JobStatus.SUCCEEDED for r in results.values())
+    assert executor.max_running == 1  # each wanted both GPUs: they ran one after another
+    assert pool.free_count() == 2
+
+
+def test_stop_while_waiting_for_gpus_completes_without_running(settings):
+    executor = FakeExecutor()
+    pool = GpuPool(GPUS)
+    pool.acquire("other", 2, threading.Event())
+    job = JobRun({"job_id": "j1", "image": "img:1", "resources": {"gpus": 1}}, settings=settings, executor=executor, gpu_pool=pool)
+    results = []
+    waiter = threading.Thread(target=lambda: results.append(job.execute()))
+    waiter.start()
+    time.sleep(0.2)
+    job.stop(FailureReason.CANCELED, "canceled by the control plane")
+    waiter.join(5)
+    assert results[0].status is JobStatus.CANCELED
+    assert results[0].failure_reason is FailureReason.CANCELED
+    assert executor.specs == []
