@@ -6,12 +6,13 @@ IMAGE       ?= radix-cluster-agent:dev
 BASE_IMAGE  ?=
 CA_BUNDLE   ?=
 
-.PHONY: help venv engine test-deps test unit-test integration-test demo image clean
+.PHONY: help venv engine test-deps test unit-test integration-test demo image gpu-check clean
 
 help:
 	@echo "make test    unit + integration tests (starts a Docker engine if none answers)"
 	@echo "make demo    dev control plane + agent + the jobs in examples/jobs, results printed"
 	@echo "make image   build the agent's image ($(IMAGE)); BASE_IMAGE=... CA_BUNDLE=... optional"
+	@echo "make gpu-check  on a GPU host: the agent runs GPU-pinned jobs and checks what they see (docs/gpu.md)"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +43,9 @@ demo: test-deps
 
 image: venv engine
 	$(PY) scripts/build_image.py --tag $(IMAGE) $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE)) $(if $(CA_BUNDLE),--ca-bundle $(CA_BUNDLE))
+
+gpu-check: test-deps
+	$(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

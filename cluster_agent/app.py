@@ -80,10 +80,12 @@ def _run_agent(argv: list[str]) -> int:
         execution_mode=settings.execution_mode,
         max_concurrent_jobs=settings.max_concurrent_jobs,
         engine_version=engine.get("ServerVersion"),
-        gpu_runtime="nvidia" if "nvidia" in (engine.get("Runtimes") or {}) else None,
+        gpu_injection=executor.gpu_injection.name,
     )
-    if gpus and "nvidia" not in (engine.get("Runtimes") or {}):
-        log.warning("this host has %d GPU(s) but the Docker engine lists no nvidia runtime: GPU jobs may fail", len(gpus))
+    if gpus:
+        log.info("%d GPU(s); they reach containers through: %s", len(gpus), executor.gpu_injection.name)
+        if executor.gpu_injection.name == "none":
+            log.warning("GPU jobs will fail on this host until it can inject GPUs into containers")
     heartbeat = Heartbeat(client, lambda: capabilities, settings.heartbeat_interval)
     agent = Agent(settings, client, executor, GpuPool(gpus), heartbeat)
     agent.stopping = stop

@@ -26,6 +26,7 @@ from .models import (
     JOB_ID_PATTERN,
     Completion,
     FailureReason,
+    GpuInfo,
     JobMetrics,
     JobSpec,
     JobStatus,
@@ -128,6 +129,7 @@ class JobRun:
         self._container_id: str | None = None
         self._job_dir: Path | None = None
         self._gpu_ids: list[str] = []
+        self._given_gpus: list[GpuInfo] = []
         self._gpu_count = 0
         self._observer: JobObserver = observer or _Unobserved()
 
@@ -196,6 +198,7 @@ class JobRun:
         if gpus is None:
             return self._stopped_before_start()
         try:
+            self._given_gpus = gpus
             self._gpu_ids = [gpu.uuid for gpu in gpus]
             return self._run_container(spec)
         finally:
@@ -242,7 +245,7 @@ class JobRun:
                 "radix.timeout_seconds": str(self._timeout(spec)),
                 "radix.gpu_ids": ",".join(self._gpu_ids),
             },
-            gpu_uuids=self._gpu_ids,
+            gpus=list(self._given_gpus),
             cpus=resources.cpus,
             memory_mb=resources.memory_mb,
             shm_mb=resources.shm_mb,

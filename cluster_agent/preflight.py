@@ -11,6 +11,7 @@ from pathlib import Path
 from .control_plane import ControlPlaneClient
 from .errors import ConfigError, ControlPlaneError, EngineUnavailable, TokenRejected
 from .executors.docker import DockerExecutor, connect
+from .gpu_injection import choose_injection
 from .settings import Settings
 
 ENGINE_FIX = (
@@ -37,8 +38,11 @@ def connect_engine(settings: Settings) -> DockerExecutor:
     try:
         executor = DockerExecutor(connect(settings.docker_host))
         executor.ping()
+        runtimes = executor.info().get("Runtimes") or {}
     except EngineUnavailable as exc:
         raise ConfigError(f"{exc}; {ENGINE_FIX}") from None
+    dirs = [Path(d.strip()) for d in settings.cdi_spec_dirs.split(",") if d.strip()]
+    executor.gpu_injection = choose_injection(settings.gpu_mode, runtimes, dirs)
     return executor
 
 

@@ -104,6 +104,14 @@ class Settings(BaseSettings):
     pids_limit: int = Field(
         default=4096, ge=0, description="Most processes a job's container may run (0: no limit). Stops fork bombs."
     )
+    gpu_mode: Literal["auto", "nvidia", "cdi", "none"] = Field(
+        default="auto",
+        description="How GPUs reach job containers: nvidia (the engine's NVIDIA runtime), cdi (a CDI spec translated "
+        "into devices and mounts), none, or auto (nvidia if the engine has it, else cdi if a spec is found).",
+    )
+    cdi_spec_dirs: str = Field(
+        default="/etc/cdi,/var/run/cdi", description="Comma-separated directories searched for CDI specs."
+    )
     docker_host: str | None = Field(
         default=None, description="Docker engine address; default: DOCKER_HOST, else unix:///var/run/docker.sock."
     )

@@ -18,13 +18,19 @@ BUSYBOX_IMAGE = "radix-test/busybox:latest"
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 
 
+def _is_static(path: str) -> bool:
+    # A dynamically linked busybox would need its libraries in the image too.
+    if not shutil.which("ldd"):
+        return True
+    info = subprocess.run(["ldd", path], capture_output=True, text=True)
+    return "not a dynamic executable" in info.stdout + info.stderr or "statically linked" in info.stdout + info.stderr
+
+
 def _busybox_path() -> str:
-    for path in BUSYBOX_CANDIDATES:
-        if shutil.which(path):
+    for path in (shutil.which("busybox"), *BUSYBOX_CANDIDATES):
+        if path and shutil.which(path):
             out = subprocess.run([path, "--list"], capture_output=True, text=True)
-            # A dynamically linked busybox would need its libraries in the image too.
-            file_info = subprocess.run(["ldd", path], capture_output=True, text=True)
-            if out.returncode == 0 and "not a dynamic executable" in (file_info.stdout + file_info.stderr):
+            if out.returncode == 0 and _is_static(path):
                 return path
     raise SystemExit("busybox-static is needed to build the test image: apt-get install busybox-static")
 

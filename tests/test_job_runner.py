@@ -72,7 +72,7 @@ def test_job_gets_exactly_its_gpus_pinned_by_uuid(settings):
     executor = FakeExecutor()
     completion = run(settings, executor, GpuPool(GPUS), resources={"gpus": 1})
     spec = executor.specs[0]
-    assert spec.gpu_uuids == ["GPU-0"]
+    assert [g.uuid for g in spec.gpus] == ["GPU-0"]
     assert spec.env["NVIDIA_VISIBLE_DEVICES"] == "GPU-0"
     assert spec.labels["radix.gpu_ids"] == "GPU-0"
     assert completion.metrics.gpu_ids == ["GPU-0"]
@@ -87,14 +87,14 @@ def test_job_env_cannot_override_the_pinning(settings):
 def test_gpu_less_job_on_a_gpu_host_sees_no_gpu(settings):
     executor = FakeExecutor()
     run(settings, executor, GpuPool(GPUS))
-    assert executor.specs[0].gpu_uuids == []
+    assert executor.specs[0].gpus == []
     assert executor.specs[0].env["NVIDIA_VISIBLE_DEVICES"] == "void"
 
 
 def test_one_job_at_a_time_gets_every_gpu_when_it_names_no_count(tmp_path):
     executor = FakeExecutor()
     run(Settings(jobs_workdir=tmp_path, max_concurrent_jobs=1), executor, GpuPool(GPUS))
-    assert executor.specs[0].gpu_uuids == ["GPU-0", "GPU-1"]
+    assert [g.uuid for g in executor.specs[0].gpus] == ["GPU-0", "GPU-1"]
 
 
 def test_more_gpus_than_the_host_has_is_invalid_at_once(settings):

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
+from ..models import GpuInfo
+
 
 @dataclass(frozen=True)
 class ContainerSpec:
@@ -17,7 +19,7 @@ class ContainerSpec:
     env: dict[str, str]
     workspace: Path  # host path, mounted read-write at /workspace and used as working directory
     labels: dict[str, str]
-    gpu_uuids: list[str] = field(default_factory=list)
+    gpus: list[GpuInfo] = field(default_factory=list)  # given to this job only; how is the executor's business
     cpus: float | None = None
     memory_mb: int | None = None
     shm_mb: int | None = None

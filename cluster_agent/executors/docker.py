@@ -20,6 +20,7 @@ from docker.types import DeviceRequest
 from docker.utils import parse_repository_tag
 
 from ..errors import EngineUnavailable, JobFailed
+from ..gpu_injection import GpuInjection, NvidiaRuntimeInjection
 from ..models import FailureReason
 from .base import ContainerSpec, ExitInfo, OutputSink
 
@@ -59,8 +60,15 @@ def _engine(what: str) -> Iterator[None]:
 
 
 class DockerExecutor:
-    def __init__(self, client: docker.DockerClient, *, pull_lock: threading.Lock | None = None) -> None:
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        *,
+        gpu_injection: GpuInjection | None = None,
+        pull_lock: threading.Lock | None = None,
+    ) -> None:
         self._client = client
+        self.gpu_injection: GpuInjection = gpu_injection or NvidiaRuntimeInjection()
         self._api = client.api
         self._attached: dict[str, Any] = {}
         self._attached_lock = threading.Lock()
@@ -109,8 +117,10 @@ class DockerExecutor:
     # --- containers ----------------------------------------------------------------------------------------
 
     def start(self, spec: ContainerSpec) -> str:
+        env = dict(spec.env)
+        binds: dict[str, Any] = {str(spec.workspace): {"bind": WORKSPACE, "mode": "rw"}}
         host_config: dict[str, Any] = {
-            "binds": {str(spec.workspace): {"bind": WORKSPACE, "mode": "rw"}},
+            "binds": binds,
             "privileged": False,
             "security_opt": ["no-new-privileges"],
             "init": True,  # reaps the job's zombies and forwards SIGTERM to its main process
@@ -124,14 +134,24 @@ class DockerExecutor:
             host_config["shm_size"] = f"{spec.shm_mb}m"
         if spec.pids_limit:
             host_config["pids_limit"] = spec.pids_limit
-        if spec.gpu_uuids:
-            host_config["device_requests"] = [DeviceRequest(device_ids=list(spec.gpu_uuids), capabilities=[["gpu"]])]
+        if spec.gpus:
+            access = self.gpu_injection.access(spec.gpus)
+            if access.runtime_uuids:
+                host_config["device_requests"] = [DeviceRequest(device_ids=access.runtime_uuids, capabilities=[["gpu"]])]
+            if access.devices:
+                host_config["devices"] = [f"{host}:{target}:{perms}" for host, target, perms in access.devices]
+            for host, target, read_only in access.mounts:
+                binds[host] = {"bind": target, "mode": "ro" if read_only else "rw"}
+            for name, value in access.env.items():
+                if name == "LD_LIBRARY_PATH" and env.get(name):
+                    value = f"{value}:{env[name]}"  # the driver's libraries first, then the job's
+                env[name] = value
         with _engine(f"create the container for {spec.name}"):
             try:
                 created = self._api.create_container(
                     spec.image,
                     command=spec.command or None,
-                    environment=spec.env,
+                    environment=env,
                     working_dir=WORKSPACE,
                     labels=spec.labels,
                     name=spec.name,

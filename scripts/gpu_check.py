@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""GPU check for any host with NVIDIA GPUs and a Docker engine: the agent, for real, on its GPUs.
+
+Starts the dev control plane and the agent, then runs GPU-pinned jobs in the local busybox image: with two or more
+GPUs, two concurrent jobs of one GPU each; with one, a single job. Each job lists the GPUs it can see
+(nvidia-smi -L from the injected driver), and the check compares that with the agent's NVML inventory, the
+start call's gpu_ids and NVIDIA_VISIBLE_DEVICES. Prints a report; exit 0 when every check holds.
+
+Usage: gpu_check.py [--gpu-mode auto|nvidia|cdi] [--cdi-spec-dirs DIRS] [--report FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import docker  # noqa: E402
+
+from cluster_agent.gpus import detect_gpus  # noqa: E402
+from devplane import DevControlPlane  # noqa: E402
+from devplane.images import ensure_busybox_image  # noqa: E402
+
+TOKEN = "gpu-check-token"
+JOB_SCRIPT = 'echo "visible=$NVIDIA_VISIBLE_DEVICES"; ls /dev | grep nvidia; nvidia-smi -L; sleep 3'
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu-mode", default="auto")
+    parser.add_argument("--cdi-spec-dirs", default="/etc/cdi,/var/run/cdi")
+    parser.add_argument("--report", type=Path)
+    args = parser.parse_args()
+
+    checks: list[tuple[str, bool, str]] = []
+
+    def check(name: str, ok: bool, detail: str = "") -> None:
+        checks.append((name, bool(ok), detail))
+        print(f"[{'PASS' if ok else 'FAIL'}] {name}{': ' + detail if detail else ''}", flush=True)
+
+    gpus = detect_gpus()
+    try:
+        smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60).stdout
+    except OSError as exc:
+        smi = f"nvidia-smi unavailable: {exc}"
+    smi_uuids = re.findall(r"UUID: (GPU-[0-9a-f-]+)", smi)
+    check("NVML lists the GPUs nvidia-smi lists", bool(gpus) and sorted(g.uuid for g in gpus) == sorted(smi_uuids),
+          f"NVML {[g.uuid for g in gpus]}; nvidia-smi {smi.strip()!r}")
+    if not gpus:
+        return _finish(checks, args.report, {})
+
+    image = ensure_busybox_image(docker.from_env())
+    plane = DevControlPlane(cluster_id="gpu-check", cluster_token=TOKEN).start()
+    workdir = Path(tempfile.mkdtemp(prefix="radix-gpu-check-"))
+    jobs = 2 if len(gpus) >= 2 else 1
+    log_path = workdir / "agent.log"
+    with open(log_path, "wb") as log:
+        agent = subprocess.Popen(
+            [sys.executable, str(ROOT / "main.py"), "--api-base", plane.url, "--cluster-id", "gpu-check",
+             "--cluster-token", TOKEN, "--jobs-workdir", str(workdir / "jobs"), "--token-file", str(workdir / "token"),
+             "--max-concurrent-jobs", str(jobs), "--gpu-mode", args.gpu_mode, "--cdi-spec-dirs", args.cdi_spec_dirs,
+             "--heartbeat-interval", "5"],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )
+    details: dict = {"gpus": [g.model_dump() for g in gpus], "jobs": []}
+    try:
+        ids = [plane.state.submit({"image": image, "command": ["sh", "-c", JOB_SCRIPT], "resources": {"gpus": 1}}) for _ in range(jobs)]
+        records = []
+        for job_id in ids:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and plane.state.jobs[job_id].result is None:
+                time.sleep(0.2)
+            records.append(plane.state.jobs[job_id].view())
+        heartbeat = plane.state.heartbeats[0] if plane.state.heartbeats else {}
+        caps = heartbeat.get("capabilities", {})
+        check("heartbeat capabilities match NVML", [g["uuid"] for g in caps.get("gpus", [])] == [g.uuid for g in gpus],
+              f"gpu_count={caps.get('gpu_count')}, injection={caps.get('gpu_injection')}")
+        seen_uuids = []
+        for record in records:
+            result = record["result"] or {}
+            stdout = (result.get("output_payload") or {}).get("stdout", "")
+            listed = re.findall(r"UUID: (GPU-[0-9a-f-]+)", stdout)
+            given = (record.get("started") or {}).get("gpu_ids", [])
+            details["jobs"].append({"job_id": record["job_id"], "status": result.get("status"), "gpu_ids": given,
+                                    "stdout": stdout, "error": result.get("error_message")})
+            check(f"job {record['job_id']} succeeded", result.get("status") == "succeeded", result.get("error_message") or "")
+            check(f"job {record['job_id']} sees exactly its one GPU", len(listed) == 1 and listed == given,
+                  f"listed {listed}, given {given}")
+            check(f"job {record['job_id']} NVIDIA_VISIBLE_DEVICES matches", f"visible={','.join(given)}" in stdout)
+            seen_uuids += listed
+        if jobs > 1:
+            check("concurrent jobs got different GPUs", len(set(seen_uuids)) == len(seen_uuids), str(seen_uuids))
+            starts = sorted(r["started"]["at"] for r in records if r.get("started"))
+            check("the jobs overlapped in time", len(starts) == jobs and starts[-1] - starts[0] < 3)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(60)
+        plane.stop()
+        details["agent_log_tail"] = log_path.read_text(errors="replace")[-4000:]
+    return _finish(checks, args.report, details)
+
+
+def _finish(checks, report: Path | None, details: dict) -> int:
+    ok = all(passed for _, passed, _ in checks)
+    summary = {
+        "date": datetime.now(timezone.utc).isoformat(),
+        "host": platform.node(),
+        "passed": ok,
+        "checks": [{"name": n, "passed": p, "detail": d} for n, p, d in checks],
+        **details,
+    }
+    if report:
+        report.write_text(json.dumps(summary, indent=2))
+    print(f"{sum(p for _, p, _ in checks)} passed, {sum(not p for _, p, _ in checks)} failed")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
