@@ -1,10 +1,10 @@
-"""The agent loop: poll for work, hand each job to its own thread, shut down gracefully.
+"""The agent loop: recover what a previous agent left, poll for work, run each job on its own thread, shut down.
 
 Threads, each with a name and an owner:
-  main       waits for the stop event, then runs the shutdown sequence
+  main       recovers, then waits for the stop event and runs the shutdown sequence
   poller     long-polls the control plane and accepts jobs
   heartbeat  sends heartbeats on its own timer (heartbeat.py)
-  job-<id>   runs one job (job_runner.py) and delivers its result
+  job-<id>   runs or adopts one job (job_runner.py) and delivers its result (delivery.py)
   logs-<id>  ships one job's live log (log_streamer.py); start-<id> sends its start acknowledgement
 """
 
@@ -15,15 +15,18 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import health
-from .control_plane import ControlPlaneClient, Delivery, PollInterrupted
-from .errors import ControlPlaneError, MalformedResponse
+from . import health, recovery
+from .control_plane import ControlPlaneClient, PollInterrupted
+from .errors import ControlPlaneError, EngineUnavailable, MalformedResponse
 from .executors import Executor
+from .executors.base import ContainerState
+from .delivery import ResultDelivery
 from .gpu_pool import GpuPool
 from .heartbeat import Heartbeat
+from .job_dir import JobDirectory
 from .job_runner import JobRun, job_id_of
 from .live_job import LiveJob
-from .models import Completion, FailureReason, PollResult
+from .models import Completion, FailureReason, JobMetrics, JobStatus, PollResult
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,9 @@ log = logging.getLogger(__name__)
 MALFORMED_BACKOFF_SECONDS = 5.0
 # A long-poll server that answers "nothing" at once, again and again, must not become a tight loop.
 MIN_SECONDS_BETWEEN_EMPTY_LONG_POLLS = 1.0
+# With --on-shutdown leave the agent exits within this (jobs keep running for the next agent).
+LEAVE_EXIT_SECONDS = 9.0
+ENGINE_BACKOFF_MAX_SECONDS = 30.0
 
 
 class Agent:
@@ -53,6 +59,7 @@ class Agent:
         self._clock = clock
         self.stopping = threading.Event()  # graceful: take no new work
         self._abandon = threading.Event()  # exit now: stop retrying deliveries
+        self._delivery = ResultDelivery(client, self._abandon)
         self._slots = threading.BoundedSemaphore(settings.max_concurrent_jobs)
         self._runs: dict[str, JobRun] = {}
         self._live: dict[str, LiveJob] = {}
@@ -63,18 +70,22 @@ class Agent:
         self._zero_poll_in_flight = False  # guarded by _runs_lock: only such a poll may be broken off
         self._threads: list[threading.Thread] = []
         self._poller: threading.Thread | None = None
+        self._engine_down_since: float | None = None
+        self._engine_backoff = 1.0
+        self.jobs_accepted = 0
         self.jobs_finished = 0
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Run until `stopping` is set (by a signal handler), then shut down within the grace period."""
+        """Run until `stopping` is set (a signal, or --max-jobs reached), then shut down."""
         log.info(
             "agent starting: cluster %s, control plane %s, up to %d job(s) at once, %d GPU(s)",
             self._settings.cluster_id, self._settings.api_base, self._settings.max_concurrent_jobs, self._gpus.total,
         )
         self._heartbeat.beat("active")  # one before the first poll (contract)
         self._heartbeat.start()
+        self._recover()
         self._poller = threading.Thread(target=self._poll_loop, name="poller", daemon=True)
         self._poller.start()
         while not self.stopping.is_set():
@@ -85,30 +96,40 @@ class Agent:
         return self._shutdown()
 
     def _shutdown(self) -> int:
-        grace = self._settings.shutdown_grace
+        leave = self._settings.on_shutdown == "leave"
+        grace = min(self._settings.shutdown_grace, LEAVE_EXIT_SECONDS) if leave else self._settings.shutdown_grace
         deadline = self._clock() + grace
-        log.info("shutting down: no new jobs; %d running; exiting within %.0f s", len(self._active()), grace)
+        running = self._active()
+        log.info(
+            "shutting down: no new jobs; %d running, which %s; exiting within %.0f s",
+            len(running), "are left to the next agent" if leave else "will be stopped if still running", grace,
+        )
         self._heartbeat.stop()
         self._wake_poller()
         self._heartbeat.send_draining()
-        # Jobs still running this long before the deadline are stopped, leaving time for their stop and result.
-        stop_margin = min(grace / 2, 15.0)
-        self._join_jobs(deadline - stop_margin)
-        active = self._active()
-        for run in active:
-            run.stop(FailureReason.INTERRUPTED, "the agent was shut down before the job finished", grace=min(10.0, stop_margin / 2))
-        if active:
-            log.info("stopped %d job(s) still running at the end of the grace period", len(active))
+        if leave:
+            # Containers keep running; the next agent adopts them. Flush what is in flight.
+            self._delivery.wait_idle(deadline - 1.0 - self._clock())
+        else:
+            # Jobs still running this long before the deadline are stopped, leaving time for their stop and result.
+            stop_margin = min(grace / 2, 15.0)
+            self._join_jobs(deadline - stop_margin)
+            active = self._active()
+            for run in active:
+                run.stop(FailureReason.INTERRUPTED, "the agent was shut down before the job finished",
+                         grace=min(10.0, stop_margin / 2))
+            if active:
+                log.info("stopped %d job(s) still running at the end of the grace period", len(active))
+            self._join_jobs(deadline - 0.5)
         if self._poller is not None:
-            self._poller.join(timeout=max(0.0, deadline - 1.0 - self._clock()))
-        self._join_jobs(deadline - 0.5)
+            self._poller.join(timeout=max(0.0, min(1.0, deadline - self._clock())))
         self._abandon.set()
         with self._runs_lock:
             for live in self._live.values():
                 live.abandon()
-        leftover = [t.name.removeprefix("job-") for t in self._threads if t.is_alive()]
-        if leftover:
-            log.error("exiting with %d result(s) not delivered: %s", len(leftover), ", ".join(leftover))
+        left = [run.job_id or "?" for run in self._active()]
+        if left:
+            log.info("left %d running job(s) to the next agent: %s", len(left), ", ".join(left))
         log.info("agent stopped")
         return 0
 
@@ -119,6 +140,51 @@ class Agent:
     def _active(self) -> list[JobRun]:
         with self._runs_lock:
             return list(self._runs.values())
+
+    # --- after a restart -----------------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        try:
+            found = recovery.scan(self._settings.jobs_workdir, self._settings.cluster_id or "local", self._executor)
+        except (EngineUnavailable, OSError) as exc:
+            log.error("recovery skipped: %s", exc)
+            return
+        for state in found.leftovers:
+            self._executor.remove(state.id)
+        for directory, body, container in found.spooled:
+            self._spawn(f"deliver-{directory.job_id}", self._deliver_spooled, directory, body, container)
+        for spec, container_id in found.vanished:
+            self._spawn(f"job-{job_id_of(spec)}", self._report_vanished, spec, container_id)
+        for spec in found.never_started:
+            self._accept(spec)
+        for spec, state in found.adopt:
+            self._accept(spec, adopted=state)
+        if any((found.spooled, found.vanished, found.never_started, found.adopt, found.leftovers)):
+            log.info("recovery: %s", found.summary())
+
+    def _deliver_spooled(self, directory: JobDirectory, body: dict[str, Any], container: ContainerState | None) -> None:
+        if self._delivery.deliver_spooled(directory, body):
+            directory.remove()
+            if container is not None:
+                self._executor.remove(container.id)
+
+    def _report_vanished(self, spec: Any, container_id: str) -> None:
+        job_id = job_id_of(spec) or "?"
+        completion = Completion(
+            tenant_id=self._settings.tenant_id, status=JobStatus.FAILED, output_payload={},
+            metrics=JobMetrics(runtime_seconds=0.0),
+            failure_reason=FailureReason.AGENT_ERROR,
+            error_message=f"the job's container {container_id[:12]} vanished while no agent watched it (engine "
+            "restarted or someone removed it); whether the job finished is unknown: resubmit it",
+        )
+        directory = JobDirectory(self._settings.jobs_workdir, job_id)
+        if self._delivery.deliver(job_id, completion, directory):
+            directory.remove()
+
+    def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
 
     # --- getting work --------------------------------------------------------------------------------------
 
@@ -142,25 +208,51 @@ class Agent:
             self._accept(raw)
         if result.jobs:
             return
-        if not result.long_poll:
+        if self._engine_down_since is not None:
+            self._sleep(self._engine_backoff)
+            self._engine_backoff = min(self._engine_backoff * 2, ENGINE_BACKOFF_MAX_SECONDS)
+        elif not result.long_poll:
             self._sleep(self._settings.poll_interval)
         elif self._clock() - asked < MIN_SECONDS_BETWEEN_EMPTY_LONG_POLLS and not result.cancel_job_ids:
             self._sleep(MIN_SECONDS_BETWEEN_EMPTY_LONG_POLLS)
+
+    def _engine_ok(self) -> bool:
+        """Take no job while the engine is away: it would only fail. Said once when it goes and when it returns."""
+        try:
+            self._executor.ping()
+        except EngineUnavailable as exc:
+            if self._engine_down_since is None:
+                self._engine_down_since = self._clock()
+                log.error("%s: taking no jobs until it answers again", exc)
+            return False
+        if self._engine_down_since is not None:
+            log.info("the Docker engine answers again after %.0f s: taking jobs", self._clock() - self._engine_down_since)
+            self._engine_down_since, self._engine_backoff = None, 1.0
+        return True
+
+    def _free_slots(self) -> int:
+        with self._runs_lock:
+            free = max(0, self._settings.max_concurrent_jobs - len(self._runs))
+        if self._settings.max_jobs:
+            free = min(free, max(0, self._settings.max_jobs - self.jobs_accepted))
+        return free
 
     def _poll(self) -> PollResult | None:
         """The poll itself; None when it failed (after logging and waiting) or was broken off."""
         # With every slot busy the poll still goes out, with max_jobs 0, so cancellations arrive at once. When a
         # slot frees, that poll -- and only such a poll, which cannot carry jobs -- is broken off and a new one
         # asks for work.
+        free = self._free_slots() if self._engine_ok() else 0
         with self._runs_lock:
-            free = max(0, self._settings.max_concurrent_jobs - len(self._runs))
             self._zero_poll_in_flight = free == 0
             self._interrupt.clear()
             self._wake.clear()
+        # While the engine is away, ask for no jobs and do not hold the poll long: it is checked again soon.
+        wait = self._settings.long_poll_seconds if self._engine_down_since is None else 0
         try:
             return self._client.poll(
                 free,
-                wait_seconds=self._settings.long_poll_seconds,
+                wait_seconds=wait,
                 running_job_ids=sorted(j.job_id for j in self._active() if j.job_id),
                 free_gpus=self._gpus.free_count(),
                 cancel=self.stopping,
@@ -208,29 +300,34 @@ class Agent:
             name=f"cancel-{job_id}", daemon=True,
         ).start()
 
-    def _accept(self, raw: Any) -> None:
+    def _accept(self, raw: Any, adopted: ContainerState | None = None) -> None:
         job_id = job_id_of(raw)
         if job_id is None:
             log.error("poll returned a job without a job_id (%s); it cannot be run or reported", str(raw)[:200])
             return
+        directory = JobDirectory(self._settings.jobs_workdir, job_id)
         with self._runs_lock:
             if job_id in self._runs:
                 log.warning("job %s: received again while it runs; ignoring the duplicate", job_id)
                 return
-            live = LiveJob(self._client, job_id, on_cancel=lambda: self.cancel(job_id))
+            live = LiveJob(
+                self._client, job_id, on_cancel=lambda: self.cancel(job_id),
+                resume_offset=directory.read_log_offset() if adopted else 0,
+                on_log_acknowledged=directory.write_log_offset if directory.path.parent.is_dir() else None,
+            )
             run = JobRun(
                 raw, settings=self._settings, executor=self._executor, gpu_pool=self._gpus, clock=self._clock,
-                observer=live,
+                observer=live, adopted=adopted,
             )
             self._runs[job_id] = run
             self._live[job_id] = live
-        log.info("job %s: received", job_id)
-        if self.stopping.is_set():
+            self.jobs_accepted += 1
+        if adopted is None:
+            log.info("job %s: received", job_id)
+        if self.stopping.is_set() and adopted is None:
             # Arrived with the last poll after shutdown began: report it rather than leave it assigned to nobody.
             run.stop(FailureReason.INTERRUPTED, "the agent was shutting down when the job arrived; resubmit it")
-        thread = threading.Thread(target=self._work, args=(run,), name=f"job-{job_id}", daemon=True)
-        self._threads.append(thread)
-        thread.start()
+        self._spawn(f"job-{job_id}", self._work, run)
 
     # --- one job -------------------------------------------------------------------------------------------
 
@@ -256,20 +353,9 @@ class Agent:
         )
         if live is not None:
             live.finish()
-        self._deliver(run, completion)
+        if self._delivery.deliver(job_id, completion, run.directory):
+            run.cleanup()
         self.jobs_finished += 1
-
-    def _deliver(self, run: JobRun, completion: Completion) -> None:
-        job_id = run.job_id or "?"
-        try:
-            outcome = self._client.complete(job_id, completion, cancel=self._abandon)
-        except ControlPlaneError as exc:
-            log.error("job %s: result not delivered: %s", job_id, exc)
-            return
-        if outcome is Delivery.ABANDONED:
-            log.error("job %s: result not delivered before exit", job_id)
-            return
-        if outcome is Delivery.DELIVERED:
-            log.info("job %s: result delivered", job_id)
-        run.cleanup()
-
+        if self._settings.max_jobs and self.jobs_finished >= self._settings.max_jobs:
+            log.info("--max-jobs %d reached: stopping", self._settings.max_jobs)
+            self.stopping.set()

@@ -47,6 +47,14 @@ class GpuPool:
                     return None
                 self._changed.wait(timeout=0.5)
 
+    def claim(self, job_id: str, uuids: list[str]) -> list[GpuInfo]:
+        """Give `job_id` the GPUs a previous agent gave its container (adoption after a restart), without waiting."""
+        with self._changed:
+            chosen = [gpu for gpu in self._gpus if gpu.uuid in uuids]
+            for gpu in chosen:
+                self._owner[gpu.uuid] = job_id
+            return chosen
+
     def release(self, job_id: str) -> None:
         with self._changed:
             for uuid in [u for u, owner in self._owner.items() if owner == job_id]:

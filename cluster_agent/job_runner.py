@@ -1,19 +1,17 @@
-"""One job, from accepted to a Completion: validate, prepare its directory, run its container, judge the result.
+"""One job, from accepted to a Completion: validate, prepare its directory, run (or adopt) its container, judge it.
 
-The runner never knows HTTP: the agent delivers the Completion and then calls `cleanup()`. Everything the
-runner knows about a job can be rebuilt from the container's labels and the job directory (job.json).
+The runner never knows HTTP: the agent spools and delivers the Completion, then calls `cleanup()`. Everything the
+runner knows about a job can be rebuilt from the container's labels and the job directory (job_dir.py), which is
+how a restarted agent adopts a job (`adopted=`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import threading
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from pydantic import ValidationError
@@ -21,19 +19,13 @@ from pydantic import ValidationError
 from . import __version__
 from .errors import EngineUnavailable, JobFailed
 from .executors import ContainerSpec, Executor
+from .executors.base import ContainerState
 from .gpu_pool import GpuPool
-from .models import (
-    JOB_ID_PATTERN,
-    Completion,
-    FailureReason,
-    GpuInfo,
-    JobMetrics,
-    JobSpec,
-    JobStatus,
-    OutputSource,
-)
-from .output import OutputCollector, resolve_output, wrapped_output
+from .job_dir import JobDirectory
+from .models import JOB_ID_PATTERN, Completion, FailureReason, GpuInfo, JobMetrics, JobSpec, JobStatus
+from .output import OutputCollector
 from .settings import Settings
+from .verdict import Ending, judge
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +33,9 @@ log = logging.getLogger(__name__)
 STOP_GRACE_SECONDS = 10.0
 LABEL_JOB_ID = "radix.job_id"
 LABEL_CLUSTER_ID = "radix.cluster_id"
-STDERR_IN_MESSAGE = 2000
-EXIT_CODE_HINTS = {
-    126: " (the command is not executable in the image)",
-    127: " (the command was not found in the image; check command and the image's PATH)",
-}
+LABEL_TIMEOUT = "radix.timeout_seconds"
+LABEL_GPU_IDS = "radix.gpu_ids"
+ENGINE_BACKOFF_MAX_SECONDS = 30.0
 
 
 class JobObserver(Protocol):
@@ -113,7 +103,9 @@ class JobRun:
         gpu_pool: GpuPool,
         received_at: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         observer: JobObserver | None = None,
+        adopted: ContainerState | None = None,
     ) -> None:
         self.raw = raw
         self.job_id = job_id_of(raw)
@@ -121,21 +113,22 @@ class JobRun:
         self._executor = executor
         self._gpus = gpu_pool
         self._clock = clock
+        self._wall = wall_clock
         self._received = received_at if received_at is not None else clock()
+        self._observer: JobObserver = observer or _Unobserved()
+        self._adopted = adopted
         self._lock = threading.Lock()
         self._stop_reason: FailureReason | None = None
         self._stop_message = ""
         self._stop_requested = threading.Event()
-        self._container_id: str | None = None
-        self._job_dir: Path | None = None
-        self._gpu_ids: list[str] = []
+        self._container_id: str | None = adopted.id if adopted else None
+        self.directory: JobDirectory | None = None
         self._given_gpus: list[GpuInfo] = []
         self._gpu_count = 0
-        self._observer: JobObserver = observer or _Unobserved()
 
     @property
-    def job_dir(self) -> Path | None:
-        return self._job_dir
+    def gpu_ids(self) -> list[str]:
+        return [gpu.uuid for gpu in self._given_gpus]
 
     # --- control from other threads ------------------------------------------------------------------------
 
@@ -192,42 +185,66 @@ class JobRun:
         return spec
 
     def _run(self, spec: JobSpec) -> Completion:
-        self._job_dir = self._prepare_directory(spec)
+        self.directory = JobDirectory(self._settings.jobs_workdir, spec.job_id)
+        if self._adopted is not None:
+            return self._resume(spec, self._adopted)
+        try:
+            self.directory.prepare(self.raw, spec.input_payload)
+        except OSError as exc:
+            raise JobFailed(
+                FailureReason.AGENT_ERROR,
+                f"cannot write the job directory {self.directory.path}: {exc.strerror or exc}; check free space and "
+                "permissions of --jobs-workdir",
+            ) from None
         self._executor.prepare_image(spec.image)
         gpus = self._gpus.acquire(spec.job_id, self._gpu_count, self._stop_requested)
         if gpus is None:
             return self._stopped_before_start()
         try:
             self._given_gpus = gpus
-            self._gpu_ids = [gpu.uuid for gpu in gpus]
-            return self._run_container(spec)
+            with self._lock:
+                if self._stop_requested.is_set():
+                    return self._stopped_before_start()
+                container_id = self._executor.start(self._container_spec(spec))
+                self._container_id = container_id
+            self._record_container(container_id)
+            log.info("job %s: started container %s (%s)", spec.job_id, container_id[:12], spec.image)
+            self._observer.started(container_id, datetime.now(timezone.utc).isoformat(), self.gpu_ids)
+            return self._watch(spec, container_id, started_wall=self._wall(), replay=False)
         finally:
             self._gpus.release(spec.job_id)
 
-    def _prepare_directory(self, spec: JobSpec) -> Path:
-        job_dir = self._settings.jobs_workdir / spec.job_id
+    def _resume(self, spec: JobSpec, state: ContainerState) -> Completion:
+        """A container a previous agent started: wait for it with its real start time, then judge it."""
+        uuids = [u for u in state.labels.get(LABEL_GPU_IDS, "").split(",") if u]
+        self._given_gpus = self._gpus.claim(spec.job_id, uuids)
         try:
-            job_dir.mkdir(parents=True, exist_ok=True)
-            # The container may run as any user: it must be able to write output.json into its workspace.
-            job_dir.chmod(0o777)
-            (job_dir / "output.json").unlink(missing_ok=True)
-            _write_json(job_dir / "input.json", spec.input_payload)
-            # What the agent knows of the job, kept beside it so a restarted agent can rebuild it.
-            _write_json(job_dir / "job.json", {"spec": self.raw, "agent_version": __version__})
-        except OSError as exc:
-            raise JobFailed(
-                FailureReason.AGENT_ERROR,
-                f"cannot write the job directory {job_dir}: {exc.strerror or exc}; check free space and permissions "
-                "of --jobs-workdir",
-            ) from None
-        return job_dir
+            if state.status == "created":
+                # The previous agent died between create and start: the job never ran, so start it now.
+                self._executor.start_created(state.id)
+                log.info("job %s: started its created container %s", spec.job_id, state.id[:12])
+                self._observer.started(state.id, datetime.now(timezone.utc).isoformat(), self.gpu_ids)
+                return self._watch(spec, state.id, started_wall=self._wall(), replay=False)
+            log.info("job %s: adopted container %s (%s)", spec.job_id, state.id[:12], state.status)
+            return self._watch(spec, state.id, started_wall=state.started_at or self._wall(), replay=True)
+        finally:
+            self._gpus.release(spec.job_id)
 
-    def _container_spec(self, spec: JobSpec, job_dir: Path) -> ContainerSpec:
+    def _record_container(self, container_id: str) -> None:
+        assert self.directory is not None
+        try:
+            self.directory.write_container(container_id)
+        except OSError as exc:
+            # Only a restart needs it (to tell a vanished container from a never-started one); the labels remain.
+            log.warning("job %s: container id not recorded in %s: %s", self.job_id, self.directory.path, exc)
+
+    def _container_spec(self, spec: JobSpec) -> ContainerSpec:
+        assert self.directory is not None
         env = dict(spec.env)
         env["RADIX_JOB_ID"] = spec.job_id
-        if self._gpu_ids:
+        if self._given_gpus:
             # Pinned by UUID; overrides an image's NVIDIA_VISIBLE_DEVICES=all (CUDA images set it).
-            env["NVIDIA_VISIBLE_DEVICES"] = ",".join(self._gpu_ids)
+            env["NVIDIA_VISIBLE_DEVICES"] = ",".join(self.gpu_ids)
         elif self._gpus.total:
             # On a GPU host, a job without GPUs must not get them through its image's env and the NVIDIA hook.
             env["NVIDIA_VISIBLE_DEVICES"] = "void"
@@ -237,13 +254,13 @@ class JobRun:
             image=spec.image,
             command=torchrun_command(spec, self._gpu_count),
             env=env,
-            workspace=job_dir,
+            workspace=self.directory.path,
             labels={
                 LABEL_JOB_ID: spec.job_id,
                 LABEL_CLUSTER_ID: self._settings.cluster_id or "local",
                 "radix.agent_version": __version__,
-                "radix.timeout_seconds": str(self._timeout(spec)),
-                "radix.gpu_ids": ",".join(self._gpu_ids),
+                LABEL_TIMEOUT: f"{self._timeout(spec):g}",
+                LABEL_GPU_IDS: ",".join(self.gpu_ids),
             },
             gpus=list(self._given_gpus),
             cpus=resources.cpus,
@@ -253,22 +270,42 @@ class JobRun:
         )
 
     def _timeout(self, spec: JobSpec) -> float:
+        if self._adopted is not None:
+            try:
+                return float(self._adopted.labels[LABEL_TIMEOUT])  # what the starting agent promised
+            except (KeyError, ValueError):
+                pass
         return spec.timeout_seconds or self._settings.job_timeout
 
-    def _run_container(self, spec: JobSpec) -> Completion:
-        assert self._job_dir is not None
-        container_spec = self._container_spec(spec, self._job_dir)
-        with self._lock:
-            if self._stop_requested.is_set():
-                return self._stopped_before_start()
-            container_id = self._executor.start(container_spec)
-            self._container_id = container_id
-        started = self._clock()
-        queue_seconds = started - self._received
-        log.info("job %s: started container %s (%s)", spec.job_id, container_id[:12], spec.image)
-        self._observer.started(container_id, datetime.now(timezone.utc).isoformat(), list(self._gpu_ids))
+    # --- watching the container ----------------------------------------------------------------------------
 
+    def _watch(self, spec: JobSpec, container_id: str, *, started_wall: float, replay: bool) -> Completion:
+        assert self.directory is not None
+        timeout = self._timeout(spec)
+        # Measured from the container's real start: an adopted job keeps the deadline it had.
+        deadline = self._clock() + timeout - max(0.0, self._wall() - started_wall)
+        queue_seconds = max(0.0, started_wall - (self._wall() - (self._clock() - self._received)))
         collected = OutputCollector(self._settings.max_output_bytes)
+        reader = self._read_output(container_id, collected, replay=replay)
+        ending = self._wait_until_done(container_id, deadline, timeout, collected, reader)
+        reader.join(timeout=30)
+        if ending.exit_code is None and not ending.timed_out:
+            info = self._executor.exit_info(container_id)
+            ending.exit_code, ending.oom_killed = info.exit_code, info.oom_killed
+            if ending.engine_lost and info.exit_code == 0:
+                ending.engine_lost = False  # it finished by itself before the engine went away
+        metrics = JobMetrics(
+            runtime_seconds=round(max(0.0, self._wall() - started_wall), 3),
+            exit_code=ending.exit_code,
+            queue_seconds=None if replay else round(queue_seconds, 3),
+            gpu_ids=self.gpu_ids or None,
+        )
+        return judge(
+            self._settings.tenant_id, spec, ending, self.directory.path, collected, metrics,
+            self._settings.max_output_bytes,
+        )
+
+    def _read_output(self, container_id: str, collected: OutputCollector, *, replay: bool) -> threading.Thread:
         observer = self._observer
 
         def on_stdout(data: bytes) -> None:
@@ -279,92 +316,71 @@ class JobRun:
             collected.feed_stderr(data)
             observer.output(data)
 
-        reader = threading.Thread(
-            target=self._executor.stream_output,
-            args=(container_id, on_stdout, on_stderr),
-            name=f"output-{spec.job_id}",
-            daemon=True,
-        )
+        if replay:
+            target: Callable[[], None] = lambda: self._executor.replay_output(  # noqa: E731
+                container_id, on_stdout, on_stderr, skip_stdout=collected.stdout_bytes, skip_stderr=collected.stderr_bytes
+            )
+        else:
+            target = lambda: self._executor.stream_output(container_id, on_stdout, on_stderr)  # noqa: E731
+        reader = threading.Thread(target=target, name=f"output-{self.job_id}", daemon=True)
         reader.start()
-        timed_out = self._wait(container_id, self._timeout(spec))
-        runtime = self._clock() - started
-        reader.join(timeout=30)
-        info = self._executor.exit_info(container_id)
-        metrics = JobMetrics(
-            runtime_seconds=round(runtime, 3),
-            exit_code=info.exit_code,
-            queue_seconds=round(queue_seconds, 3),
-            gpu_ids=self._gpu_ids or None,
-        )
-        return self._judge(spec, info.exit_code, info.oom_killed, timed_out, collected, metrics)
+        return reader
 
-    def _wait(self, container_id: str, timeout: float) -> bool:
-        """Wait for the container until its deadline; on expiry stop it. True when it timed out."""
-        deadline = self._clock() + timeout
+    def _wait_until_done(
+        self, container_id: str, deadline: float, timeout: float, collected: OutputCollector, reader: threading.Thread
+    ) -> Ending:
+        """Wait for the container until its deadline, riding out an engine that goes away."""
+        ending = Ending(exit_code=None, timeout=timeout)
         while True:
             remaining = deadline - self._clock()
             if remaining <= 0:
                 break
-            if self._executor.wait(container_id, min(remaining, 60.0)):
-                return False
+            try:
+                if self._executor.wait(container_id, min(remaining, 60.0)):
+                    return self._with_stop(ending)
+            except EngineUnavailable as exc:
+                log.warning("job %s: %s; waiting for the engine to come back", self.job_id, exc)
+                state = self._await_engine(container_id)
+                if state is None:
+                    raise JobFailed(
+                        FailureReason.AGENT_ERROR,
+                        f"the job's container {container_id[:12]} vanished while the Docker engine was away; the job "
+                        "may or may not have run to completion: resubmit it",
+                    ) from None
+                reader.join(timeout=5)  # its stream broke with the engine
+                if state.running:
+                    log.info("job %s: its container survived the engine restart; still watching it", self.job_id)
+                    reader = self._read_output(container_id, collected, replay=True)
+                    continue
+                ending.engine_lost = True
+                self._read_output(container_id, collected, replay=True).join(timeout=30)  # what it printed meanwhile
+                return self._with_stop(ending)
         with self._lock:
             if self._stop_reason is not None:  # already being stopped for another reason
                 self._executor.wait(container_id, STOP_GRACE_SECONDS + 30)
-                return False
+                return self._with_stop(ending)
         log.info("job %s: timed out after %.0f s; stopping it", self.job_id, timeout)
         self._executor.stop(container_id, STOP_GRACE_SECONDS)
-        return True
+        ending.timed_out = True
+        ending.exit_code = self._executor.exit_info(container_id).exit_code
+        return ending
 
-    def _judge(
-        self,
-        spec: JobSpec,
-        exit_code: int | None,
-        oom_killed: bool,
-        timed_out: bool,
-        collected: OutputCollector,
-        metrics: JobMetrics,
-    ) -> Completion:
-        assert self._job_dir is not None
-        stderr_tail = collected.stderr_tail(STDERR_IN_MESSAGE).strip()
+    def _with_stop(self, ending: Ending) -> Ending:
+        ending.stop_reason, ending.stop_message = self._stop_reason, self._stop_message
+        return ending
 
-        def with_stderr(message: str) -> str:
-            return f"{message}; stderr tail: {stderr_tail}" if stderr_tail else message
-
-        try:
-            payload, source = resolve_output(self._job_dir, collected, self._settings.max_output_bytes)
-            output_error = None
-        except JobFailed as exc:
-            payload, source, output_error = wrapped_output(collected), OutputSource.WRAPPED, str(exc)
-        metrics.output_source = source
-
-        stop_reason = self._stop_reason
-        if stop_reason is FailureReason.CANCELED:
-            return self._completion(JobStatus.CANCELED, payload, metrics, FailureReason.CANCELED, self._stop_message)
-        if stop_reason is not None:
-            return self._completion(JobStatus.FAILED, payload, metrics, stop_reason, self._stop_message)
-        if timed_out:
-            timeout = self._timeout(spec)
-            return self._completion(
-                JobStatus.FAILED, payload, metrics, FailureReason.TIMEOUT,
-                f"job ran past its timeout of {timeout:g} s and was stopped; raise timeout_seconds if it needs longer",
-            )
-        # Exit 137 that the agent did not cause is an OOM kill the engine failed to flag (cgroup v2 engines).
-        if oom_killed or exit_code == 137:
-            limit = f" of {spec.resources.memory_mb} MiB" if spec.resources.memory_mb else ""
-            return self._completion(
-                JobStatus.FAILED, payload, metrics, FailureReason.OOM,
-                with_stderr(f"container was killed for running out of memory (limit{limit}); raise resources.memory_mb "
-                            "or use less memory"),
-            )
-        if exit_code != 0:
-            hint = EXIT_CODE_HINTS.get(exit_code or 0, "")
-            return self._completion(
-                JobStatus.FAILED, payload, metrics, FailureReason.EXIT_CODE,
-                with_stderr(f"job exited with code {exit_code}{hint}"),
-            )
-        if output_error is not None:
-            return self._completion(JobStatus.FAILED, payload, metrics, FailureReason.INVALID_OUTPUT, output_error)
-        return self._completion(JobStatus.SUCCEEDED, payload, metrics, None, None)
+    def _await_engine(self, container_id: str) -> ContainerState | None:
+        """Back off until the engine answers, then return the container's state (None: it is gone)."""
+        delay = 1.0
+        while True:
+            try:
+                self._executor.ping()
+                state = self._executor.inspect(container_id)
+                log.info("job %s: the Docker engine is back", self.job_id)
+                return state
+            except EngineUnavailable:
+                self._stop_requested.wait(delay)
+                delay = min(delay * 2, ENGINE_BACKOFF_MAX_SECONDS)
 
     # --- results -------------------------------------------------------------------------------------------
 
@@ -377,37 +393,22 @@ class JobRun:
         self, status: JobStatus, reason: FailureReason, message: str, *, started: float | None = None
     ) -> Completion:
         runtime = self._clock() - started if started is not None else 0.0
-        metrics = JobMetrics(runtime_seconds=round(runtime, 3), exit_code=None)
-        return self._completion(status, {}, metrics, reason, message)
-
-    def _completion(
-        self, status: JobStatus, payload: Any, metrics: JobMetrics, reason: FailureReason | None, message: str | None
-    ) -> Completion:
         return Completion(
             tenant_id=self._settings.tenant_id,
             status=status,
-            output_payload=payload,
-            metrics=metrics,
+            output_payload={},
+            metrics=JobMetrics(runtime_seconds=round(runtime, 3), exit_code=None),
             error_message=message,
             failure_reason=reason,
         )
 
     def cleanup(self) -> None:
-        """Remove the container and the job directory, once the result is delivered."""
+        """After delivery: the directory first, then the container (a container without a directory is then
+        known to be a delivered job's leftover)."""
+        if self.directory is not None and not self.directory.remove():
+            log.warning("job %s: could not remove %s (files owned by another user?)", self.job_id, self.directory.path)
         if self._container_id:
             try:
                 self._executor.remove(self._container_id)
             except EngineUnavailable as exc:
                 log.warning("job %s: container not removed: %s", self.job_id, exc)
-        if self._job_dir is not None:
-            shutil.rmtree(self._job_dir, ignore_errors=True)
-            if self._job_dir.exists():
-                log.warning("job %s: could not remove %s (files owned by another user?)", self.job_id, self._job_dir)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)

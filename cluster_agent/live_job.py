@@ -21,14 +21,24 @@ LOG_FLUSH_TIMEOUT_SECONDS = 30.0
 
 
 class LiveJob:
-    def __init__(self, client: ControlPlaneClient, job_id: str, *, on_cancel: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        client: ControlPlaneClient,
+        job_id: str,
+        *,
+        on_cancel: Callable[[], None],
+        resume_offset: int = 0,
+        on_log_acknowledged: Callable[[int], None] | None = None,
+    ) -> None:
         self._client = client
         self._job_id = job_id
         self._stop = threading.Event()
         self._start_thread: threading.Thread | None = None
         self.streamer: LogStreamer | None = None
         if client.supports("logs"):
-            self.streamer = LogStreamer(client, job_id, on_cancel=on_cancel)
+            self.streamer = LogStreamer(
+                client, job_id, on_cancel=on_cancel, resume_offset=resume_offset, on_acknowledged=on_log_acknowledged
+            )
             self.streamer.start()
 
     def started(self, container_id: str, started_at: str, gpu_ids: list[str]) -> None:

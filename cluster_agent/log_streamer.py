@@ -100,6 +100,8 @@ class LogStreamer:
         buffer: LogBuffer | None = None,
         flush_seconds: float = FLUSH_SECONDS,
         max_chunk: int = MAX_CHUNK_BYTES,
+        resume_offset: int = 0,
+        on_acknowledged: Callable[[int], None] | None = None,
     ) -> None:
         self.buffer = buffer or LogBuffer()
         self._client = client
@@ -111,6 +113,9 @@ class LogStreamer:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._carry = ""  # decoded text not yet sent (a chunk never splits a character)
         self.offset = 0  # bytes of the UTF-8 stream the server has
+        # After a restart the output is replayed from the start: skip what the server already has.
+        self._skip = resume_offset
+        self._on_acknowledged = on_acknowledged
         self.sent_chunks = 0
         self._thread = threading.Thread(target=self._run, name=f"logs-{job_id}", daemon=True)
 
@@ -188,8 +193,21 @@ class LogStreamer:
         return cut
 
     def _ship(self, text: str) -> None:
+        if self._skip:
+            encoded = text.encode("utf-8")
+            if len(encoded) <= self._skip:
+                self._skip -= len(encoded)
+                self.offset += len(encoded)
+                return
+            text = encoded[self._skip:].decode("utf-8", errors="ignore")
+            self.offset += self._skip
+            self._skip = 0
+            if not text:
+                return
         cancel = self._client.logs(self._job_id, offset=self.offset, data=text, cancel=self._abandon)
         self.offset += len(text.encode("utf-8"))
         self.sent_chunks += 1
+        if self._on_acknowledged is not None:
+            self._on_acknowledged(self.offset)
         if cancel:
             self._on_cancel()

@@ -84,8 +84,16 @@ class Settings(BaseSettings):
         default=25.0, ge=0, le=300, description="How long a long-poll server may hold a poll (wait_seconds)."
     )
     shutdown_grace: float = Field(
-        default=30.0, gt=0, description="Seconds from SIGTERM to exit; a job still running then is stopped as interrupted."
+        default=30.0, gt=0,
+        description="With --on-shutdown cancel: seconds from SIGTERM to exit; jobs still running then are stopped as "
+        "interrupted. With leave, the agent exits within min(this, 10 s).",
     )
+    on_shutdown: Literal["leave", "cancel"] = Field(
+        default="leave",
+        description="On SIGTERM, leave running jobs to the next agent (which adopts them), or cancel them "
+        "(completed as failed/interrupted).",
+    )
+    max_jobs: int = Field(default=0, ge=0, description="Exit after this many jobs (ephemeral hosts); 0: no limit.")
 
     # Jobs
     jobs_workdir: Path = Field(

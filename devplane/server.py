@@ -424,12 +424,14 @@ class DevControlPlane:
         verbose: bool = False,
     ) -> None:
         self.state = State(cluster_id, cluster_token, one_time_tokens or [], long_poll, extensions)
+        self._verbose = verbose
         self._server = DevServer((host, port), self.state, verbose)
+        self._address = self._server.server_address[:2]
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
+        host, port = self._address
         return f"http://{host}:{port}"
 
     def start(self) -> "DevControlPlane":
@@ -439,6 +441,14 @@ class DevControlPlane:
 
     def serve_forever(self) -> None:
         self._server.serve_forever()
+
+    def pause(self) -> None:
+        """Go down: the port refuses connections until resume(); the state is kept (an outage, not a loss)."""
+        self.stop()
+
+    def resume(self) -> None:
+        self._server = DevServer(self._address, self.state, self._verbose)
+        self.start()
 
     def stop(self) -> None:
         self._server.closing = True

@@ -149,3 +149,22 @@ def test_output_is_flushed_while_the_job_still_runs():
         threading.Event().wait(0.05)
     assert sent.is_set(), "nothing was sent within 5 s while the buffer stayed open"
     streamer.finish(5)
+
+
+@respx.mock
+def test_a_resumed_stream_skips_what_the_server_has_and_continues_its_offsets():
+    route = respx.post(LOGS).respond(200, json={})
+    client = ControlPlaneClient(BASE, "c1", "t", token="tok", retry=FAST)
+    acknowledged = []
+    text = "first part ✓\nsecond part\n"
+    already = len("first part ✓\n".encode())
+    streamer = LogStreamer(
+        client, "j1", on_cancel=lambda: None, flush_seconds=0.05, resume_offset=already,
+        on_acknowledged=acknowledged.append,
+    )
+    streamer.start()
+    streamer.buffer.append(text.encode())  # replayed from the start after a restart
+    assert streamer.finish(10)
+    bodies = _bodies(route)
+    assert bodies == [{"offset": already, "data": "second part\n"}]
+    assert acknowledged[-1] == len(text.encode())

@@ -27,6 +27,24 @@ class ContainerSpec:
 
 
 @dataclass(frozen=True)
+class ContainerState:
+    """A job container as the engine reports it (what a restarted agent rebuilds from)."""
+
+    id: str
+    status: str  # created, running, exited, ...
+    labels: dict[str, str]
+    started_at: float | None  # wall-clock epoch seconds; None if it never started
+
+    @property
+    def running(self) -> bool:
+        return self.status in ("running", "paused", "restarting")
+
+    @property
+    def job_id(self) -> str | None:
+        return self.labels.get("radix.job_id")
+
+
+@dataclass(frozen=True)
 class ExitInfo:
     exit_code: int | None
     oom_killed: bool
@@ -59,3 +77,18 @@ class Executor(Protocol):
 
     def remove(self, container_id: str) -> None:
         """Remove the container; one already gone is not an error."""
+
+    def list_jobs(self, cluster_id: str) -> list[ContainerState]:
+        """Every container labelled with this cluster id, in any state. Never others: engines are shared."""
+
+    def inspect(self, container_id: str) -> ContainerState | None:
+        """The container's state, None if it does not exist."""
+
+    def start_created(self, container_id: str) -> None:
+        """Start a container that was created but never started (the agent died in between)."""
+
+    def replay_output(
+        self, container_id: str, on_stdout: OutputSink, on_stderr: OutputSink, *, skip_stdout: int = 0, skip_stderr: int = 0
+    ) -> None:
+        """Feed the output of a container the agent did not start (or lost): what it printed so far, then, while
+        it runs, what it prints next; the first `skip_*` bytes of each stream were seen already."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any, Iterator
 
 import docker
@@ -22,7 +23,7 @@ from docker.utils import parse_repository_tag
 from ..errors import EngineUnavailable, JobFailed
 from ..gpu_injection import GpuInjection, NvidiaRuntimeInjection
 from ..models import FailureReason
-from .base import ContainerSpec, ExitInfo, OutputSink
+from .base import ContainerSpec, ContainerState, ExitInfo, OutputSink
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,42 @@ def connect(docker_host: str | None, timeout: float = 60.0) -> docker.DockerClie
         return docker.from_env(timeout=int(timeout))
     except DockerException as exc:
         raise EngineUnavailable(f"cannot reach the Docker engine: {exc}") from None
+
+
+def _epoch(timestamp: str | None) -> float | None:
+    """Docker's RFC 3339 timestamp (nanoseconds, Z) as epoch seconds; None for the zero time of a never-started one."""
+    if not timestamp or timestamp.startswith("0001-"):
+        return None
+    main, _, fraction = timestamp.rstrip("Z").partition(".")
+    fraction = fraction.split("+")[0].split("-")[0]
+    value = datetime.fromisoformat(main + "+00:00").timestamp()
+    return value + (float(f"0.{fraction}") if fraction else 0.0)
+
+
+def _state(container_id: str, attrs: dict[str, Any]) -> ContainerState:
+    state = attrs.get("State") or {}
+    return ContainerState(
+        id=container_id,
+        status=state.get("Status", "unknown"),
+        labels=(attrs.get("Config") or {}).get("Labels") or {},
+        started_at=_epoch(state.get("StartedAt")),
+    )
+
+
+class _Skip:
+    """Drops the first `count` bytes fed to it, then passes the rest on."""
+
+    def __init__(self, count: int, sink: OutputSink) -> None:
+        self._left = count
+        self._sink = sink
+
+    def __call__(self, data: bytes) -> None:
+        if self._left:
+            taken = min(self._left, len(data))
+            self._left -= taken
+            data = data[taken:]
+        if data:
+            self._sink(data)
 
 
 def _explain(exc: APIError) -> str:
@@ -237,6 +274,62 @@ class DockerExecutor:
             oom_killed=bool(state.get("OOMKilled")),
             error=state.get("Error") or "",
         )
+
+    def list_jobs(self, cluster_id: str) -> list[ContainerState]:
+        with _engine("list job containers"):
+            found = self._api.containers(all=True, filters={"label": f"radix.cluster_id={cluster_id}"})
+            states = []
+            for item in found:
+                state = self.inspect(item["Id"])
+                if state is not None:
+                    states.append(state)
+            return states
+
+    def inspect(self, container_id: str) -> ContainerState | None:
+        with _engine("inspect a container"):
+            try:
+                return _state(container_id, self._api.inspect_container(container_id))
+            except NotFound:
+                return None
+
+    def start_created(self, container_id: str) -> None:
+        with _engine("start a container"):
+            stream = self._api.attach(container_id, stdout=True, stderr=True, stream=True, logs=False, demux=True)
+            with self._attached_lock:
+                self._attached[container_id] = stream
+            try:
+                self._api.start(container_id)
+            except APIError as exc:
+                self._forget(container_id)
+                raise self._classify(exc, "start the container") from None
+
+    def replay_output(
+        self, container_id: str, on_stdout: OutputSink, on_stderr: OutputSink, *, skip_stdout: int = 0, skip_stderr: int = 0
+    ) -> None:
+        if self._forget(container_id) is not None:
+            raise EngineUnavailable("replay_output on a container whose output is already attached")
+        out, err = _Skip(skip_stdout, on_stdout), _Skip(skip_stderr, on_stderr)
+        state = self.inspect(container_id)
+        try:
+            if state is not None and state.running:
+                # Past output, then live output, in order. (attach with logs on an exited container never ends.)
+                stream = self._api.attach(container_id, stdout=True, stderr=True, stream=True, logs=True, demux=True)
+                for chunk_out, chunk_err in stream:
+                    if chunk_out:
+                        out(chunk_out)
+                    if chunk_err:
+                        err(chunk_err)
+                return
+            # Exited: each stream on its own (the order between them is lost; each stream's own order is kept).
+            for sink, which in ((out, "stdout"), (err, "stderr")):
+                for chunk in self._api.logs(
+                    container_id, stdout=which == "stdout", stderr=which == "stderr", stream=True, follow=False
+                ):
+                    sink(chunk)
+        except NotFound:
+            return
+        except (requests.exceptions.RequestException, OSError) as exc:
+            log.warning("output replay of container %s broke off: %s", container_id[:12], exc)
 
     def remove(self, container_id: str) -> None:
         with _engine("remove a container"):

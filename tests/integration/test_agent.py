@@ -116,8 +116,8 @@ def test_a_spent_one_time_token_is_a_clear_start_up_error(cp, start_agent):
     assert "Traceback" not in agent.log
 
 
-def test_sigterm_interrupts_the_running_job_reports_it_and_exits_0(cp, start_agent, docker_client, cluster_id):
-    agent = start_agent("--shutdown-grace", "8")
+def test_sigterm_with_on_shutdown_cancel_interrupts_the_running_job_and_exits_0(cp, start_agent, docker_client, cluster_id):
+    agent = start_agent("--shutdown-grace", "8", "--on-shutdown", "cancel")
     job_id = cp.submit(command=["sleep", "300"])
     agent.wait_for_log(f"job {job_id}: started")
     started = time.monotonic()
@@ -144,7 +144,7 @@ def test_sigterm_when_idle_exits_promptly(cp, start_agent):
 
 
 def test_a_second_signal_exits_at_once(cp, start_agent):
-    agent = start_agent("--shutdown-grace", "60")
+    agent = start_agent("--shutdown-grace", "60", "--on-shutdown", "cancel")
     job_id = cp.submit(command=["sleep", "300"])
     agent.wait_for_log(f"job {job_id}: started")
     agent.proc.send_signal(signal.SIGTERM)

@@ -1,0 +1,66 @@
+"""Result delivery with a spool: a result is written into its job directory before the first attempt and stays
+there until the control plane took it (2xx) or said it no longer wants it (404/409/410). An agent killed at any
+instant therefore never loses a result: the next one finds result.json and delivers it, with the same
+Idempotency-Key, so the control plane records it once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from pydantic import ValidationError
+
+from .control_plane import ControlPlaneClient, Delivery
+from .errors import ControlPlaneError
+from .job_dir import JobDirectory
+from .models import Completion
+
+log = logging.getLogger(__name__)
+
+
+class ResultDelivery:
+    def __init__(self, client: ControlPlaneClient, abandon: threading.Event) -> None:
+        self._client = client
+        self._abandon = abandon
+        self._in_flight = 0
+        self._changed = threading.Condition()
+
+    def deliver(self, job_id: str, completion: Completion, directory: JobDirectory | None, *, spooled: bool = False) -> bool:
+        """Spool, deliver, and say whether the job is done with (True: its directory and container may go)."""
+        if directory is not None and not spooled and directory.exists():
+            try:
+                directory.write_result(completion.to_wire())
+            except OSError as exc:
+                log.error("job %s: result not spooled (%s): it is kept in memory only until delivered", job_id, exc)
+        with self._changed:
+            self._in_flight += 1
+        try:
+            outcome = self._client.complete(job_id, completion, cancel=self._abandon)
+        except ControlPlaneError as exc:
+            log.error("job %s: result not delivered: %s", job_id, exc)
+            return False
+        finally:
+            with self._changed:
+                self._in_flight -= 1
+                self._changed.notify_all()
+        if outcome is Delivery.ABANDONED:
+            log.warning("job %s: result not delivered before exit; it stays spooled for the next agent", job_id)
+            return False
+        if outcome is Delivery.DELIVERED:
+            log.info("job %s: result delivered", job_id)
+        return True
+
+    def deliver_spooled(self, directory: JobDirectory, body: dict) -> bool:
+        try:
+            completion = Completion.model_validate(body)
+        except ValidationError as exc:
+            log.error("job %s: spooled result %s is unreadable (%s); left in place", directory.job_id, directory.path, exc)
+            return False
+        log.info("job %s: delivering the result a previous agent spooled", directory.job_id)
+        return self.deliver(directory.job_id, completion, directory, spooled=True)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no delivery is in flight (shutdown flushes them)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._in_flight == 0, timeout=max(0.0, timeout))

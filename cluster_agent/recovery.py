@@ -1,0 +1,95 @@
+"""What a restarted agent finds, and what each finding means. The engine (labels) and the jobs directory are
+the only state; this module reads both and classifies, the agent acts.
+
+| found                                                  | meaning                         | action                 |
+|--------------------------------------------------------|---------------------------------|------------------------|
+| result.json in a job directory                         | finished, not (known) delivered | deliver it             |
+| job directory + labelled container (any state)         | started by a previous agent     | adopt it               |
+| job directory with container.json, no container        | the container vanished          | fail it (agent_error)  |
+| job directory without container.json, no container     | accepted, never started         | run it                 |
+| labelled container, exited, no job directory           | a delivered job's leftover      | remove it              |
+| labelled container, running, no job directory          | cannot be explained             | report, leave alone    |
+| a directory without job.json, or not a job id          | cannot be explained             | report, leave alone    |
+| .trash-* directory                                     | an interrupted removal          | remove it              |
+
+Containers not labelled with this cluster id are never looked at: several agents may share one engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .executors import Executor
+from .executors.base import ContainerState
+from .job_dir import TRASH_PREFIX, JobDirectory
+from .models import JOB_ID_PATTERN
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Findings:
+    spooled: list[tuple[JobDirectory, dict[str, Any], ContainerState | None]] = field(default_factory=list)
+    adopt: list[tuple[Any, ContainerState]] = field(default_factory=list)
+    vanished: list[tuple[Any, str]] = field(default_factory=list)  # (spec, container id)
+    never_started: list[Any] = field(default_factory=list)
+    leftovers: list[ContainerState] = field(default_factory=list)
+    unexplained: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.spooled)} result(s) to deliver, {len(self.adopt)} container(s) to adopt, "
+            f"{len(self.vanished)} vanished, {len(self.never_started)} never started, "
+            f"{len(self.leftovers)} leftover(s) removed, {len(self.unexplained)} unexplained"
+        )
+
+
+def scan(jobs_workdir: Path, cluster_id: str, executor: Executor) -> Findings:
+    findings = Findings()
+    containers: dict[str, ContainerState] = {}
+    for state in executor.list_jobs(cluster_id):
+        if state.job_id:
+            containers[state.job_id] = state
+        else:
+            findings.unexplained.append(f"container {state.id[:12]} has no radix.job_id label")
+    seen: set[str] = set()
+    entries = sorted(jobs_workdir.iterdir()) if jobs_workdir.is_dir() else []
+    for entry in entries:
+        name = entry.name
+        if name.startswith(TRASH_PREFIX):
+            shutil.rmtree(entry, ignore_errors=True)
+            continue
+        if name.startswith(".radix-write-probe"):
+            continue
+        if not entry.is_dir() or not JOB_ID_PATTERN.match(name):
+            findings.unexplained.append(f"{entry} is not a job directory")
+            continue
+        directory = JobDirectory(jobs_workdir, name)
+        spec = directory.read_spec()
+        container = containers.get(name)
+        seen.add(name)
+        result = directory.read_result()
+        if result is not None:
+            findings.spooled.append((directory, result, container))
+        elif spec is None:
+            findings.unexplained.append(f"{entry} has no readable job.json")
+        elif container is not None:
+            findings.adopt.append((spec, container))
+        elif directory.read_container():
+            findings.vanished.append((spec, directory.read_container() or ""))
+        else:
+            findings.never_started.append(spec)
+    for job_id, state in containers.items():
+        if job_id in seen:
+            continue
+        if state.running:
+            findings.unexplained.append(f"container {state.id[:12]} of job {job_id} runs but has no job directory")
+        else:
+            findings.leftovers.append(state)
+    for item in findings.unexplained:
+        log.warning("recovery: %s; left alone", item)
+    return findings

@@ -1,0 +1,87 @@
+"""How a finished container becomes a Completion: status, failure reason, message, output payload.
+
+The first condition that applies wins: stopped by the agent (canceled / interrupted), the engine lost mid-job,
+past the deadline, OOM-killed, non-zero exit, invalid output, success.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import JobFailed
+from .models import Completion, FailureReason, JobMetrics, JobSpec, JobStatus, OutputSource
+from .output import OutputCollector, resolve_output, wrapped_output
+
+STDERR_IN_MESSAGE = 2000
+EXIT_CODE_HINTS = {
+    126: " (the command is not executable in the image)",
+    127: " (the command was not found in the image; check command and the image's PATH)",
+}
+
+
+@dataclass
+class Ending:
+    """How the container's run ended, as the runner saw it."""
+
+    exit_code: int | None
+    oom_killed: bool = False
+    timed_out: bool = False
+    timeout: float = 0.0
+    stop_reason: FailureReason | None = None  # the agent stopped it (canceled, interrupted)
+    stop_message: str = ""
+    engine_lost: bool = False  # the engine went away while it ran and the container did not survive
+
+
+def judge(
+    tenant_id: str, spec: JobSpec, ending: Ending, job_dir: Path, collected: OutputCollector, metrics: JobMetrics,
+    max_output_bytes: int,
+) -> Completion:
+    stderr_tail = collected.stderr_tail(STDERR_IN_MESSAGE).strip()
+
+    def with_stderr(message: str) -> str:
+        return f"{message}; stderr tail: {stderr_tail}" if stderr_tail else message
+
+    try:
+        payload, source = resolve_output(job_dir, collected, max_output_bytes)
+        output_error = None
+    except JobFailed as exc:
+        payload, source, output_error = wrapped_output(collected), OutputSource.WRAPPED, str(exc)
+    metrics.output_source = source
+
+    def done(status: JobStatus, reason: FailureReason | None = None, message: str | None = None) -> Completion:
+        return Completion(
+            tenant_id=tenant_id, status=status, output_payload=payload, metrics=metrics,
+            error_message=message, failure_reason=reason,
+        )
+
+    exit_code = ending.exit_code
+    if ending.stop_reason is FailureReason.CANCELED:
+        return done(JobStatus.CANCELED, FailureReason.CANCELED, ending.stop_message)
+    if ending.stop_reason is not None:
+        return done(JobStatus.FAILED, ending.stop_reason, ending.stop_message)
+    if ending.engine_lost:
+        return done(
+            JobStatus.FAILED, FailureReason.AGENT_ERROR,
+            f"the Docker engine went away while the job ran and its container ended with exit code {exit_code}; "
+            "the job did not fail by itself: resubmit it (and see why dockerd restarted)",
+        )
+    if ending.timed_out:
+        return done(
+            JobStatus.FAILED, FailureReason.TIMEOUT,
+            f"job ran past its timeout of {ending.timeout:g} s and was stopped; raise timeout_seconds if it needs longer",
+        )
+    # Exit 137 that the agent did not cause is an OOM kill the engine failed to flag (cgroup v2 engines).
+    if ending.oom_killed or exit_code == 137:
+        limit = f" of {spec.resources.memory_mb} MiB" if spec.resources.memory_mb else ""
+        return done(
+            JobStatus.FAILED, FailureReason.OOM,
+            with_stderr(f"container was killed for running out of memory (limit{limit}); raise resources.memory_mb "
+                        "or use less memory"),
+        )
+    if exit_code != 0:
+        hint = EXIT_CODE_HINTS.get(exit_code or 0, "")
+        return done(JobStatus.FAILED, FailureReason.EXIT_CODE, with_stderr(f"job exited with code {exit_code}{hint}"))
+    if output_error is not None:
+        return done(JobStatus.FAILED, FailureReason.INVALID_OUTPUT, output_error)
+    return done(JobStatus.SUCCEEDED)
