@@ -61,8 +61,11 @@ class Agent:
         self._abandon = threading.Event()  # exit now: stop retrying deliveries
         self._delivery = ResultDelivery(client, self._abandon)
         self._slots = threading.BoundedSemaphore(settings.max_concurrent_jobs)
-        self._runs: dict[str, JobRun] = {}
+        self._runs: dict[str, JobRun] = {}  # running (holding a slot)
         self._live: dict[str, LiveJob] = {}
+        # Every job in this agent, from accepted until its result is delivered and cleaned up: a job id the
+        # server sends again meanwhile is a duplicate, never a second run.
+        self._in_agent: set[str] = set()
         self._runs_lock = threading.Lock()
         # Wakes the poller from a wait (a slot freed, or shutdown); `_interrupt` breaks off a max_jobs-0 poll.
         self._wake = threading.Event()
@@ -307,9 +310,10 @@ class Agent:
             return
         directory = JobDirectory(self._settings.jobs_workdir, job_id)
         with self._runs_lock:
-            if job_id in self._runs:
-                log.warning("job %s: received again while it runs; ignoring the duplicate", job_id)
+            if job_id in self._in_agent:
+                log.warning("job %s: received again while this agent still has it; ignoring the duplicate", job_id)
                 return
+            self._in_agent.add(job_id)
             live = LiveJob(
                 self._client, job_id, on_cancel=lambda: self.cancel(job_id),
                 resume_offset=directory.read_log_offset() if adopted else 0,
@@ -351,10 +355,14 @@ class Agent:
             f" ({completion.failure_reason.value})" if completion.failure_reason else "",
             completion.metrics.runtime_seconds,
         )
-        if live is not None:
-            live.finish()
-        if self._delivery.deliver(job_id, completion, run.directory):
-            run.cleanup()
+        try:
+            if live is not None:
+                live.finish()
+            if self._delivery.deliver(job_id, completion, run.directory):
+                run.cleanup()
+        finally:
+            with self._runs_lock:
+                self._in_agent.discard(job_id)
         self.jobs_finished += 1
         if self._settings.max_jobs and self.jobs_finished >= self._settings.max_jobs:
             log.info("--max-jobs %d reached: stopping", self._settings.max_jobs)

@@ -36,6 +36,9 @@ LABEL_CLUSTER_ID = "radix.cluster_id"
 LABEL_TIMEOUT = "radix.timeout_seconds"
 LABEL_GPU_IDS = "radix.gpu_ids"
 ENGINE_BACKOFF_MAX_SECONDS = 30.0
+# A container that dies of a signal the agent did not send may have been stopped by an engine shutting down
+# (dockerd stops its containers first, then exits): watch the engine this long before judging the job.
+ENGINE_PROBE_SECONDS = 3.0
 
 
 class JobObserver(Protocol):
@@ -294,6 +297,10 @@ class JobRun:
             ending.exit_code, ending.oom_killed = info.exit_code, info.oom_killed
             if ending.engine_lost and info.exit_code == 0:
                 ending.engine_lost = False  # it finished by itself before the engine went away
+            elif self._killed_by_a_departing_engine(ending):
+                log.warning("job %s: its container died with the Docker engine; waiting for the engine", self.job_id)
+                ending.engine_lost = True
+                self._await_engine(container_id)
         metrics = JobMetrics(
             runtime_seconds=round(max(0.0, self._wall() - started_wall), 3),
             exit_code=ending.exit_code,
@@ -368,6 +375,18 @@ class JobRun:
     def _with_stop(self, ending: Ending) -> Ending:
         ending.stop_reason, ending.stop_message = self._stop_reason, self._stop_message
         return ending
+
+    def _killed_by_a_departing_engine(self, ending: Ending) -> bool:
+        if ending.stop_reason is not None or ending.oom_killed or (ending.exit_code or 0) <= 128:
+            return False
+        deadline = self._clock() + ENGINE_PROBE_SECONDS
+        while self._clock() < deadline:
+            try:
+                self._executor.ping()
+            except EngineUnavailable:
+                return True
+            time.sleep(0.25)
+        return False
 
     def _await_engine(self, container_id: str) -> ContainerState | None:
         """Back off until the engine answers, then return the container's state (None: it is gone)."""

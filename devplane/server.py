@@ -7,7 +7,7 @@ Admin API (no auth; bind it to loopback):
   GET  /admin/heartbeats           heartbeats received, oldest first
   GET  /admin/stats                counters (polls, completes by job, ...)
   POST /admin/faults               {"endpoint": "poll|heartbeat|complete|exchange", "responses": [503, ...],
-                                    "delay": seconds?} the next answers of that endpoint;
+                                    "delay": seconds?, "clear": bool?} the next answers of that endpoint;
                                    status 0 drops the connection, 1 answers 200 with a body that is not JSON
   POST /admin/jobs/{id}/cancel     ask the agent to cancel a job (sent once in a poll answer, and in every logs
                                    answer while it runs)
@@ -45,7 +45,7 @@ class JobRecord:
     log_requests: list[dict[str, Any]] = field(default_factory=list)  # {"at", "offset", "bytes"} per call
     log_gaps: int = 0  # chunks whose offset was past the end (a gap)
     cancel_requested: bool = False
-    cancel_sent: bool = False
+    cancel_sent_at: float | None = None
 
     def view(self) -> dict[str, Any]:
         return {
@@ -126,13 +126,19 @@ class State:
             self.lock.notify_all()
             return True
 
-    def take_cancellations(self) -> list[str]:
+    def take_cancellations(self, running_job_ids: list[str]) -> list[str]:
+        """Cancellations to send: once, and again every few seconds while the agent still lists the job as
+        running (a cancellation can be lost with a poll answer that never reached its agent)."""
         if self.cancel_via != "poll":
             return []
+        now = time.time()
         ids = []
         for record in self.jobs.values():
-            if record.cancel_requested and not record.cancel_sent and record.state in ("assigned", "unknown"):
-                record.cancel_sent = True
+            if not record.cancel_requested or record.state not in ("assigned", "unknown"):
+                continue
+            resend = record.job_id in running_job_ids and now - (record.cancel_sent_at or 0) > CANCEL_RESEND_SECONDS
+            if record.cancel_sent_at is None or resend:
+                record.cancel_sent_at = now
                 ids.append(record.job_id)
         return ids
 
@@ -142,6 +148,7 @@ class State:
             return queue.popleft() if queue else None
 
 
+CANCEL_RESEND_SECONDS = 5.0
 _AGENT_PATH = re.compile(r"^/v1/clusters/(?P<cluster>[^/]+)/(?P<rest>.+)$")
 
 
@@ -272,20 +279,21 @@ class Handler(BaseHTTPRequestHandler):
     def _poll(self, body: dict[str, Any]) -> None:
         state = self.server.state
         max_jobs = body.get("max_jobs", 1)
+        running = [j for j in body.get("running_job_ids") or [] if isinstance(j, str)]
         wait = min(float(body.get("wait_seconds") or 0), 60.0) if state.long_poll else 0.0
         deadline = time.monotonic() + wait
         with state.lock:
             state.stats["polls"] += 1
             state.poll_bodies.append({"at": time.time(), **body})
             jobs = state.take(max_jobs)
-            cancels = state.take_cancellations()
+            cancels = state.take_cancellations(running)
             while not jobs and not cancels and not state.draining and not self.server.closing:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 state.lock.wait(min(remaining, 0.5))
                 jobs = state.take(max_jobs)
-                cancels = state.take_cancellations()
+                cancels = state.take_cancellations(running)
         headers = {"X-Radix-Long-Poll": "1"} if state.long_poll else None
         answer: dict[str, Any] = {"jobs": jobs}
         if cancels:
@@ -382,6 +390,9 @@ class Handler(BaseHTTPRequestHandler):
         elif method == "POST" and parts == ["admin", "faults"]:
             with state.lock:
                 endpoint = body.get("endpoint", "")
+                if body.get("clear"):
+                    state.faults.pop(endpoint, None)
+                    state.delays.pop(endpoint, None)
                 state.faults.setdefault(endpoint, deque()).extend(int(s) for s in body.get("responses", []))
                 if "delay" in body:
                     state.delays[endpoint] = float(body["delay"])

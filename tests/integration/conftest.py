@@ -99,8 +99,8 @@ class ControlPlane:
     def stats(self) -> dict:
         return self._call("/admin/stats")
 
-    def fault(self, endpoint: str, responses: list[int] | None = None, delay: float | None = None) -> None:
-        body: dict = {"endpoint": endpoint, "responses": responses or []}
+    def fault(self, endpoint: str, responses: list[int] | None = None, delay: float | None = None, clear: bool = False) -> None:
+        body: dict = {"endpoint": endpoint, "responses": responses or [], "clear": clear}
         if delay is not None:
             body["delay"] = delay
         self._call("/admin/faults", body)
@@ -160,8 +160,11 @@ def agent_command(*args: str) -> list[str]:
 def start_agent(plane, cluster_id, tmp_path):
     started: list[AgentProcess] = []
 
-    def start(*extra: str, token: str | None = TOKEN, env: dict[str, str] | None = None, wait_ready: bool = True) -> AgentProcess:
-        jobs_dir = tmp_path / "jobs"
+    def start(
+        *extra: str, token: str | None = TOKEN, env: dict[str, str] | None = None, wait_ready: bool = True,
+        jobs_dir: Path | None = None,
+    ) -> AgentProcess:
+        jobs_dir = jobs_dir or tmp_path / "jobs"
         log_path = tmp_path / f"agent-{len(started)}.log"
         args = [
             "--api-base", plane.url, "--cluster-id", cluster_id, "--jobs-workdir", str(jobs_dir),
