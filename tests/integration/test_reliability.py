@@ -44,6 +44,25 @@ def test_agent_killed_mid_job_the_next_one_adopts_it(cp, start_agent, docker_cli
     eventually(lambda: not containers(docker_client, f"radix.job_id={job_id}"), what="container removed")
 
 
+def test_a_job_that_ended_while_no_agent_ran_is_collected_from_the_engine(cp, start_agent, docker_client):
+    first = start_agent()
+    script = 'echo run >> runs; echo "to stderr" >&2; sleep 2; echo "{\\"runs\\": $(wc -l < runs)}"'
+    job_id = cp.submit(command=["sh", "-c", script])
+    first.wait_for_log(f"job {job_id}: started")
+    kill(first)
+    eventually(lambda: docker_client.containers.list(all=True, filters={"label": f"radix.job_id={job_id}", "status": "exited"}),
+               what="the container exited with no agent watching")
+    second = start_agent()
+    record = cp.result(job_id, wait=60)
+    assert f"job {job_id}: adopted container" in second.log and "(exited)" in second.log
+    # Its stdout JSON and its stderr come back from the engine's logs.
+    assert record["result"]["status"] == "succeeded"
+    assert record["result"]["output_payload"] == {"runs": 1}
+    assert record["result"]["metrics"]["output_source"] == "stdout_json"
+    assert "to stderr" in record["log"]
+    assert record["deliveries"] == 1
+
+
 def test_an_adopted_job_keeps_its_deadline_and_can_be_canceled(cp, start_agent, docker_client):
     first = start_agent()
     timed = cp.submit(command=["sleep", "300"], timeout_seconds=6)
