@@ -20,6 +20,8 @@ COPY cluster_agent /app/cluster_agent
 
 # The agent is PID 1 (exec form): SIGTERM from `docker stop` reaches its handler directly.
 STOPSIGNAL SIGTERM
+# /healthz on the metrics port (or, with --metrics-port 0, the liveness file the poll loop touches).
+EXPOSE 9464
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
   CMD ["python3", "-m", "cluster_agent.health"]
 ENTRYPOINT ["python3", "/app/main.py"]

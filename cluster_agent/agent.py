@@ -26,6 +26,7 @@ from .heartbeat import Heartbeat
 from .job_dir import JobDirectory
 from .job_runner import JobRun, job_id_of
 from .live_job import LiveJob
+from .metrics import Metrics
 from .models import Completion, FailureReason, JobMetrics, JobStatus, PollResult
 from .settings import Settings
 
@@ -50,8 +51,10 @@ class Agent:
         heartbeat: Heartbeat,
         *,
         clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._client = client
         self._executor = executor
         self._gpus = gpu_pool
@@ -59,7 +62,7 @@ class Agent:
         self._clock = clock
         self.stopping = threading.Event()  # graceful: take no new work
         self._abandon = threading.Event()  # exit now: stop retrying deliveries
-        self._delivery = ResultDelivery(client, self._abandon)
+        self._delivery = ResultDelivery(client, self._abandon, metrics)
         self._slots = threading.BoundedSemaphore(settings.max_concurrent_jobs)
         self._runs: dict[str, JobRun] = {}  # running (holding a slot)
         self._live: dict[str, LiveJob] = {}
@@ -77,6 +80,12 @@ class Agent:
         self._engine_backoff = 1.0
         self.jobs_accepted = 0
         self.jobs_finished = 0
+        if metrics is not None:
+            metrics.running_jobs.set_function(lambda: len(self._active()))
+            metrics.free_slots.set_function(lambda: self._settings.max_concurrent_jobs - len(self._active()))
+
+    def poller_alive(self) -> bool:
+        return self._poller is not None and self._poller.is_alive()
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
@@ -283,11 +292,13 @@ class Agent:
 
     def _wake_poller(self) -> None:
         self._wake.set()
+        # Under the lock: the poller cannot start its next poll (which may carry jobs) until the sockets of the
+        # max_jobs-0 poll are shut down, so a job-carrying answer is never cut off.
         with self._runs_lock:
             if not self._zero_poll_in_flight:
                 return
             self._interrupt.set()
-        self._client.interrupt_poll()
+            self._client.interrupt_poll()
 
     def cancel(self, job_id: str) -> None:
         """Cancel a job the control plane asked to cancel; one this agent does not run is ignored."""
@@ -327,7 +338,7 @@ class Agent:
             self._live[job_id] = live
             self.jobs_accepted += 1
         if adopted is None:
-            log.info("job %s: received", job_id)
+            log.info("job %s: received", job_id, extra={"job_id": job_id, "event": "received"})
         if self.stopping.is_set() and adopted is None:
             # Arrived with the last poll after shutdown began: report it rather than leave it assigned to nobody.
             run.stop(FailureReason.INTERRUPTED, "the agent was shutting down when the job arrived; resubmit it")
@@ -354,7 +365,14 @@ class Agent:
             job_id, completion.status.value,
             f" ({completion.failure_reason.value})" if completion.failure_reason else "",
             completion.metrics.runtime_seconds,
+            extra={"job_id": job_id, "event": "finished", "status": completion.status.value,
+                   "failure_reason": completion.failure_reason.value if completion.failure_reason else None,
+                   "duration_s": completion.metrics.runtime_seconds},
         )
+        if self._metrics is not None:
+            reason = completion.failure_reason.value if completion.failure_reason else ""
+            self._metrics.jobs.labels(status=completion.status.value, failure_reason=reason).inc()
+            self._metrics.job_duration.observe(completion.metrics.runtime_seconds)
         try:
             if live is not None:
                 live.finish()

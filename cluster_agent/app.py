@@ -27,7 +27,10 @@ from .gpus import detect_gpus
 from .heartbeat import Heartbeat
 from .job_runner import JobRun
 from .logs import configure
-from .models import FailureReason
+from .gpu_telemetry import GpuTelemetry
+from .metrics import Metrics
+from .ops_server import OpsServer
+from .models import Capabilities, FailureReason, GpuInfo
 from .preflight import check_jobs_mount, check_jobs_workdir, connect_engine, resolve_token
 from .settings import Settings
 
@@ -58,7 +61,7 @@ def _run_agent(argv: list[str]) -> int:
     settings, _ = _parse(argv, job_file=False)
     settings.require_agent_settings()
     assert settings.api_base and settings.cluster_id
-    formatter = configure(settings.log_level)
+    formatter = configure(settings.log_level, settings.log_format)
     for secret in (settings.cluster_token, settings.one_time_token):
         formatter.add_secret(secret.get_secret_value() if secret else None)
 
@@ -68,7 +71,8 @@ def _run_agent(argv: list[str]) -> int:
 
     stop = threading.Event()
     _install_signal_handlers(stop)
-    client = ControlPlaneClient(settings.api_base, settings.cluster_id, settings.tenant_id)
+    metrics = Metrics()
+    client = ControlPlaneClient(settings.api_base, settings.cluster_id, settings.tenant_id, metrics=metrics)
     token = resolve_token(settings, client, stop)
     formatter.add_secret(token)
     client.set_token(token)
@@ -86,13 +90,43 @@ def _run_agent(argv: list[str]) -> int:
         log.info("%d GPU(s); they reach containers through: %s", len(gpus), executor.gpu_injection.name)
         if executor.gpu_injection.name == "none":
             log.warning("GPU jobs will fail on this host until it can inject GPUs into containers")
-    heartbeat = Heartbeat(client, lambda: capabilities, settings.heartbeat_interval)
-    agent = Agent(settings, client, executor, GpuPool(gpus), heartbeat)
+    pool = GpuPool(gpus)
+    telemetry = GpuTelemetry(gpus, pool, max_temperature=settings.gpu_max_temperature)
+    if telemetry.open():
+        telemetry.start(settings.gpu_health_interval)
+        metrics.add_gpu_source(telemetry.latest)
+
+    def report() -> Capabilities:
+        return capabilities.model_copy(update={"gpus": [GpuInfo(**g) for g in telemetry.report()]}) if gpus else capabilities
+
+    heartbeat = Heartbeat(client, report, settings.heartbeat_interval)
+    agent = Agent(settings, client, executor, pool, heartbeat, metrics=metrics)
     agent.stopping = stop
+    ops = _start_ops_server(settings, metrics, agent)
     try:
         return agent.run()
     finally:
+        if ops is not None:
+            ops.stop()
+        telemetry.close()
         client.close()
+
+
+def _start_ops_server(settings: Settings, metrics: Metrics, agent: Agent) -> OpsServer | None:
+    if not settings.metrics_port:
+        return None
+    # Polls come back at least every long-poll hold or poll interval: a silence of twice that (plus retries) is not.
+    stale_after = settings.health_stale_seconds or 2 * max(settings.long_poll_seconds, settings.poll_interval) + 60
+    try:
+        ops = OpsServer(settings.metrics_host, settings.metrics_port, metrics, loop_alive=agent.poller_alive,
+                        stale_after=stale_after)
+    except OSError as exc:
+        raise ConfigError(
+            f"--metrics-port / RADIX_METRICS_PORT: cannot listen on {settings.metrics_host}:{settings.metrics_port} "
+            f"({exc.strerror}); choose a free port, or 0 to turn the endpoint off"
+        ) from None
+    ops.start()
+    return ops
 
 
 def _install_signal_handlers(stop: threading.Event) -> None:
@@ -109,7 +143,7 @@ def _install_signal_handlers(stop: threading.Event) -> None:
 def _run_job(argv: list[str]) -> int:
     """Run one job spec on the local engine, no control plane, and print its completion body."""
     settings, extra = _parse(argv, job_file=True)
-    configure(settings.log_level)
+    configure(settings.log_level, settings.log_format)
     path = Path(extra["job_file"])
     try:
         raw = json.loads(path.read_text())

@@ -25,6 +25,7 @@ from tenacity.stop import stop_base
 from . import __version__
 from .errors import ControlPlaneError, ControlPlaneUnavailable, MalformedResponse, TokenRejected
 from .http_transport import InterruptibleTransport
+from .metrics import Metrics
 from .models import Capabilities, Completion, PollResult
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,9 @@ class ControlPlaneClient:
         http: httpx.Client | None = None,
         retry: RetryPolicy = RetryPolicy(),
         request_timeout: float = 30.0,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._base = f"{api_base.rstrip('/')}/v1/clusters/{quote(cluster_id, safe='')}"
         self._tenant_id = tenant_id
         self._token = token
@@ -200,6 +203,8 @@ class ControlPlaneClient:
         """`POST /heartbeat`. Few attempts: the next tick is the real retry."""
         body = {"status": status, "agent_version": __version__, "capabilities": capabilities.model_dump(mode="json")}
         self._send("heartbeat", body, cancel=cancel, attempts=attempts, retry_on=_unavailable)
+        if self._metrics is not None:
+            self._metrics.heartbeat_sent()
 
     def poll(
         self,
@@ -229,8 +234,11 @@ class ControlPlaneClient:
             if interrupt.is_set():
                 raise PollInterrupted()
             stop = _AnyEvent(cancel, interrupt)
+        asked = time.monotonic()
         try:
             response = self._send("jobs/poll", body, cancel=stop, timeout=timeout, http=self._poll_http)
+            if self._metrics is not None:
+                self._metrics.poll_latency.observe(time.monotonic() - asked)
         except ControlPlaneError:
             if interrupt is not None and interrupt.is_set():
                 raise PollInterrupted() from None
@@ -356,14 +364,19 @@ class ControlPlaneClient:
         headers: dict[str, str],
         timeout: httpx.Timeout | None,
     ) -> httpx.Response:
+        endpoint = path.rsplit("/", 1)[-1]
         try:
             response = client.post(url, json=body, headers=headers, timeout=timeout or httpx.USE_CLIENT_DEFAULT)
         except httpx.TransportError as exc:
+            self._count_error(endpoint, "timeout" if isinstance(exc, httpx.TimeoutException) else "network")
             # str(exc) of httpx errors names the host, never headers; keep the type for diagnosis.
             raise ControlPlaneUnavailable(f"{path}: cannot reach the control plane ({type(exc).__name__}: {exc})") from None
         status = response.status_code
         if 200 <= status < 300:
+            if self._metrics is not None:
+                self._metrics.exchanged()
             return response
+        self._count_error(endpoint, "token_rejected" if status in (401, 403) else f"http_{status // 100}xx")
         detail = response.text[:200].replace("\n", " ")
         if status in (401, 403):
             raise TokenRejected(
@@ -378,6 +391,10 @@ class ControlPlaneClient:
                 retry_after=_retry_after(response),
             )
         raise ControlPlaneError(f"{path}: control plane answered HTTP {status} {detail}".rstrip(), status=status)
+
+    def _count_error(self, endpoint: str, kind: str) -> None:
+        if self._metrics is not None:
+            self._metrics.control_plane_errors.labels(endpoint=endpoint, kind=kind).inc()
 
     @staticmethod
     def _json(response: httpx.Response, path: str) -> Any:

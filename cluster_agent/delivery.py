@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from pydantic import ValidationError
 
 from .control_plane import ControlPlaneClient, Delivery
 from .errors import ControlPlaneError
 from .job_dir import JobDirectory
+from .metrics import Metrics
 from .models import Completion
 
 log = logging.getLogger(__name__)
 
 
 class ResultDelivery:
-    def __init__(self, client: ControlPlaneClient, abandon: threading.Event) -> None:
+    def __init__(self, client: ControlPlaneClient, abandon: threading.Event, metrics: Metrics | None = None) -> None:
         self._client = client
+        self._metrics = metrics
         self._abandon = abandon
         self._in_flight = 0
         self._changed = threading.Condition()
@@ -35,8 +38,11 @@ class ResultDelivery:
                 log.error("job %s: result not spooled (%s): it is kept in memory only until delivered", job_id, exc)
         with self._changed:
             self._in_flight += 1
+        started = time.monotonic()
         try:
             outcome = self._client.complete(job_id, completion, cancel=self._abandon)
+            if self._metrics is not None and outcome is Delivery.DELIVERED:
+                self._metrics.completion_latency.observe(time.monotonic() - started)
         except ControlPlaneError as exc:
             log.error("job %s: result not delivered: %s", job_id, exc)
             return False
@@ -48,7 +54,8 @@ class ResultDelivery:
             log.warning("job %s: result not delivered before exit; it stays spooled for the next agent", job_id)
             return False
         if outcome is Delivery.DELIVERED:
-            log.info("job %s: result delivered", job_id)
+            log.info("job %s: result delivered", job_id, extra={
+                "job_id": job_id, "event": "delivered", "duration_s": round(time.monotonic() - started, 3)})
         return True
 
     def deliver_spooled(self, directory: JobDirectory, body: dict) -> bool:

@@ -12,6 +12,7 @@ class GpuPool:
     def __init__(self, gpus: list[GpuInfo]) -> None:
         self._gpus = list(gpus)
         self._owner: dict[str, str] = {}  # uuid -> job_id
+        self._unhealthy: dict[str, list[str]] = {}  # uuid -> reasons: never given to a new job
         self._changed = threading.Condition()
 
     @property
@@ -20,7 +21,22 @@ class GpuPool:
 
     def free_count(self) -> int:
         with self._changed:
-            return len(self._gpus) - len(self._owner)
+            return len(self._usable())
+
+    def _usable(self) -> list[GpuInfo]:
+        return [g for g in self._gpus if g.uuid not in self._owner and g.uuid not in self._unhealthy]
+
+    def owner(self, uuid: str) -> str | None:
+        with self._changed:
+            return self._owner.get(uuid)
+
+    def set_unhealthy(self, uuid: str, reasons: list[str]) -> None:
+        """Health from telemetry: an unhealthy GPU keeps its current job but gets no new one until healthy."""
+        with self._changed:
+            if reasons:
+                self._unhealthy[uuid] = reasons
+            elif self._unhealthy.pop(uuid, None) is not None:
+                self._changed.notify_all()
 
     def check_request(self, job_id: str, count: int) -> None:
         if count > len(self._gpus):
@@ -37,7 +53,7 @@ class GpuPool:
             return []
         with self._changed:
             while True:
-                free = [gpu for gpu in self._gpus if gpu.uuid not in self._owner]
+                free = self._usable()
                 if len(free) >= count:
                     chosen = free[:count]
                     for gpu in chosen:

@@ -29,9 +29,26 @@ def is_fresh(path: Path, now: float | None = None) -> bool:
 
 
 def main() -> int:
+    """The image's HEALTHCHECK: /healthz when the endpoint is on, else the liveness file."""
+    import urllib.error
+    import urllib.request
+
     from .settings import Settings
 
-    path = Settings().health_file
+    settings = Settings()
+    if settings.metrics_port:
+        url = f"http://127.0.0.1:{settings.metrics_port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                print(response.read().decode())
+                return 0
+        except urllib.error.HTTPError as exc:
+            print(f"unhealthy: {exc.read().decode()}")
+            return 1
+        except OSError as exc:
+            print(f"unhealthy: {url}: {exc}")
+            return 1
+    path = settings.health_file
     fresh = is_fresh(path)
     print("healthy" if fresh else f"unhealthy: {path} not touched in {STALE_AFTER_SECONDS:.0f} s")
     return 0 if fresh else 1

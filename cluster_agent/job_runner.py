@@ -211,7 +211,8 @@ class JobRun:
                 container_id = self._executor.start(self._container_spec(spec))
                 self._container_id = container_id
             self._record_container(container_id)
-            log.info("job %s: started container %s (%s)", spec.job_id, container_id[:12], spec.image)
+            log.info("job %s: started container %s (%s)", spec.job_id, container_id[:12], spec.image,
+                     extra={"job_id": spec.job_id, "event": "started", "container_id": container_id})
             self._observer.started(container_id, datetime.now(timezone.utc).isoformat(), self.gpu_ids)
             return self._watch(spec, container_id, started_wall=self._wall(), replay=False)
         finally:
@@ -228,7 +229,8 @@ class JobRun:
                 log.info("job %s: started its created container %s", spec.job_id, state.id[:12])
                 self._observer.started(state.id, datetime.now(timezone.utc).isoformat(), self.gpu_ids)
                 return self._watch(spec, state.id, started_wall=self._wall(), replay=False)
-            log.info("job %s: adopted container %s (%s)", spec.job_id, state.id[:12], state.status)
+            log.info("job %s: adopted container %s (%s)", spec.job_id, state.id[:12], state.status,
+                     extra={"job_id": spec.job_id, "event": "adopted", "container_id": state.id})
             return self._watch(spec, state.id, started_wall=state.started_at or self._wall(), replay=True)
         finally:
             self._gpus.release(spec.job_id)

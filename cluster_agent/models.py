@@ -160,6 +160,9 @@ class Completion(BaseModel):
 
 
 class GpuInfo(BaseModel):
+    # Heartbeats add telemetry and health fields to these four.
+    model_config = ConfigDict(extra="allow")
+
     index: int
     uuid: str
     name: str

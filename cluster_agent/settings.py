@@ -117,6 +117,10 @@ class Settings(BaseSettings):
         description="How GPUs reach job containers: nvidia (the engine's NVIDIA runtime), cdi (a CDI spec translated "
         "into devices and mounts), none, or auto (nvidia if the engine has it, else cdi if a spec is found).",
     )
+    gpu_max_temperature: float = Field(
+        default=90.0, gt=0, description="A GPU hotter than this (Celsius) takes no new job until it cools down."
+    )
+    gpu_health_interval: float = Field(default=10.0, gt=0, description="Seconds between GPU health samples.")
     cdi_spec_dirs: str = Field(
         default="/etc/cdi,/var/run/cdi", description="Comma-separated directories searched for CDI specs."
     )
@@ -124,6 +128,16 @@ class Settings(BaseSettings):
         default=None, description="Docker engine address; default: DOCKER_HOST, else unix:///var/run/docker.sock."
     )
 
+    metrics_port: int = Field(
+        default=9464, ge=0, le=65535,
+        description="Port of the HTTP endpoint serving /metrics (Prometheus) and /healthz; 0 turns it off.",
+    )
+    metrics_host: str = Field(default="0.0.0.0", description="Address the metrics/health endpoint listens on.")
+    health_stale_seconds: float = Field(
+        default=0, ge=0,
+        description="/healthz fails when the control plane has not answered for this long; 0: twice the longer of "
+        "--long-poll-seconds and --poll-interval, plus 60.",
+    )
     health_file: Path = Field(
         default=Path("/tmp/radix-agent.alive"),
         description="File the agent touches every few seconds while its poll loop runs (the image's HEALTHCHECK reads it).",
@@ -131,6 +145,9 @@ class Settings(BaseSettings):
 
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text lines, or JSON lines with job_id, event and duration_s fields."
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -35,7 +35,7 @@ def _busybox_path() -> str:
     raise SystemExit("busybox-static is needed to build the test image: apt-get install busybox-static")
 
 
-def _rootfs_tar(busybox: str) -> bytes:
+def _rootfs_tar(busybox: str, extra_files: dict[str, str] | None = None) -> bytes:
     applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout.split()
     buffer = io.BytesIO()
     now = time.time()
@@ -62,17 +62,23 @@ def _rootfs_tar(busybox: str) -> bytes:
             tar.addfile(info)
         add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n")
         add_file("etc/group", b"root:x:0:\nnogroup:x:65534:\n")
+        for target, source in (extra_files or {}).items():
+            with open(source, "rb") as handle:
+                add_file(target, handle.read(), 0o755)
     return buffer.getvalue()
 
 
-def ensure_busybox_image(client: docker.DockerClient, name: str = BUSYBOX_IMAGE) -> str:
+def ensure_busybox_image(
+    client: docker.DockerClient, name: str = BUSYBOX_IMAGE, extra_files: dict[str, str] | None = None
+) -> str:
+    """The busybox image `name`, imported once; `extra_files` ({path in image: host file}) are added to it."""
     try:
         client.images.get(name)
         return name
     except docker.errors.ImageNotFound:
         pass
     repository, tag = name.rsplit(":", 1)
-    data = _rootfs_tar(_busybox_path())
+    data = _rootfs_tar(_busybox_path(), extra_files)
     client.api.import_image_from_data(
         data, repository=repository, tag=tag, changes=['CMD ["/bin/sh"]', "ENV PATH=/bin"]
     )

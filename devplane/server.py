@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 import uuid
@@ -155,6 +156,16 @@ _AGENT_PATH = re.compile(r"^/v1/clusters/(?P<cluster>[^/]+)/(?P<rest>.+)$")
 class Handler(BaseHTTPRequestHandler):
     server: "DevServer"
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.connections_lock:
+            self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.connections_lock:
+            self.server.connections.discard(self.connection)
+        super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         if self.server.verbose:
@@ -417,6 +428,18 @@ class DevServer(ThreadingHTTPServer):
         self.state = state
         self.verbose = verbose
         self.closing = False
+        self.connections: set[Any] = set()
+        self.connections_lock = threading.Lock()
+
+    def cut_connections(self) -> None:
+        """An outage: established keep-alive connections die too, not only the listening socket."""
+        with self.connections_lock:
+            connections = list(self.connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class DevControlPlane:
@@ -467,3 +490,4 @@ class DevControlPlane:
             self.state.lock.notify_all()
         self._server.shutdown()
         self._server.server_close()
+        self._server.cut_connections()

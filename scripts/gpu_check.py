@@ -33,7 +33,8 @@ from devplane import DevControlPlane  # noqa: E402
 from devplane.images import ensure_busybox_image  # noqa: E402
 
 TOKEN = "gpu-check-token"
-JOB_SCRIPT = 'echo "visible=$NVIDIA_VISIBLE_DEVICES"; ls /dev | grep nvidia; nvidia-smi -L; sleep 3'
+PROBE_IMAGE = "radix-test/cuda-probe:latest"
+JOB_SCRIPT = 'echo "visible=$NVIDIA_VISIBLE_DEVICES"; ls /dev | grep nvidia; nvidia-smi -L; cuda_probe; sleep 3'
 
 
 def main() -> int:
@@ -60,7 +61,16 @@ def main() -> int:
     if not gpus:
         return _finish(checks, args.report, {})
 
-    image = ensure_busybox_image(docker.from_env())
+    details_extra = _telemetry_checks(check, gpus)
+    probe = Path(tempfile.mkdtemp(prefix="radix-probe-")) / "cuda_probe"
+    built = subprocess.run(["cc", "-O2", "-o", str(probe), str(ROOT / "scripts" / "cuda_probe.c"), "-ldl"], capture_output=True, text=True)
+    check("CUDA probe compiled", built.returncode == 0, built.stderr[-300:])
+    client = docker.from_env()
+    try:
+        client.images.remove(PROBE_IMAGE, force=True)
+    except docker.errors.ImageNotFound:
+        pass
+    image = ensure_busybox_image(client, PROBE_IMAGE, {"bin/cuda_probe": str(probe)})
     plane = DevControlPlane(cluster_id="gpu-check", cluster_token=TOKEN).start()
     workdir = Path(tempfile.mkdtemp(prefix="radix-gpu-check-"))
     jobs = 2 if len(gpus) >= 2 else 1
@@ -73,7 +83,7 @@ def main() -> int:
              "--heartbeat-interval", "5"],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         )
-    details: dict = {"gpus": [g.model_dump() for g in gpus], "jobs": []}
+    details: dict = {"gpus": [g.model_dump() for g in gpus], "jobs": [], **details_extra}
     try:
         ids = [plane.state.submit({"image": image, "command": ["sh", "-c", JOB_SCRIPT], "resources": {"gpus": 1}}) for _ in range(jobs)]
         records = []
@@ -86,6 +96,10 @@ def main() -> int:
         caps = heartbeat.get("capabilities", {})
         check("heartbeat capabilities match NVML", [g["uuid"] for g in caps.get("gpus", [])] == [g.uuid for g in gpus],
               f"gpu_count={caps.get('gpu_count')}, injection={caps.get('gpu_injection')}")
+        reported = (caps.get("gpus") or [{}])[0]
+        check("heartbeat carries per-GPU telemetry and health",
+              all(k in reported for k in ("temperature_c", "memory_used_mb", "power_w", "health")),
+              json.dumps({k: reported.get(k) for k in ("temperature_c", "memory_used_mb", "power_w", "power_limit_w", "health")}))
         seen_uuids = []
         for record in records:
             result = record["result"] or {}
@@ -98,6 +112,11 @@ def main() -> int:
             check(f"job {record['job_id']} sees exactly its one GPU", len(listed) == 1 and listed == given,
                   f"listed {listed}, given {given}")
             check(f"job {record['job_id']} NVIDIA_VISIBLE_DEVICES matches", f"visible={','.join(given)}" in stdout)
+            probe_line = next((line for line in stdout.splitlines() if line.startswith('{"cuda_device_count"')), "")
+            cuda = json.loads(probe_line) if probe_line else {}
+            check(f"job {record['job_id']} ran CUDA on exactly its GPU",
+                  cuda.get("device_memory_roundtrip") == "ok" and [d["uuid"] for d in cuda.get("devices", [])] == given,
+                  probe_line or stdout[-300:])
             seen_uuids += listed
         if jobs > 1:
             check("concurrent jobs got different GPUs", len(set(seen_uuids)) == len(seen_uuids), str(seen_uuids))
@@ -109,6 +128,43 @@ def main() -> int:
         plane.stop()
         details["agent_log_tail"] = log_path.read_text(errors="replace")[-4000:]
     return _finish(checks, args.report, details)
+
+
+def _telemetry_checks(check, gpus) -> dict:
+    """The agent's telemetry against nvidia-smi, and what one sample costs."""
+    from cluster_agent.gpu_pool import GpuPool
+    from cluster_agent.gpu_telemetry import GpuTelemetry
+
+    telemetry = GpuTelemetry(gpus, GpuPool(gpus))
+    telemetry.open()
+    try:
+        sample = telemetry.sample()
+        rounds = 200
+        started = time.perf_counter()
+        for _ in range(rounds):
+            telemetry.sample()
+        per_gpu_ms = (time.perf_counter() - started) / rounds / len(gpus) * 1000
+    finally:
+        telemetry.close()
+    query = "uuid,temperature.gpu,memory.total,memory.used,power.limit,power.draw"
+    smi = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"], capture_output=True, text=True)
+    rows = {line.split(",")[0].strip(): [v.strip() for v in line.split(",")[1:]] for line in smi.stdout.splitlines() if line.strip()}
+    for gpu in gpus:
+        ours, theirs = sample[gpu.uuid], rows.get(gpu.uuid)
+        if theirs is None:
+            check(f"nvidia-smi reports {gpu.uuid}", False)
+            continue
+        temp, total, used, limit, draw = (float(v) if v.replace(".", "").isdigit() else None for v in theirs)
+        check(f"{gpu.uuid} temperature matches nvidia-smi (within 3 C)", abs(ours.get("temperature_c", -99) - (temp or 0)) <= 3,
+              f"agent {ours.get('temperature_c')}, nvidia-smi {temp}")
+        check(f"{gpu.uuid} memory total matches nvidia-smi", ours.get("memory_total_mb") == total, f"agent {ours.get('memory_total_mb')}, nvidia-smi {total}")
+        check(f"{gpu.uuid} memory used matches nvidia-smi (within 64 MiB)", abs(ours.get("memory_used_mb", -999) - (used or 0)) <= 64,
+              f"agent {ours.get('memory_used_mb')}, nvidia-smi {used}")
+        check(f"{gpu.uuid} power limit matches nvidia-smi (within 1 W)", abs(ours.get("power_limit_w", -99) - (limit or 0)) <= 1,
+              f"agent {ours.get('power_limit_w')}, nvidia-smi {limit}")
+        check(f"{gpu.uuid} healthy", ours["health"]["healthy"], "; ".join(ours["health"]["reasons"]))
+    check("one sample costs under 0.25 ms per GPU (2 ms for 8)", per_gpu_ms < 0.25, f"{per_gpu_ms:.3f} ms per GPU")
+    return {"telemetry_sample": sample, "sample_ms_per_gpu": round(per_gpu_ms, 4)}
 
 
 def _finish(checks, report: Path | None, details: dict) -> int:

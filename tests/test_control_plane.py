@@ -90,19 +90,25 @@ def test_network_errors_5xx_408_429_are_retried(client):
     assert route.call_count == 6
 
 
-@respx.mock
-def test_retries_stop_when_cancelled(client):
-    cancel = threading.Event()
-    calls = []
+def _answer_until_cancelled(status, cancel, calls, after=3):
+    """A side effect answering `status`, setting `cancel` on the `after`-th call."""
 
-    def fail(request):
+    def answer(request):
         calls.append(request)
-        if len(calls) == 3:
+        if len(calls) == after:
             cancel.set()
-        return httpx.Response(502)
+        return httpx.Response(status)
 
-    respx.post(f"{CLUSTER}/jobs/poll").mock(side_effect=fail)
-    with pytest.raises(ControlPlaneUnavailable):
+    return answer
+
+
+@respx.mock
+@pytest.mark.parametrize("status, error", [(502, ControlPlaneUnavailable), (403, TokenRejected)])
+def test_poll_retries_until_cancelled(client, status, error):
+    # 5xx with the exponential backoff; 401/403 with the slow token-rejected backoff: never given up by itself.
+    cancel, calls = threading.Event(), []
+    respx.post(f"{CLUSTER}/jobs/poll").mock(side_effect=_answer_until_cancelled(status, cancel, calls))
+    with pytest.raises(error):
         _poll(client, cancel)
     assert len(calls) == 3
 
@@ -152,23 +158,6 @@ def test_401_is_a_clear_token_rejected_error_without_the_token(client):
         client.heartbeat("active", Capabilities(cpu_count=1, memory_gb=1, gpu_count=0), cancel=threading.Event())
     assert "token rejected" in str(caught.value)
     assert TOKEN not in str(caught.value)
-
-
-@respx.mock
-def test_poll_keeps_retrying_a_403_slowly_until_cancelled(client):
-    cancel = threading.Event()
-    calls = []
-
-    def reject(request):
-        calls.append(request)
-        if len(calls) == 3:
-            cancel.set()
-        return httpx.Response(403)
-
-    respx.post(f"{CLUSTER}/jobs/poll").mock(side_effect=reject)
-    with pytest.raises(TokenRejected):
-        _poll(client, cancel)
-    assert len(calls) == 3
 
 
 @respx.mock

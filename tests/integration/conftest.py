@@ -53,7 +53,10 @@ def plane(cluster_id, docker_client):
     yield server
     server.stop()
     for container in docker_client.containers.list(all=True, filters={"label": f"radix.cluster_id={cluster_id}"}):
-        container.remove(force=True)
+        try:
+            container.remove(force=True)
+        except docker.errors.APIError:
+            pass  # already being removed by the agent
 
 
 class ControlPlane:
@@ -171,6 +174,8 @@ def start_agent(plane, cluster_id, tmp_path):
             "--token-file", str(tmp_path / "token"), "--long-poll-seconds", "5", "--heartbeat-interval", "60",
             "--shutdown-grace", "10",
         ]
+        if "--metrics-port" not in extra:
+            args += ["--metrics-port", "0"]  # tests that want the endpoint pick a free port
         if token:
             args += ["--cluster-token", token]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("RADIX_")}

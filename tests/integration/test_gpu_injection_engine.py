@@ -73,3 +73,23 @@ def test_no_injection_refuses_a_gpu_container(docker_client, busybox, tmp_path, 
     else:
         raise AssertionError("a GPU container started without any way to inject GPUs")
     assert docker_client.containers.list(all=True, filters={"label": f"radix.cluster_id={cluster_id}"}) == []
+
+
+def test_nvidia_runtime_strategy_on_an_engine_without_it_names_the_fix(docker_client, busybox, tmp_path, cluster_id):
+    from cluster_agent.errors import JobFailed
+    from cluster_agent.gpu_injection import NvidiaRuntimeInjection
+    from cluster_agent.models import FailureReason
+
+    executor = DockerExecutor(docker_client, gpu_injection=NvidiaRuntimeInjection())
+    assert "nvidia" not in (docker_client.info().get("Runtimes") or {}), "this test needs an engine without the NVIDIA runtime"
+    try:
+        executor.start(ContainerSpec(
+            name=f"radix-{cluster_id}-nv", image=BUSYBOX_IMAGE, command=["true"], env={}, workspace=tmp_path,
+            labels={"radix.cluster_id": cluster_id}, gpus=[GPU0],
+        ))
+    except JobFailed as exc:
+        assert exc.reason is FailureReason.AGENT_ERROR
+        assert "could not select device driver" in str(exc) and "nvidia-ctk runtime configure" in str(exc)
+    else:
+        raise AssertionError("device_requests should fail on an engine without the NVIDIA runtime")
+    assert docker_client.containers.list(all=True, filters={"label": f"radix.cluster_id={cluster_id}"}) == []
