@@ -5,13 +5,19 @@ PY          := $(VENV)/bin/python
 IMAGE       ?= radix-cluster-agent:dev
 BASE_IMAGE  ?=
 CA_BUNDLE   ?=
+# make push: REGISTRY=ghcr.io/acme [IMAGE_NAME=radix-cluster-agent] [RELEASE_TAG=v0.1.0]
+REGISTRY    ?=
+IMAGE_NAME  ?= radix-cluster-agent
+RELEASE_TAG ?=
+GIT_SHA     := $(shell git rev-parse HEAD 2>/dev/null)
 
-.PHONY: help venv engine test-deps test unit-test integration-test demo image gpu-check clean
+.PHONY: help venv engine test-deps test unit-test integration-test demo image push gpu-check clean
 
 help:
 	@echo "make test    unit + integration tests (starts a Docker engine if none answers)"
 	@echo "make demo    dev control plane + agent + the jobs in examples/jobs, results printed"
 	@echo "make image   build the agent's image ($(IMAGE)); BASE_IMAGE=... CA_BUNDLE=... optional"
+	@echo "make push    REGISTRY=... build linux/amd64+arm64 with buildx and push (tags: git sha, RELEASE_TAG)"
 	@echo "make gpu-check  on a GPU host: the agent runs GPU-pinned jobs and checks what they see (docs/gpu.md)"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -24,9 +30,11 @@ venv: $(VENV)/.installed
 engine:
 	scripts/ensure-docker.sh
 
-# busybox-static makes the local job image (no registry is needed).
+# busybox-static makes the local job image (no registry is needed); docker-registry and apache2-utils (htpasswd)
+# run the private-registry tests.
 test-deps: venv engine
-	@command -v busybox >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >/dev/null; }
+	@command -v busybox >/dev/null 2>&1 && command -v docker-registry >/dev/null 2>&1 && command -v htpasswd >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static docker-registry apache2-utils openssl >/dev/null; }
 	$(PY) -m devplane.images
 
 unit-test: venv
@@ -43,6 +51,13 @@ demo: test-deps
 
 image: venv engine
 	$(PY) scripts/build_image.py --tag $(IMAGE) $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE)) $(if $(CA_BUNDLE),--ca-bundle $(CA_BUNDLE))
+
+# By hand what .github/workflows/image.yml does: both architectures, tagged with the sha (and a release tag).
+push:
+	@test -n "$(REGISTRY)" || { echo "set REGISTRY=registry/namespace (and docker login to it first)"; exit 2; }
+	docker buildx build --platform linux/amd64,linux/arm64 \
+		-t $(REGISTRY)/$(IMAGE_NAME):$(GIT_SHA) $(if $(RELEASE_TAG),-t $(REGISTRY)/$(IMAGE_NAME):$(RELEASE_TAG)) \
+		--push .
 
 gpu-check: test-deps
 	$(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)

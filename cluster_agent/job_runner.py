@@ -7,6 +7,7 @@ how a restarted agent adopts a job (`adopted=`).
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import threading
@@ -192,14 +193,17 @@ class JobRun:
         if self._adopted is not None:
             return self._resume(spec, self._adopted)
         try:
-            self.directory.prepare(self.raw, spec.input_payload)
+            # job.json sits in the workspace the job can read: registry credentials stay out of it.
+            self.directory.prepare({k: v for k, v in self.raw.items() if k != "registry_auth"}, spec.input_payload)
         except OSError as exc:
             raise JobFailed(
                 FailureReason.AGENT_ERROR,
                 f"cannot write the job directory {self.directory.path}: {exc.strerror or exc}; check free space and "
                 "permissions of --jobs-workdir",
             ) from None
-        self._executor.prepare_image(spec.image)
+        self._check_image_allowed(spec.image)
+        auth = spec.registry_auth.to_engine() if spec.registry_auth else None
+        self._executor.prepare_image(spec.image, self._settings.pull_policy, auth)
         gpus = self._gpus.acquire(spec.job_id, self._gpu_count, self._stop_requested)
         if gpus is None:
             return self._stopped_before_start()
@@ -234,6 +238,15 @@ class JobRun:
             return self._watch(spec, state.id, started_wall=state.started_at or self._wall(), replay=True)
         finally:
             self._gpus.release(spec.job_id)
+
+    def _check_image_allowed(self, image: str) -> None:
+        patterns = [p.strip() for p in self._settings.allowed_images.split(",") if p.strip()]
+        if not any(fnmatch.fnmatchcase(image, pattern) for pattern in patterns):
+            raise JobFailed(
+                FailureReason.INVALID_JOB,
+                f"image {image} is not allowed on this cluster (--allowed-images {self._settings.allowed_images}); "
+                "use an allowed image or ask the operator to allow it",
+            )
 
     def _record_container(self, container_id: str) -> None:
         assert self.directory is not None
@@ -272,6 +285,9 @@ class JobRun:
             memory_mb=resources.memory_mb,
             shm_mb=resources.shm_mb,
             pids_limit=self._settings.pids_limit or None,
+            cap_drop=[c.strip().upper() for c in self._settings.cap_drop.split(",") if c.strip()],
+            read_only_rootfs=self._settings.read_only_rootfs,
+            network=self._settings.job_network,
         )
 
     def _timeout(self, spec: JobSpec) -> float:

@@ -9,7 +9,7 @@ import re
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -58,6 +58,20 @@ class Resources(_Lenient):
     shm_mb: int | None = Field(default=None, ge=1)
 
 
+class RegistryAuth(BaseModel):
+    """Credentials for the job's image registry. The password is a secret: never logged, echoed or written."""
+
+    username: str = Field(min_length=1)
+    password: SecretStr
+    serveraddress: str | None = None
+
+    def to_engine(self) -> dict[str, str]:
+        auth = {"username": self.username, "password": self.password.get_secret_value()}
+        if self.serveraddress:
+            auth["serveraddress"] = self.serveraddress
+        return auth
+
+
 def _none_as_empty(value: Any, empty: Any) -> Any:
     return empty if value is None else value
 
@@ -75,6 +89,7 @@ class JobSpec(_Lenient):
     orchestration: Orchestration = Field(default_factory=Orchestration)
     timeout_seconds: float | None = Field(default=None, gt=0)
     resources: Resources = Field(default_factory=Resources)
+    registry_auth: RegistryAuth | None = None
 
     @field_validator("job_id")
     @classmethod

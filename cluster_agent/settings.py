@@ -124,6 +124,25 @@ class Settings(BaseSettings):
     cdi_spec_dirs: str = Field(
         default="/etc/cdi,/var/run/cdi", description="Comma-separated directories searched for CDI specs."
     )
+    allowed_images: str = Field(
+        default="*",
+        description="Comma-separated glob patterns of images jobs may use (e.g. 'registry.example.com/ml/*'); "
+        "others fail as invalid_job.",
+    )
+    pull_policy: Literal["always", "if-not-present", "never"] = Field(
+        default="if-not-present", description="When job images are pulled."
+    )
+    cap_drop: str = Field(
+        default="NET_RAW,MKNOD,AUDIT_WRITE",
+        description="Comma-separated capabilities dropped from job containers ('ALL' for none at all; '' for the "
+        "engine's default set).",
+    )
+    read_only_rootfs: bool = Field(
+        default=False, description="Job containers get a read-only root filesystem (/workspace and /tmp stay writable)."
+    )
+    job_network: Literal["bridge", "none"] = Field(
+        default="bridge", description="Network of job containers: bridge, or none to cut jobs off the network."
+    )
     docker_host: str | None = Field(
         default=None, description="Docker engine address; default: DOCKER_HOST, else unix:///var/run/docker.sock."
     )

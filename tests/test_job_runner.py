@@ -25,7 +25,7 @@ class FakeExecutor:
     def ping(self):
         pass
 
-    def prepare_image(self, image):
+    def prepare_image(self, image, policy="if-not-present", auth=None):
         pass
 
     def start(self, spec):

@@ -88,3 +88,14 @@ def test_torchrun_is_not_applied_otherwise(orchestration):
 
 def test_container_names_are_per_cluster_and_job():
     assert container_name("c1", "job-1") == "radix-c1-job-1"
+
+
+def test_registry_auth_password_is_a_secret():
+    s = spec(registry_auth={"username": "ci", "password": "hunter2", "serveraddress": "reg.example.com"})
+    assert "hunter2" not in repr(s) and "hunter2" not in str(s.model_dump())
+    assert s.registry_auth.to_engine() == {"username": "ci", "password": "hunter2", "serveraddress": "reg.example.com"}
+
+
+def test_registry_auth_needs_a_username():
+    with pytest.raises(ValidationError):
+        spec(registry_auth={"username": "", "password": "x"})

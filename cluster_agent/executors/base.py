@@ -24,6 +24,9 @@ class ContainerSpec:
     memory_mb: int | None = None
     shm_mb: int | None = None
     pids_limit: int | None = None
+    cap_drop: list[str] = field(default_factory=list)
+    read_only_rootfs: bool = False
+    network: str = "bridge"
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ class Executor(Protocol):
     def ping(self) -> None:
         """Raise EngineUnavailable unless the engine answers."""
 
-    def prepare_image(self, image: str) -> None:
+    def prepare_image(self, image: str, policy: str = "if-not-present", auth: dict[str, str] | None = None) -> None:
         """Make `image` available locally; JobFailed(image_unavailable) with the engine's reason if it cannot."""
 
     def start(self, spec: ContainerSpec) -> str:

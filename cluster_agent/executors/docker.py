@@ -128,20 +128,27 @@ class DockerExecutor:
 
     # --- images --------------------------------------------------------------------------------------------
 
-    def prepare_image(self, image: str) -> None:
+    def prepare_image(self, image: str, policy: str = "if-not-present", auth: dict[str, str] | None = None) -> None:
+        """Without `auth`, the SDK uses the credentials of the engine user's docker config (DOCKER_CONFIG or
+        ~/.docker/config.json) for the image's registry."""
         with self._pull_lock, _engine(f"prepare image {image}"):
-            try:
-                self._api.inspect_image(image)
-                return
-            except ImageNotFound:
-                pass
-            except APIError as exc:
-                raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"image {image}: {_explain(exc)}") from None
+            if policy != "always":
+                try:
+                    self._api.inspect_image(image)
+                    return
+                except ImageNotFound:
+                    if policy == "never":
+                        raise JobFailed(
+                            FailureReason.IMAGE_UNAVAILABLE,
+                            f"image {image} is not on this host and --pull-policy is never: load it onto the host first",
+                        ) from None
+                except APIError as exc:
+                    raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"image {image}: {_explain(exc)}") from None
             log.info("pulling image %s", image)
             repository, tag = parse_repository_tag(image)
             try:
                 # Pull errors (unknown tag, denied) come inside the 200 stream; the stream must be consumed.
-                for item in self._api.pull(repository, tag=tag or "latest", stream=True, decode=True):
+                for item in self._api.pull(repository, tag=tag or "latest", stream=True, decode=True, auth_config=auth):
                     if isinstance(item, dict) and item.get("error"):
                         raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"cannot pull image {image}: {item['error']}")
             except APIError as exc:
@@ -171,6 +178,12 @@ class DockerExecutor:
             host_config["shm_size"] = f"{spec.shm_mb}m"
         if spec.pids_limit:
             host_config["pids_limit"] = spec.pids_limit
+        if spec.cap_drop:
+            host_config["cap_drop"] = list(spec.cap_drop)
+        if spec.read_only_rootfs:
+            host_config["read_only"] = True
+            host_config["tmpfs"] = {"/tmp": "rw,nosuid,nodev,size=1g"}  # programs expect a writable /tmp
+        host_config["network_mode"] = spec.network
         if spec.gpus:
             access = self.gpu_injection.access(spec.gpus)
             if access.runtime_uuids:
