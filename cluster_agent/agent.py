@@ -25,6 +25,7 @@ from .gpu_pool import GpuPool
 from .heartbeat import Heartbeat
 from .job_dir import JobDirectory
 from .job_runner import JobRun, job_id_of
+from .disk import DiskGuard
 from .live_job import LiveJob
 from .metrics import Metrics
 from .models import Completion, FailureReason, JobMetrics, JobStatus, PollResult
@@ -52,9 +53,11 @@ class Agent:
         *,
         clock: Callable[[], float] = time.monotonic,
         metrics: Metrics | None = None,
+        disk: DiskGuard | None = None,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
+        self._disk = disk
         self._client = client
         self._executor = executor
         self._gpus = gpu_pool
@@ -242,6 +245,15 @@ class Agent:
             self._engine_down_since, self._engine_backoff = None, 1.0
         return True
 
+    def _disk_ok(self) -> bool:
+        if self._disk is None:
+            return True
+        try:
+            return not self._disk.check().low
+        except Exception:  # a failing check must not stop the agent
+            log.exception("disk check failed")
+            return True
+
     def _free_slots(self) -> int:
         with self._runs_lock:
             free = max(0, self._settings.max_concurrent_jobs - len(self._runs))
@@ -254,7 +266,7 @@ class Agent:
         # With every slot busy the poll still goes out, with max_jobs 0, so cancellations arrive at once. When a
         # slot frees, that poll -- and only such a poll, which cannot carry jobs -- is broken off and a new one
         # asks for work.
-        free = self._free_slots() if self._engine_ok() else 0
+        free = self._free_slots() if self._engine_ok() and self._disk_ok() else 0
         with self._runs_lock:
             self._zero_poll_in_flight = free == 0
             self._interrupt.clear()
@@ -350,9 +362,12 @@ class Agent:
         job_id = run.job_id or "?"
         with self._runs_lock:
             live = self._live.get(job_id)
+        image = run.raw.get("image") if isinstance(run.raw, dict) else None
         try:
             with self._slots:
                 completion = run.execute()
+            if self._disk is not None and isinstance(image, str) and completion.metrics.exit_code is not None:
+                self._disk.image_used(image)
         finally:
             # The slot is free as soon as the container has ended: the next job need not wait for this
             # job's delivery and clean-up.

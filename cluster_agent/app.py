@@ -27,6 +27,7 @@ from .gpus import detect_gpus
 from .heartbeat import Heartbeat
 from .job_runner import JobRun
 from .logs import configure
+from .disk import DiskGuard
 from .gpu_telemetry import GpuTelemetry
 from .metrics import Metrics
 from .ops_server import OpsServer
@@ -96,11 +97,21 @@ def _run_agent(argv: list[str]) -> int:
         telemetry.start(settings.gpu_health_interval)
         metrics.add_gpu_source(telemetry.latest)
 
+    engine_root = engine.get("DockerRootDir")
+    disk = DiskGuard(
+        settings.jobs_workdir, Path(engine_root) if engine_root else None, min_free_gb=settings.min_free_disk_gb,
+        prune_to_free_gb=settings.prune_to_free_gb, engine_api=executor.client.api,
+    )
+    disk.check()
+
     def report() -> Capabilities:
-        return capabilities.model_copy(update={"gpus": [GpuInfo(**g) for g in telemetry.report()]}) if gpus else capabilities
+        update: dict[str, object] = {"disk": disk.state.to_wire()}
+        if gpus:
+            update["gpus"] = [GpuInfo(**g) for g in telemetry.report()]
+        return capabilities.model_copy(update=update)
 
     heartbeat = Heartbeat(client, report, settings.heartbeat_interval)
-    agent = Agent(settings, client, executor, pool, heartbeat, metrics=metrics)
+    agent = Agent(settings, client, executor, pool, heartbeat, metrics=metrics, disk=disk)
     agent.stopping = stop
     ops = _start_ops_server(settings, metrics, agent)
     try:

@@ -36,7 +36,9 @@ def check_jobs_workdir(path: Path) -> None:
 
 def connect_engine(settings: Settings) -> DockerExecutor:
     try:
-        executor = DockerExecutor(connect(settings.docker_host))
+        executor = DockerExecutor(
+            connect(settings.docker_host), pull_timeout=settings.pull_timeout, pull_stall_seconds=settings.pull_stall_seconds
+        )
         executor.ping()
         runtimes = executor.info().get("Runtimes") or {}
     except EngineUnavailable as exc:

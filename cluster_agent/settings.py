@@ -143,6 +143,19 @@ class Settings(BaseSettings):
     job_network: Literal["bridge", "none"] = Field(
         default="bridge", description="Network of job containers: bridge, or none to cut jobs off the network."
     )
+    min_free_disk_gb: float = Field(
+        default=5.0, ge=0,
+        description="Take no job while the jobs directory or the engine's data root has less free space (GiB).",
+    )
+    prune_to_free_gb: float = Field(
+        default=0.0, ge=0,
+        description="When under --min-free-disk-gb, prune images jobs used and no container uses, least recently "
+        "used first, until this much is free (GiB); 0 turns pruning off.",
+    )
+    pull_timeout: float = Field(default=1800.0, gt=0, description="Longest an image pull may take, in seconds.")
+    pull_stall_seconds: float = Field(
+        default=120.0, gt=0, description="A pull that reports no progress for this long fails as image_unavailable."
+    )
     docker_host: str | None = Field(
         default=None, description="Docker engine address; default: DOCKER_HOST, else unix:///var/run/docker.sock."
     )

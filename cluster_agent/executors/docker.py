@@ -9,7 +9,9 @@ inside a 200 stream; no `auto_remove`, which races the final inspect; the missin
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+import time
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Iterator
@@ -103,8 +105,12 @@ class DockerExecutor:
         *,
         gpu_injection: GpuInjection | None = None,
         pull_lock: threading.Lock | None = None,
+        pull_timeout: float = 1800.0,
+        pull_stall_seconds: float = 120.0,
     ) -> None:
         self._client = client
+        self._pull_timeout = pull_timeout
+        self._pull_stall = pull_stall_seconds
         self.gpu_injection: GpuInjection = gpu_injection or NvidiaRuntimeInjection()
         self._api = client.api
         self._attached: dict[str, Any] = {}
@@ -144,19 +150,65 @@ class DockerExecutor:
                         ) from None
                 except APIError as exc:
                     raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"image {image}: {_explain(exc)}") from None
-            log.info("pulling image %s", image)
-            repository, tag = parse_repository_tag(image)
-            try:
-                # Pull errors (unknown tag, denied) come inside the 200 stream; the stream must be consumed.
-                for item in self._api.pull(repository, tag=tag or "latest", stream=True, decode=True, auth_config=auth):
-                    if isinstance(item, dict) and item.get("error"):
-                        raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"cannot pull image {image}: {item['error']}")
-            except APIError as exc:
-                raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"cannot pull image {image}: {_explain(exc)}") from None
+            self._pull(image, auth)
             try:
                 self._api.inspect_image(image)
             except ImageNotFound:
                 raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"image {image} is still missing after its pull") from None
+
+    def _pull(self, image: str, auth: dict[str, str] | None) -> None:
+        log.info("pulling image %s", image)
+        repository, tag = parse_repository_tag(image)
+        started = last_report = time.monotonic()
+        layers: dict[str, str] = {}
+        # docker-py streams pulls with no read timeout, so a stalled registry would hang the job: the stream is
+        # read on a worker thread, and this thread waits for each item with the stall limit.
+        items: queue.Queue[Any] = queue.Queue(maxsize=1000)
+        done = object()
+
+        def read() -> None:
+            try:
+                for item in self._api.pull(repository, tag=tag or "latest", stream=True, decode=True, auth_config=auth):
+                    items.put(item)
+                items.put(done)
+            except Exception as exc:  # handed to the waiting thread
+                items.put(exc)
+
+        threading.Thread(target=read, name=f"pull-{repository}", daemon=True).start()
+        while True:
+            remaining = self._pull_timeout - (time.monotonic() - started)
+            if remaining <= 0:
+                raise JobFailed(
+                    FailureReason.IMAGE_UNAVAILABLE, f"pulling image {image} took longer than --pull-timeout {self._pull_timeout:g} s"
+                )
+            try:
+                item = items.get(timeout=min(self._pull_stall, remaining))
+            except queue.Empty:
+                if remaining <= self._pull_stall:
+                    continue  # the total timeout above says it
+                raise JobFailed(
+                    FailureReason.IMAGE_UNAVAILABLE,
+                    f"pulling image {image} made no progress for {self._pull_stall:g} s (--pull-stall-seconds): the "
+                    "registry is unreachable or stalled",
+                ) from None
+            if item is done:
+                break
+            if isinstance(item, APIError):
+                raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"cannot pull image {image}: {_explain(item)}")
+            if isinstance(item, Exception):
+                raise EngineUnavailable(f"the image pull broke off: {item}")
+            if not isinstance(item, dict):
+                continue
+            if item.get("error"):
+                raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"cannot pull image {image}: {item['error']}")
+            if item.get("id") and item.get("status"):
+                layers[item["id"]] = item["status"]
+            if time.monotonic() - last_report >= 10:
+                complete = sum(1 for status in layers.values() if status in ("Pull complete", "Already exists"))
+                log.info("pulling image %s: %d of %d layer(s) done after %.0f s",
+                         image, complete, len(layers), time.monotonic() - started)
+                last_report = time.monotonic()
+        log.info("pulled image %s in %.1f s", image, time.monotonic() - started)
 
     # --- containers ----------------------------------------------------------------------------------------
 

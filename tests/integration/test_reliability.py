@@ -248,7 +248,7 @@ def test_full_jobs_disk_fails_the_job_clearly_and_the_agent_keeps_going(cp, star
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(jobs)], capture_output=True, text=True)
     assert mounted.returncode == 0, f"the test needs root to mount a small tmpfs: {mounted.stderr}"
     try:
-        agent = start_agent(jobs_dir=jobs)
+        agent = start_agent("--min-free-disk-gb", "0", jobs_dir=jobs)
         big = cp.run(command=["true"], input_payload={"blob": "x" * 3_000_000})
         assert big["failure_reason"] == "agent_error"
         assert "No space left on device" in big["error_message"] and "--jobs-workdir" in big["error_message"]
