@@ -11,13 +11,14 @@ IMAGE_NAME  ?= radix-cluster-agent
 RELEASE_TAG ?=
 GIT_SHA     := $(shell git rev-parse HEAD 2>/dev/null)
 
-.PHONY: help venv engine test-deps test unit-test integration-test demo image push gpu-check clean
+.PHONY: help venv engine test-deps test unit-test integration-test demo image push gpu-check bench clean
 
 help:
 	@echo "make test    unit + integration tests (starts a Docker engine if none answers)"
 	@echo "make demo    dev control plane + agent + the jobs in examples/jobs, results printed"
 	@echo "make image   build the agent's image ($(IMAGE)); BASE_IMAGE=... CA_BUNDLE=... optional"
 	@echo "make push    REGISTRY=... build linux/amd64+arm64 with buildx and push (tags: git sha, RELEASE_TAG)"
+	@echo "make bench   agent vs raw engine: overhead, dispatch latency, throughput, footprint (docs/benchmarks.md)"
 	@echo "make gpu-check  on a GPU host: the agent runs GPU-pinned jobs and checks what they see (docs/gpu.md)"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -58,6 +59,10 @@ push:
 	docker buildx build --platform linux/amd64,linux/arm64 \
 		-t $(REGISTRY)/$(IMAGE_NAME):$(GIT_SHA) $(if $(RELEASE_TAG),-t $(REGISTRY)/$(IMAGE_NAME):$(RELEASE_TAG)) \
 		--push .
+
+# Benchmarks write docs/benchmarks.md; make test only runs them tiny (tests/integration/test_bench.py).
+bench: test-deps
+	$(PY) bench/run.py --out docs/benchmarks.md
 
 gpu-check: test-deps
 	$(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)

@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""`make bench`: the agent against the raw Docker engine, on one machine, in one go; writes docs/benchmarks.md.
+
+1. per-job overhead: N trivial jobs through the dev control plane and the agent vs the same N through a raw
+   Docker SDK loop (create, start, wait, logs, remove); rounds interleaved so machine drift cancels out.
+2. dispatch latency, long poll and poll-interval mode: submitted -> poll answered, submitted -> start call, with
+   the engine's own create+start for the same container beside it.
+3. throughput with 1, 2 and 4 slots.
+4. footprint: idle RSS and CPU, peak RSS while a job prints 300 MB and while a job writes a 9 MB output.json,
+   log delivery throughput.
+5. NVML sampling cost per GPU (a fake NVML here; the real figure is in docs/gpu.md).
+
+Usage: bench/run.py [--tiny] [--out FILE]   (--tiny: a few seconds, for `make test`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import docker  # noqa: E402
+
+from devplane import DevControlPlane  # noqa: E402
+from devplane.images import BUSYBOX_IMAGE, ensure_busybox_image  # noqa: E402
+
+TOKEN = "bench-token"
+TRIVIAL = ["sh", "-c", "echo '{\"n\":1}'"]
+
+
+class Agent:
+    def __init__(self, plane: DevControlPlane, *extra: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="radix-bench-"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RADIX_")}
+        self.log = open(self.dir / "agent.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "main.py"), "--api-base", plane.url, "--cluster-id", plane.state.cluster_id,
+             "--cluster-token", TOKEN, "--jobs-workdir", str(self.dir / "jobs"), "--token-file", str(self.dir / "t"),
+             "--metrics-port", "0", "--heartbeat-interval", "300", "--min-free-disk-gb", "0", *extra],
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and plane.state.stats["polls"] == 0:
+            time.sleep(0.05)
+        time.sleep(0.3)
+
+    def status(self, key: str) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        return 0
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+        self.log.close()
+
+
+def wait_results(plane: DevControlPlane, ids: list[str], timeout: float = 600) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = [plane.state.jobs[i] for i in ids]
+        if all(r.result is not None for r in records):
+            return records
+        time.sleep(0.01)
+    raise SystemExit(f"benchmark jobs got no result within {timeout} s")
+
+
+def raw_loop(client: docker.DockerClient, n: int) -> float:
+    api = client.api
+    started = time.perf_counter()
+    for _ in range(n):
+        cid = api.create_container(BUSYBOX_IMAGE, command=TRIVIAL, host_config=api.create_host_config())["Id"]
+        api.start(cid)
+        api.wait(cid)
+        api.logs(cid)
+        api.remove_container(cid, force=True)
+    return time.perf_counter() - started
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+    tiny = args.tiny
+    n_jobs, rounds, samples = (3, 1, 3) if tiny else (50, 5, 30)
+    idle_seconds = 3 if tiny else 60
+    print_mb, output_mb = (5, 1) if tiny else (300, 9)
+
+    client = docker.from_env()
+    ensure_busybox_image(client)
+    results: dict = {}
+
+    # 1. per-job overhead, interleaved rounds
+    plane = DevControlPlane(cluster_id="bench", cluster_token=TOKEN).start()
+    agent = Agent(plane)
+    agent_times, raw_times = [], []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        ids = [plane.state.submit({"image": BUSYBOX_IMAGE, "command": TRIVIAL}) for _ in range(n_jobs)]
+        wait_results(plane, ids)
+        agent_times.append(time.perf_counter() - started)
+        raw_times.append(raw_loop(client, n_jobs))
+    results["overhead"] = {"n": n_jobs, "rounds": rounds, "agent_s": statistics.median(agent_times),
+                           "raw_s": statistics.median(raw_times),
+                           "ratio": statistics.median(a / r for a, r in zip(agent_times, raw_times))}
+    print("overhead", results["overhead"], flush=True)
+
+    # 2. dispatch latency (long poll), with the engine's create+start beside it
+    pickup, to_start, engine = [], [], []
+    for _ in range(samples):
+        time.sleep(0.2)  # the agent is parked in its long poll
+        submitted = time.time()
+        job_id = plane.state.submit({"image": BUSYBOX_IMAGE, "command": ["true"]})
+        record = wait_results(plane, [job_id])[0]
+        pickup.append(record.assigned_at - submitted)
+        to_start.append(record.started["at"] - submitted)
+        t = time.perf_counter()
+        cid = client.api.create_container(BUSYBOX_IMAGE, command=["true"], host_config=client.api.create_host_config())["Id"]
+        client.api.start(cid)
+        engine.append(time.perf_counter() - t)
+        client.api.remove_container(cid, force=True)
+    own = [s - p - statistics.median(engine) for s, p in zip(to_start, pickup)]
+    results["long_poll"] = {"pickup_p50": pct(pickup, 50), "pickup_p95": pct(pickup, 95),
+                            "start_p50": pct(to_start, 50), "start_p95": pct(to_start, 95),
+                            "engine_p50": pct(engine, 50), "engine_p95": pct(engine, 95), "own_p50": pct(own, 50)}
+    print("long poll", results["long_poll"], flush=True)
+
+    # 4a. idle footprint (the agent has been idle since the last job)
+    time.sleep(1)
+    cpu0, t0 = agent.cpu_seconds(), time.monotonic()
+    rss = []
+    while time.monotonic() - t0 < idle_seconds:
+        rss.append(agent.status("VmRSS") / 1024)
+        time.sleep(0.5)
+    results["idle"] = {"seconds": idle_seconds, "rss_mb": max(rss),
+                       "cpu_pct": 100 * (agent.cpu_seconds() - cpu0) / (time.monotonic() - t0)}
+    print("idle", results["idle"], flush=True)
+    agent.stop()
+    plane.stop()
+
+    # 2b. poll-interval mode (a core server)
+    plane = DevControlPlane(cluster_id="bench", cluster_token=TOKEN, long_poll=False).start()
+    agent = Agent(plane, "--poll-interval", "1")
+    core_pickup = []
+    for _ in range(max(3, samples // 3)):
+        time.sleep(0.37)
+        submitted = time.time()
+        job_id = plane.state.submit({"image": BUSYBOX_IMAGE, "command": ["true"]})
+        core_pickup.append(wait_results(plane, [job_id])[0].assigned_at - submitted)
+    results["interval"] = {"pickup_p50": pct(core_pickup, 50), "pickup_p95": pct(core_pickup, 95)}
+    print("interval", results["interval"], flush=True)
+    agent.stop()
+    plane.stop()
+
+    # 3. throughput by slots
+    results["throughput"] = {}
+    for slots in (1, 2, 4):
+        plane = DevControlPlane(cluster_id="bench", cluster_token=TOKEN).start()
+        agent = Agent(plane, "--max-concurrent-jobs", str(slots))
+        started = time.perf_counter()
+        ids = [plane.state.submit({"image": BUSYBOX_IMAGE, "command": TRIVIAL}) for _ in range(n_jobs * 2 if not tiny else 4)]
+        wait_results(plane, ids)
+        results["throughput"][slots] = len(ids) / (time.perf_counter() - started)
+        agent.stop()
+        plane.stop()
+    print("throughput", results["throughput"], flush=True)
+
+    # 4b. peak RSS while a job prints a lot, and while it writes a large output.json; log throughput
+    plane = DevControlPlane(cluster_id="bench", cluster_token=TOKEN).start()
+    agent = Agent(plane)
+    before = agent.status("VmHWM") / 1024
+    started = time.perf_counter()
+    job_id = plane.state.submit({"image": BUSYBOX_IMAGE, "command": [
+        "sh", "-c", f"yes 'a line of job output that goes on and on' | head -c {print_mb * 1000 * 1000}"]})
+    record = wait_results(plane, [job_id])[0]
+    elapsed = time.perf_counter() - started
+    results["print"] = {"mb": print_mb, "peak_rss_mb": agent.status("VmHWM") / 1024, "rss_before_mb": before,
+                        "seconds": elapsed, "log_mb": len(record.log) / 1e6, "log_mb_s": len(record.log) / 1e6 / elapsed}
+    size = output_mb * 1000 * 1000
+    job_id = plane.state.submit({"image": BUSYBOX_IMAGE, "command": [
+        "sh", "-c", f"(printf '{{\"blob\": \"'; head -c {size} /dev/zero | tr '\\\\0' x; printf '\"}}') > output.json"]})
+    record = wait_results(plane, [job_id])[0]
+    results["output"] = {"mb": output_mb, "status": record.result["status"], "peak_rss_mb": agent.status("VmHWM") / 1024}
+    print("footprint", results["print"], results["output"], flush=True)
+    agent.stop()
+    plane.stop()
+
+    # 5. NVML sampling cost per GPU with a fake NVML (8 GPUs)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_gpu_telemetry import FakeNvml  # noqa: E402
+
+    from cluster_agent.gpu_pool import GpuPool  # noqa: E402
+    from cluster_agent.gpu_telemetry import GpuTelemetry  # noqa: E402
+    from cluster_agent.models import GpuInfo  # noqa: E402
+
+    gpus = [GpuInfo(index=i, uuid=f"GPU-{i}", name="fake", memory_total_mb=81559) for i in range(8)]
+    telemetry = GpuTelemetry(gpus, GpuPool(gpus), nvml=FakeNvml(**{g.uuid: {} for g in gpus}))
+    telemetry.open()
+    t = time.perf_counter()
+    for _ in range(200):
+        telemetry.sample()
+    results["nvml_fake_ms_per_gpu"] = (time.perf_counter() - t) / 200 / 8 * 1000
+
+    write_report(args.out, results, tiny)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def write_report(path: Path, r: dict, tiny: bool) -> None:
+    def ok(good: bool) -> str:
+        return "met" if good else "**missed**"
+
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "?")
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    engine = docker.from_env().version()
+    o, lp, iv, idle, pr, out = r["overhead"], r["long_poll"], r["interval"], r["idle"], r["print"], r["output"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `make bench` (`python bench/run.py`)"
+        + (" **in --tiny mode (a smoke run; not for quoting)**" if tiny else "") + ".",
+        f"Machine: {os.cpu_count()} CPU(s) ({cpu}), {mem_gb:.0f} GiB, {platform.platform()}, Docker engine "
+        f"{engine.get('Version')}, Python {platform.python_version()}.",
+        "",
+        "| what | figure | target | |",
+        "|---|---|---|---|",
+        f"| per-job overhead: {o['n']} trivial jobs, agent / raw SDK loop (median of {o['rounds']} interleaved rounds) | "
+        f"{o['ratio']:.2f} ({o['agent_s']:.2f} s vs {o['raw_s']:.2f} s) | <= 1.10 | {ok(o['ratio'] <= 1.10)} |",
+        f"| long poll: submitted -> poll answered, p50 / p95 | {lp['pickup_p50'] * 1000:.1f} / {lp['pickup_p95'] * 1000:.1f} ms | p50 < 50 ms | {ok(lp['pickup_p50'] < 0.05)} |",
+        f"| long poll: submitted -> start call, p50 / p95 | {lp['start_p50'] * 1000:.1f} / {lp['start_p95'] * 1000:.1f} ms | | |",
+        f"| engine create+start of the same container, p50 / p95 | {lp['engine_p50'] * 1000:.1f} / {lp['engine_p95'] * 1000:.1f} ms | | |",
+        f"| agent's own share of time-to-running (start call - poll answered - engine create+start), p50 | {lp['own_p50'] * 1000:.1f} ms | < 20 ms | {ok(lp['own_p50'] < 0.02)} |",
+        f"| poll-interval mode (1 s): submitted -> poll answered, p50 / p95 | {iv['pickup_p50'] * 1000:.0f} / {iv['pickup_p95'] * 1000:.0f} ms | | |",
+        f"| throughput, 1 / 2 / 4 slots | {r['throughput'][1]:.1f} / {r['throughput'][2]:.1f} / {r['throughput'][4]:.1f} jobs/s | | |",
+        f"| idle RSS over {idle['seconds']} s | {idle['rss_mb']:.0f} MB | <= 60 MB | {ok(idle['rss_mb'] <= 60)} |",
+        f"| idle CPU over {idle['seconds']} s | {idle['cpu_pct']:.2f} % | < 1 % | {ok(idle['cpu_pct'] < 1)} |",
+        f"| peak RSS while a job prints {pr['mb']} MB | {pr['peak_rss_mb']:.0f} MB (before: {pr['rss_before_mb']:.0f}) | <= 100 MB | {ok(pr['peak_rss_mb'] <= 100)} |",
+        f"| peak RSS after a job writes a {out['mb']} MB output.json ({out['status']}) | {out['peak_rss_mb']:.0f} MB | | |",
+        f"| log delivery: {pr['log_mb']:.0f} MB of log in {pr['seconds']:.1f} s | {pr['log_mb_s']:.1f} MB/s | | |",
+        f"| NVML sample, fake NVML, per GPU | {r['nvml_fake_ms_per_gpu'] * 1000:.1f} us | | |",
+        "| NVML sample, real H100, per GPU (docs/gpu.md) | 71 us | 8 GPUs < 2 ms | met |",
+        "",
+        "Reproduce: `make bench` (a Docker engine must answer; `make test` runs `bench/run.py --tiny` as a smoke test).",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
