@@ -200,7 +200,7 @@ def main() -> int:
                         "seconds": elapsed, "log_mb": len(record.log) / 1e6, "log_mb_s": len(record.log) / 1e6 / elapsed}
     size = output_mb * 1000 * 1000
     job_id = plane.state.submit({"image": BUSYBOX_IMAGE, "command": [
-        "sh", "-c", f"(printf '{{\"blob\": \"'; head -c {size} /dev/zero | tr '\\\\0' x; printf '\"}}') > output.json"]})
+        "sh", "-c", f"(printf '{{\"blob\": \"'; head -c {size} /dev/zero | tr '\\0' x; printf '\"}}') > output.json"]})
     record = wait_results(plane, [job_id])[0]
     results["output"] = {"mb": output_mb, "status": record.result["status"], "peak_rss_mb": agent.status("VmHWM") / 1024}
     print("footprint", results["print"], results["output"], flush=True)
