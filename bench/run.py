@@ -20,11 +20,13 @@ import json
 import os
 import platform
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +95,44 @@ def raw_loop(client: docker.DockerClient, n: int) -> float:
     return time.perf_counter() - started
 
 
+def engine_create_start(client: docker.DockerClient, workspace: Path) -> float:
+    """The engine's own create+start for the container the agent creates for a job (bind-mounted workspace, init,
+    no-new-privileges, labels, a name): the floor the agent's time-to-running is compared with."""
+    api = client.api
+    host_config = api.create_host_config(binds={str(workspace): {"bind": "/workspace", "mode": "rw"}}, init=True,
+                                         security_opt=["no-new-privileges"], network_mode="bridge")
+    t = time.perf_counter()
+    cid = api.create_container(BUSYBOX_IMAGE, command=["true"], working_dir="/workspace", host_config=host_config,
+                               labels={"radix.bench": "1"}, name=f"radix-bench-{time.monotonic_ns()}", detach=True)["Id"]
+    api.start(cid)
+    elapsed = time.perf_counter() - t
+    api.remove_container(cid, force=True)
+    return elapsed
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_dispatch_metrics(port: int, since: dict | None = None) -> dict[str, dict[str, float]]:
+    """The agent's own timing of its dispatch path from /metrics (sum, count, mean; minus `since`, if given)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        values[name] = value
+    out = {}
+    for name in ("radix_agent_container_start_seconds", "radix_agent_dispatch_overhead_seconds"):
+        if name + "_count" in values:
+            total, count = float(values[name + "_sum"]), float(values[name + "_count"])
+            if since and name in since:
+                total, count = total - since[name]["sum"], count - since[name]["count"]
+            out[name] = {"sum": total, "count": count, "mean": total / count if count else float("nan")}
+    return out
+
+
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
@@ -114,7 +154,8 @@ def main() -> int:
 
     # 1. per-job overhead, interleaved rounds
     plane = DevControlPlane(cluster_id="bench", cluster_token=TOKEN).start()
-    agent = Agent(plane)
+    metrics_port = free_port()
+    agent = Agent(plane, "--metrics-port", str(metrics_port))
     agent_times, raw_times = [], []
     for _ in range(rounds):
         started = time.perf_counter()
@@ -129,6 +170,7 @@ def main() -> int:
 
     # 2. dispatch latency (long poll), with the engine's create+start beside it
     pickup, to_start, engine = [], [], []
+    before = read_dispatch_metrics(metrics_port)
     for _ in range(samples):
         time.sleep(0.2)  # the agent is parked in its long poll
         submitted = time.time()
@@ -136,13 +178,11 @@ def main() -> int:
         record = wait_results(plane, [job_id])[0]
         pickup.append(record.assigned_at - submitted)
         to_start.append(record.started["at"] - submitted)
-        t = time.perf_counter()
-        cid = client.api.create_container(BUSYBOX_IMAGE, command=["true"], host_config=client.api.create_host_config())["Id"]
-        client.api.start(cid)
-        engine.append(time.perf_counter() - t)
-        client.api.remove_container(cid, force=True)
+        engine.append(engine_create_start(client, agent.dir))
     own = [s - p - statistics.median(engine) for s, p in zip(to_start, pickup)]
-    results["long_poll"] = {"pickup_p50": pct(pickup, 50), "pickup_p95": pct(pickup, 95),
+    measured = read_dispatch_metrics(metrics_port, since=before)
+    results["long_poll"] = {"agent_engine_mean": measured["radix_agent_container_start_seconds"]["mean"],
+                            "agent_own_mean": measured["radix_agent_dispatch_overhead_seconds"]["mean"],"pickup_p50": pct(pickup, 50), "pickup_p95": pct(pickup, 95),
                             "start_p50": pct(to_start, 50), "start_p95": pct(to_start, 95),
                             "engine_p50": pct(engine, 50), "engine_p95": pct(engine, 95), "own_p50": pct(own, 50)}
     print("long poll", results["long_poll"], flush=True)
@@ -252,6 +292,7 @@ def write_report(path: Path, r: dict, tiny: bool) -> None:
         f"| long poll: submitted -> start call, p50 / p95 | {lp['start_p50'] * 1000:.1f} / {lp['start_p95'] * 1000:.1f} ms | | |",
         f"| engine create+start of the same container, p50 / p95 | {lp['engine_p50'] * 1000:.1f} / {lp['engine_p95'] * 1000:.1f} ms | | |",
         f"| agent's own share of time-to-running (start call - poll answered - engine create+start), p50 | {lp['own_p50'] * 1000:.1f} ms | < 20 ms | {ok(lp['own_p50'] < 0.02)} |",
+        f"| the same, as the agent times it (radix_agent_dispatch_overhead_seconds; its engine create+start, attach included: {lp['agent_engine_mean'] * 1000:.0f} ms), mean | {lp['agent_own_mean'] * 1000:.1f} ms | < 20 ms | {ok(lp['agent_own_mean'] < 0.02)} |",
         f"| poll-interval mode (1 s): submitted -> poll answered, p50 / p95 | {iv['pickup_p50'] * 1000:.0f} / {iv['pickup_p95'] * 1000:.0f} ms | | |",
         f"| throughput, 1 / 2 / 4 slots | {r['throughput'][1]:.1f} / {r['throughput'][2]:.1f} / {r['throughput'][4]:.1f} jobs/s | | |",
         f"| idle RSS over {idle['seconds']} s | {idle['rss_mb']:.0f} MB | <= 60 MB | {ok(idle['rss_mb'] <= 60)} |",

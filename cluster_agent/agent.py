@@ -388,6 +388,9 @@ class Agent:
             reason = completion.failure_reason.value if completion.failure_reason else ""
             self._metrics.jobs.labels(status=completion.status.value, failure_reason=reason).inc()
             self._metrics.job_duration.observe(completion.metrics.runtime_seconds)
+            if run.start_timing is not None:
+                self._metrics.container_start.observe(run.start_timing[0])
+                self._metrics.dispatch_overhead.observe(run.start_timing[1])
         try:
             if live is not None:
                 live.finish()

@@ -25,12 +25,14 @@ from . import __version__
 TRASH_PREFIX = ".trash-"
 
 
-def write_json_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
+def write_json_atomic(path: Path, data: Any, mode: int = 0o644, *, durable: bool = True) -> None:
+    """Readers see the old file or the new one, never half of one; `durable` also survives a host crash (fsync)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(data, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.chmod(tmp, mode)
     os.replace(tmp, path)
 
@@ -56,7 +58,8 @@ class JobDirectory:
         # The container may run as any user: it must be able to write output.json into its workspace.
         self.path.chmod(0o777)
         (self.path / "output.json").unlink(missing_ok=True)
-        write_json_atomic(self.path / "input.json", input_payload)
+        # No fsync for input.json: a host crash ends the container too, and a re-run rewrites it from job.json.
+        write_json_atomic(self.path / "input.json", input_payload, durable=False)
         write_json_atomic(self.path / "job.json", {"spec": raw, "agent_version": __version__, "received_at": time.time()})
 
     def read_spec(self) -> Any | None:
@@ -79,7 +82,7 @@ class JobDirectory:
 
     def write_log_offset(self, offset: int) -> None:
         try:
-            write_json_atomic(self.path / "log_offset", offset)
+            write_json_atomic(self.path / "log_offset", offset, durable=False)
         except OSError:
             pass  # resuming logs a little early after a restart is harmless: the server ignores known offsets
 

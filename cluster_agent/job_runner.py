@@ -129,6 +129,8 @@ class JobRun:
         self.directory: JobDirectory | None = None
         self._given_gpus: list[GpuInfo] = []
         self._gpu_count = 0
+        # (engine create+start, the agent's own share) of the time from the poll answer to a running container
+        self.start_timing: tuple[float, float] | None = None
 
     @property
     def gpu_ids(self) -> list[str]:
@@ -212,12 +214,16 @@ class JobRun:
             with self._lock:
                 if self._stop_requested.is_set():
                     return self._stopped_before_start()
+                engine_began = self._clock()
                 container_id = self._executor.start(self._container_spec(spec))
+                running = self._clock()
                 self._container_id = container_id
+            # The start call goes out first: container.json only serves a restart, and the labels say as much.
+            self._observer.started(container_id, datetime.now(timezone.utc).isoformat(), self.gpu_ids)
+            self.start_timing = (running - engine_began, max(0.0, running - self._received - (running - engine_began)))
             self._record_container(container_id)
             log.info("job %s: started container %s (%s)", spec.job_id, container_id[:12], spec.image,
                      extra={"job_id": spec.job_id, "event": "started", "container_id": container_id})
-            self._observer.started(container_id, datetime.now(timezone.utc).isoformat(), self.gpu_ids)
             return self._watch(spec, container_id, started_wall=self._wall(), replay=False)
         finally:
             self._gpus.release(spec.job_id)

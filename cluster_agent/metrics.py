@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 3 * 3600, 12 * 3600)
+FAST_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -32,6 +33,13 @@ class Metrics:
         self.completion_latency = Histogram("radix_agent_completion_seconds",
                                             "Time from a job's end to its result being accepted.",
                                             buckets=LATENCY_BUCKETS, registry=r)
+        self.container_start = Histogram("radix_agent_container_start_seconds",
+                                         "The engine's create+start of a job's container.",
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.dispatch_overhead = Histogram("radix_agent_dispatch_overhead_seconds",
+                                           "The agent's own time from a poll answer to a running container "
+                                           "(image check, job directory, GPU choice; the engine's create+start "
+                                           "excluded).", buckets=FAST_BUCKETS, registry=r)
         self.control_plane_errors = Counter("radix_agent_control_plane_errors",
                                             "Failed control-plane requests, by kind.", ["endpoint", "kind"], registry=r)
         self.running_jobs = Gauge("radix_agent_running_jobs", "Jobs whose container runs (or is about to).", registry=r)

@@ -140,3 +140,18 @@ def test_stop_while_waiting_for_gpus_completes_without_running(settings):
     assert results[0].status is JobStatus.CANCELED
     assert results[0].failure_reason is FailureReason.CANCELED
     assert executor.specs == []
+
+
+def test_start_timing_splits_the_engine_from_the_agents_own_share(settings):
+    """radix_agent_dispatch_overhead_seconds is fed from this: the engine's create+start must not count as ours."""
+
+    class SlowEngine(FakeExecutor):
+        def start(self, spec):
+            time.sleep(0.3)
+            return super().start(spec)
+
+    job = JobRun({"job_id": "j1", "image": "img:1"}, settings=settings, executor=SlowEngine(), gpu_pool=GpuPool([]))
+    assert job.execute().status is JobStatus.SUCCEEDED
+    engine, own = job.start_timing
+    assert engine >= 0.3
+    assert 0 <= own < 0.25
