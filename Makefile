@@ -11,7 +11,7 @@ IMAGE_NAME  ?= radix-cluster-agent
 RELEASE_TAG ?=
 GIT_SHA     := $(shell git rev-parse HEAD 2>/dev/null)
 
-.PHONY: help venv engine test-deps test unit-test integration-test demo image push gpu-check bench clean
+.PHONY: help venv engine test-deps test unit-test integration-test demo image push gpu-check bench profile-dispatch clean
 
 help:
 	@echo "make test    unit + integration tests (starts a Docker engine if none answers)"
@@ -19,6 +19,7 @@ help:
 	@echo "make image   build the agent's image ($(IMAGE)); BASE_IMAGE=... CA_BUNDLE=... optional"
 	@echo "make push    REGISTRY=... build linux/amd64+arm64 with buildx and push (tags: git sha, RELEASE_TAG)"
 	@echo "make bench   agent vs raw engine: overhead, dispatch latency, throughput, footprint (docs/benchmarks.md)"
+	@echo "make profile-dispatch   py-spy profile of the path from poll answer to running container"
 	@echo "make gpu-check  on a GPU host: the agent runs GPU-pinned jobs and checks what they see (docs/gpu.md)"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -63,6 +64,11 @@ push:
 # Benchmarks write docs/benchmarks.md; make test only runs them tiny (tests/integration/test_bench.py).
 bench: test-deps
 	$(PY) bench/run.py --out docs/benchmarks.md
+
+# Where the agent's dispatch time goes (py-spy on the running agent; needs root for ptrace).
+profile-dispatch: venv engine
+	$(PY) -m pip install --quiet --disable-pip-version-check py-spy
+	$(PY) bench/profile_dispatch.py
 
 gpu-check: test-deps
 	$(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
