@@ -21,7 +21,7 @@ from .errors import ControlPlaneError, EngineUnavailable, MalformedResponse
 from .executors import Executor
 from .executors.base import ContainerState
 from .delivery import ResultDelivery
-from .gpu_pool import GpuPool
+from .gpu_pool import GpuAllocator
 from .heartbeat import Heartbeat
 from .job_dir import JobDirectory
 from .job_runner import JobRun, job_id_of
@@ -48,7 +48,7 @@ class Agent:
         settings: Settings,
         client: ControlPlaneClient,
         executor: Executor,
-        gpu_pool: GpuPool,
+        gpu_pool: GpuAllocator,
         heartbeat: Heartbeat,
         *,
         clock: Callable[[], float] = time.monotonic,

@@ -22,7 +22,8 @@ from .capabilities import host_capabilities
 from .cli import build_parser, load_settings
 from .control_plane import ControlPlaneClient
 from .errors import ConfigError
-from .gpu_pool import GpuPool
+from .executors import Executor
+from .gpu_pool import GpuAllocator, GpuPool
 from .gpus import detect_gpus
 from .heartbeat import Heartbeat
 from .job_runner import JobRun
@@ -32,8 +33,10 @@ from .gpu_telemetry import GpuTelemetry
 from .metrics import Metrics
 from .ops_server import OpsServer
 from .models import Capabilities, FailureReason, GpuInfo
-from .preflight import check_jobs_mount, check_jobs_workdir, connect_engine, resolve_token
+from .preflight import check_jobs_mount, check_jobs_workdir, connect_engine, connect_slurm, resolve_token
 from .settings import Settings
+from .slurm_cli import SlurmCli
+from .slurm_cluster import SlurmCluster
 
 log = logging.getLogger("cluster_agent")
 
@@ -67,8 +70,13 @@ def _run_agent(argv: list[str]) -> int:
         formatter.add_secret(secret.get_secret_value() if secret else None)
 
     check_jobs_workdir(settings.jobs_workdir)
-    executor = connect_engine(settings)
-    check_jobs_mount(executor, settings.jobs_workdir)
+    slurm = settings.execution_mode == "slurm"
+    executor: Executor
+    if slurm:
+        executor = connect_slurm(settings)
+    else:
+        executor = docker = connect_engine(settings)
+        check_jobs_mount(docker, settings.jobs_workdir)
 
     stop = threading.Event()
     _install_signal_handlers(stop)
@@ -78,37 +86,55 @@ def _run_agent(argv: list[str]) -> int:
     formatter.add_secret(token)
     client.set_token(token)
 
-    gpus = detect_gpus()
-    engine = executor.info()
-    capabilities = host_capabilities(
-        gpus,
-        execution_mode=settings.execution_mode,
-        max_concurrent_jobs=settings.max_concurrent_jobs,
-        engine_version=engine.get("ServerVersion"),
-        gpu_injection=executor.gpu_injection.name,
-    )
-    if gpus:
-        log.info("%d GPU(s); they reach containers through: %s", len(gpus), executor.gpu_injection.name)
-        if executor.gpu_injection.name == "none":
-            log.warning("GPU jobs will fail on this host until it can inject GPUs into containers")
-    pool = GpuPool(gpus)
-    telemetry = GpuTelemetry(gpus, pool, max_temperature=settings.gpu_max_temperature)
-    if telemetry.open():
-        telemetry.start(settings.gpu_health_interval)
-        metrics.add_gpu_source(telemetry.latest)
+    telemetry: GpuTelemetry | None = None
+    pool: GpuAllocator
+    if slurm:
+        # No engine and no GPUs here: Slurm owns both. The heartbeat describes the cluster instead of this host.
+        cluster = SlurmCluster(SlurmCli(), settings.slurm_partition)
+        pool = cluster.gpus()
+        disk = DiskGuard(settings.jobs_workdir, None, min_free_gb=settings.min_free_disk_gb, prune_to_free_gb=0,
+                         engine_api=None)
+        extra = {"execution_mode": "slurm", "max_concurrent_jobs": settings.max_concurrent_jobs}
+        view = cluster.view()
+        if view is not None:
+            log.info("Slurm cluster %s: %d node(s), %d GPU(s) (%d idle)", view.name or "?", view.nodes, view.gpus,
+                     view.idle_gpus)
 
-    engine_root = engine.get("DockerRootDir")
-    disk = DiskGuard(
-        settings.jobs_workdir, Path(engine_root) if engine_root else None, min_free_gb=settings.min_free_disk_gb,
-        prune_to_free_gb=settings.prune_to_free_gb, engine_api=executor.client.api,
-    )
-    disk.check()
-
-    def report() -> Capabilities:
-        update: dict[str, object] = {"disk": disk.state.to_wire()}
+        def report() -> Capabilities:
+            return cluster.capabilities(disk=disk.state.to_wire(), **extra)
+    else:
+        gpus = detect_gpus()
+        engine = docker.info()
+        capabilities = host_capabilities(
+            gpus,
+            execution_mode=settings.execution_mode,
+            max_concurrent_jobs=settings.max_concurrent_jobs,
+            engine_version=engine.get("ServerVersion"),
+            gpu_injection=docker.gpu_injection.name,
+        )
         if gpus:
-            update["gpus"] = [GpuInfo(**g) for g in telemetry.report()]
-        return capabilities.model_copy(update=update)
+            log.info("%d GPU(s); they reach containers through: %s", len(gpus), docker.gpu_injection.name)
+            if docker.gpu_injection.name == "none":
+                log.warning("GPU jobs will fail on this host until it can inject GPUs into containers")
+        pool = GpuPool(gpus)
+        telemetry = GpuTelemetry(gpus, pool, max_temperature=settings.gpu_max_temperature)
+        if telemetry.open():
+            telemetry.start(settings.gpu_health_interval)
+            metrics.add_gpu_source(telemetry.latest)
+
+        engine_root = engine.get("DockerRootDir")
+        disk = DiskGuard(
+            settings.jobs_workdir, Path(engine_root) if engine_root else None, min_free_gb=settings.min_free_disk_gb,
+            prune_to_free_gb=settings.prune_to_free_gb, engine_api=docker.client.api,
+        )
+
+        def report() -> Capabilities:
+            update: dict[str, object] = {"disk": disk.state.to_wire()}
+            if gpus and telemetry is not None:
+                update["gpus"] = [GpuInfo(**g) for g in telemetry.report()]
+            return capabilities.model_copy(update=update)
+
+    disk.check()
 
     heartbeat = Heartbeat(client, report, settings.heartbeat_interval)
     agent = Agent(settings, client, executor, pool, heartbeat, metrics=metrics, disk=disk)
@@ -119,7 +145,8 @@ def _run_agent(argv: list[str]) -> int:
     finally:
         if ops is not None:
             ops.stop()
-        telemetry.close()
+        if telemetry is not None:
+            telemetry.close()
         client.close()
 
 
@@ -163,9 +190,15 @@ def _run_job(argv: list[str]) -> int:
     except ValueError as exc:
         raise ConfigError(f"job file {path} is not valid JSON: {exc}") from None
     check_jobs_workdir(settings.jobs_workdir)
-    executor = connect_engine(settings)
-    check_jobs_mount(executor, settings.jobs_workdir)
-    run = JobRun(raw, settings=settings, executor=executor, gpu_pool=GpuPool(detect_gpus()), received_at=time.monotonic())
+    executor: Executor
+    pool: GpuAllocator
+    if settings.execution_mode == "slurm":
+        executor, pool = connect_slurm(settings), SlurmCluster(SlurmCli(), settings.slurm_partition).gpus()
+    else:
+        executor = docker = connect_engine(settings)
+        check_jobs_mount(docker, settings.jobs_workdir)
+        pool = GpuPool(detect_gpus())
+    run = JobRun(raw, settings=settings, executor=executor, gpu_pool=pool, received_at=time.monotonic())
     stop = threading.Event()
     _install_signal_handlers(stop)
     watcher = threading.Thread(

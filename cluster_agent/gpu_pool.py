@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import threading
+from typing import Protocol
 
 from .errors import JobFailed
 from .models import FailureReason, GpuInfo
 
 
+class GpuAllocator(Protocol):
+    """What the job runner and the agent ask about GPUs: this host's pool, or a scheduler's (slurm_cluster.py)."""
+
+    local: bool
+
+    @property
+    def total(self) -> int: ...
+    def free_count(self) -> int: ...
+    def check_request(self, job_id: str, count: int) -> None: ...
+    def acquire(self, job_id: str, count: int, cancel: threading.Event) -> list[GpuInfo] | None: ...
+    def claim(self, job_id: str, uuids: list[str]) -> list[GpuInfo]: ...
+    def release(self, job_id: str) -> None: ...
+
+
 class GpuPool:
+    local = True  # these are this host's GPUs, handed out by the agent (a scheduler's are not: slurm_cluster.py)
+
     def __init__(self, gpus: list[GpuInfo]) -> None:
         self._gpus = list(gpus)
         self._owner: dict[str, str] = {}  # uuid -> job_id

@@ -21,7 +21,7 @@ from . import __version__
 from .errors import EngineUnavailable, JobFailed
 from .executors import ContainerSpec, Executor
 from .executors.base import ContainerState
-from .gpu_pool import GpuPool
+from .gpu_pool import GpuAllocator
 from .job_dir import JobDirectory
 from .models import JOB_ID_PATTERN, Completion, FailureReason, GpuInfo, JobMetrics, JobSpec, JobStatus
 from .output import OutputCollector
@@ -104,7 +104,7 @@ class JobRun:
         *,
         settings: Settings,
         executor: Executor,
-        gpu_pool: GpuPool,
+        gpu_pool: GpuAllocator,
         received_at: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -186,7 +186,9 @@ class JobRun:
                 for err in exc.errors()[:5]
             )
             raise JobFailed(FailureReason.INVALID_JOB, f"invalid job spec: {problems}") from None
-        self._gpu_count = gpus_for(spec, self._gpus.total, self._settings.max_concurrent_jobs)
+        # A scheduler's GPUs are not "this host's": a job that names no count gets none there.
+        host_gpus = self._gpus.total if self._gpus.local else 0
+        self._gpu_count = gpus_for(spec, host_gpus, self._settings.max_concurrent_jobs)
         self._gpus.check_request(spec.job_id, self._gpu_count)
         return spec
 
@@ -218,13 +220,18 @@ class JobRun:
                 container_id = self._executor.start(self._container_spec(spec))
                 running = self._clock()
                 self._container_id = container_id
-            # The start call goes out first: container.json only serves a restart, and the labels say as much.
-            self._observer.started(container_id, datetime.now(timezone.utc).isoformat(), self.gpu_ids)
             self.start_timing = (running - engine_began, max(0.0, running - self._received - (running - engine_began)))
+            # A scheduler may queue the job: the start call goes out once it really runs. For the engine that is now,
+            # and before container.json, which only serves a restart (the labels say as much).
+            started_wall = self._executor.wait_started(container_id, self._stop_requested)
+            if started_wall is not None:
+                self._observer.started(
+                    container_id, datetime.fromtimestamp(started_wall, timezone.utc).isoformat(), self.gpu_ids
+                )
             self._record_container(container_id)
             log.info("job %s: started container %s (%s)", spec.job_id, container_id[:12], spec.image,
                      extra={"job_id": spec.job_id, "event": "started", "container_id": container_id})
-            return self._watch(spec, container_id, started_wall=self._wall(), replay=False)
+            return self._watch(spec, container_id, started_wall=started_wall or self._wall(), replay=False)
         finally:
             self._gpus.release(spec.job_id)
 
@@ -269,7 +276,7 @@ class JobRun:
         if self._given_gpus:
             # Pinned by UUID; overrides an image's NVIDIA_VISIBLE_DEVICES=all (CUDA images set it).
             env["NVIDIA_VISIBLE_DEVICES"] = ",".join(self.gpu_ids)
-        elif self._gpus.total:
+        elif self._gpus.total and not self._gpu_count:
             # On a GPU host, a job without GPUs must not get them through its image's env and the NVIDIA hook.
             env["NVIDIA_VISIBLE_DEVICES"] = "void"
         resources = spec.resources
@@ -294,6 +301,10 @@ class JobRun:
             cap_drop=[c.strip().upper() for c in self._settings.cap_drop.split(",") if c.strip()],
             read_only_rootfs=self._settings.read_only_rootfs,
             network=self._settings.job_network,
+            gpu_count=self._gpu_count,
+            timeout_seconds=self._timeout(spec),
+            pull_policy=self._settings.pull_policy,
+            registry_auth=spec.registry_auth.to_engine() if spec.registry_auth else None,
         )
 
     def _timeout(self, spec: JobSpec) -> float:
@@ -319,9 +330,11 @@ class JobRun:
         if ending.exit_code is None and not ending.timed_out:
             info = self._executor.exit_info(container_id)
             ending.exit_code, ending.oom_killed = info.exit_code, info.oom_killed
+            if info.failure_reason is not None:
+                ending.failure, ending.failure_message = info.failure_reason, info.error
             if ending.engine_lost and info.exit_code == 0:
                 ending.engine_lost = False  # it finished by itself before the engine went away
-            elif self._killed_by_a_departing_engine(ending):
+            elif ending.failure is None and self._executor.jobs_die_with_engine and self._killed_by_a_departing_engine(ending):
                 log.warning("job %s: its container died with the Docker engine; waiting for the engine", self.job_id)
                 ending.engine_lost = True
                 self._await_engine(container_id)

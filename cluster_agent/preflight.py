@@ -11,8 +11,11 @@ from pathlib import Path
 from .control_plane import ControlPlaneClient
 from .errors import ConfigError, ControlPlaneError, EngineUnavailable, TokenRejected
 from .executors.docker import DockerExecutor, connect
+from .executors.slurm import SlurmExecutor
 from .gpu_injection import choose_injection
 from .settings import Settings
+from .slurm_cli import SlurmCli, SlurmRefused
+from .slurm_cluster import check_shared_storage
 
 ENGINE_FIX = (
     "start dockerd, or when the agent runs in a container mount the socket with "
@@ -32,6 +35,26 @@ def check_jobs_workdir(path: Path) -> None:
             f"{where}: cannot write to {path}: {exc.strerror or exc}; create it and give the agent's user write "
             "access, or choose another directory"
         ) from None
+
+
+def connect_slurm(settings: Settings) -> SlurmExecutor:
+    """--execution-mode slurm: the Slurm commands answer, the controller is up, the nodes see the jobs directory."""
+    cli = SlurmCli()
+    missing = cli.available()
+    if missing:
+        raise ConfigError(
+            f"--execution-mode slurm: {', '.join(missing)} not found on PATH; run the agent on a Slurm login node "
+            "(apt-get install slurm-client, with the cluster's slurm.conf and munge key), or use --execution-mode docker"
+        )
+    try:
+        cli.ping()
+        check_shared_storage(cli, settings.jobs_workdir, settings.slurm_storage_probe_seconds, settings.slurm_partition)
+    except (EngineUnavailable, SlurmRefused) as exc:
+        raise ConfigError(
+            f"--execution-mode slurm: {exc}; check that slurmctld runs and that this host's slurm.conf and munge "
+            "key match the cluster's (try: scontrol ping)"
+        ) from None
+    return SlurmExecutor(settings, cli)
 
 
 def connect_engine(settings: Settings) -> DockerExecutor:

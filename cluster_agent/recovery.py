@@ -63,8 +63,8 @@ def scan(jobs_workdir: Path, cluster_id: str, executor: Executor) -> Findings:
         if name.startswith(TRASH_PREFIX):
             shutil.rmtree(entry, ignore_errors=True)
             continue
-        if name.startswith(".radix-write-probe"):
-            continue
+        if name.startswith(".radix-") or name == ".images.json":
+            continue  # the agent's own files: write probes, the Slurm state directories, the image ledger
         if not entry.is_dir() or not JOB_ID_PATTERN.match(name):
             findings.unexplained.append(f"{entry} is not a job directory")
             continue

@@ -8,6 +8,7 @@ The command line (see `cli.py`) is generated from this model; CLI values win ove
 from __future__ import annotations
 
 import ipaddress
+import shlex
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -100,7 +101,11 @@ class Settings(BaseSettings):
         default=Path("/tmp/radix-jobs"),
         description="Host directory holding one directory per job (mounted at /workspace). In a container, mount it at the same path.",
     )
-    execution_mode: Literal["docker"] = Field(default="docker", description="How jobs run: docker.")
+    execution_mode: Literal["docker", "slurm"] = Field(
+        default="docker",
+        description="How jobs run: docker (containers on this host's engine) or slurm (one sbatch job each on a Slurm "
+        "cluster; the agent runs on a login node and --jobs-workdir must be shared with the nodes; docs/slurm.md).",
+    )
     job_timeout: float = Field(
         default=3600.0, gt=0, description="Default per-job timeout in seconds (a job's timeout_seconds wins).",
         **_env("RADIX_JOB_TIMEOUT_SECONDS"),
@@ -175,6 +180,29 @@ class Settings(BaseSettings):
         description="File the agent touches every few seconds while its poll loop runs (the image's HEALTHCHECK reads it).",
     )
 
+    # Slurm (--execution-mode slurm)
+    slurm_partition: str = Field(default="", description="Slurm partition for jobs (sbatch --partition); empty: the cluster's default.")
+    slurm_account: str = Field(default="", description="Slurm account jobs are charged to (sbatch --account).")
+    slurm_qos: str = Field(default="", description="Slurm QoS for jobs (sbatch --qos).")
+    slurm_gpu_flag: Literal["gres", "gpus"] = Field(
+        default="gres", description="How a job's GPU count is asked of Slurm: gres (--gres=gpu:N) or gpus (--gpus=N)."
+    )
+    slurm_gpu_type: str = Field(default="", description="GPU type for the request, e.g. h100 (--gres=gpu:h100:N); empty: any.")
+    slurm_container_engine: Literal["docker", "podman"] = Field(
+        default="docker", description="Container engine the batch script runs the job's container with on the node."
+    )
+    slurm_sbatch_args: str = Field(
+        default="", description="Extra sbatch arguments for every job, shell-quoted, e.g. '--constraint=a100 --exclusive'."
+    )
+    slurm_poll_interval: float = Field(
+        default=1.0, gt=0, le=60, description="Seconds between squeue calls (one call covers every job of this agent)."
+    )
+    slurm_storage_probe_seconds: float = Field(
+        default=120.0, ge=0,
+        description="At start-up, a tiny Slurm job checks that the nodes see --jobs-workdir; how long to wait for it "
+        "(0: skip the probe and rely on the filesystem type).",
+    )
+
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
     log_format: Literal["text", "json"] = Field(
@@ -199,6 +227,19 @@ class Settings(BaseSettings):
             raise ValueError("put no credentials in the URL; the token goes in --cluster-token")
         if parts.query or parts.fragment:
             raise ValueError("the URL must have no query string or fragment")
+        return value
+
+    @field_validator("slurm_sbatch_args")
+    @classmethod
+    def _sbatch_args(cls, value: str) -> str:
+        try:
+            args = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not shell-quoted arguments ({exc})") from None
+        owned = ("--output", "--error", "--export", "--job-name", "--parsable", "--chdir", "-o", "-e", "-J", "-D")
+        for arg in args:
+            if arg.split("=", 1)[0] in owned:
+                raise ValueError(f"{arg} is set by the agent for every job; leave it out")
         return value
 
     @field_validator("cluster_id")

@@ -1,7 +1,7 @@
 """How a finished container becomes a Completion: status, failure reason, message, output payload.
 
 The first condition that applies wins: stopped by the agent (canceled / interrupted), the engine lost mid-job,
-past the deadline, OOM-killed, non-zero exit, invalid output, success.
+past the deadline, the executor's own verdict (a scheduler's failure states), OOM-killed, non-zero exit, invalid output, success.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ class Ending:
     stop_reason: FailureReason | None = None  # the agent stopped it (canceled, interrupted)
     stop_message: str = ""
     engine_lost: bool = False  # the engine went away while it ran and the container did not survive
+    failure: FailureReason | None = None  # the executor's own verdict (Slurm's TIMEOUT, NODE_FAIL, ...)
+    failure_message: str = ""
 
 
 def judge(
@@ -71,6 +73,9 @@ def judge(
             JobStatus.FAILED, FailureReason.TIMEOUT,
             f"job ran past its timeout of {ending.timeout:g} s and was stopped; raise timeout_seconds if it needs longer",
         )
+    if ending.failure is not None:
+        status = JobStatus.CANCELED if ending.failure is FailureReason.CANCELED else JobStatus.FAILED
+        return done(status, ending.failure, with_stderr(ending.failure_message) if ending.failure is not FailureReason.CANCELED else ending.failure_message)
     # Exit 137 that the agent did not cause is an OOM kill the engine failed to flag (cgroup v2 engines).
     if ending.oom_killed or exit_code == 137:
         limit = f" of {spec.resources.memory_mb} MiB" if spec.resources.memory_mb else ""

@@ -15,6 +15,8 @@ from cluster_agent.settings import Settings
 class FakeExecutor:
     """Records container specs; each container 'runs' until released (or for `run_seconds`)."""
 
+    jobs_die_with_engine = True
+
     def __init__(self, run_seconds=0.0):
         self.specs: list[ContainerSpec] = []
         self.run_seconds = run_seconds
@@ -35,6 +37,9 @@ class FakeExecutor:
             self.running.add(cid)
             self.max_running = max(self.max_running, len(self.running))
         return cid
+
+    def wait_started(self, cid, stop):
+        return time.time()
 
     def stream_output(self, cid, on_stdout, on_stderr):
         on_stdout(b"{}")

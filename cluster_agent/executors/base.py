@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from ..models import GpuInfo
+from ..models import FailureReason, GpuInfo
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,12 @@ class ContainerSpec:
     cap_drop: list[str] = field(default_factory=list)
     read_only_rootfs: bool = False
     network: str = "bridge"
+    # For executors that hand the whole job to a scheduler (Slurm): it picks the GPUs (`gpus` stays empty), pulls
+    # the image on the node, and enforces a time limit of its own.
+    gpu_count: int = 0
+    timeout_seconds: float = 0.0
+    pull_policy: str = "if-not-present"
+    registry_auth: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,8 @@ class ContainerState:
 
     @property
     def running(self) -> bool:
-        return self.status in ("running", "paused", "restarting")
+        # "pending": queued by a scheduler; it will run without the agent's help.
+        return self.status in ("running", "paused", "restarting", "pending")
 
     @property
     def job_id(self) -> str | None:
@@ -52,12 +60,19 @@ class ExitInfo:
     exit_code: int | None
     oom_killed: bool
     error: str = ""
+    # The executor's own verdict, when it knows better than the exit code (Slurm: TIMEOUT, NODE_FAIL, PREEMPTED,
+    # an image the node could not pull); `error` then says what happened and what to do.
+    failure_reason: FailureReason | None = None
 
 
 OutputSink = Callable[[bytes], None]
 
 
 class Executor(Protocol):
+    # Whether a job's container dies when the engine does (dockerd, not a Slurm controller): only then is an
+    # unexplained kill signal worth blaming on an engine restart.
+    jobs_die_with_engine: bool
+
     def ping(self) -> None:
         """Raise EngineUnavailable unless the engine answers."""
 
@@ -66,6 +81,10 @@ class Executor(Protocol):
 
     def start(self, spec: ContainerSpec) -> str:
         """Create and start the container; return its id. Output is captured from the very first byte."""
+
+    def wait_started(self, container_id: str, stop: threading.Event) -> float | None:
+        """Block while a scheduler keeps the job queued; return when it started (epoch seconds), or None if it
+        ended without running. `stop` set: return at once (the caller is stopping the job)."""
 
     def stream_output(self, container_id: str, on_stdout: OutputSink, on_stderr: OutputSink) -> None:
         """Feed the container's output, in order, until it ends. Runs on its own thread."""

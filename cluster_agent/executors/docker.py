@@ -99,6 +99,8 @@ def _engine(what: str) -> Iterator[None]:
 
 
 class DockerExecutor:
+    jobs_die_with_engine = True  # without live-restore, a dockerd restart kills every container
+
     def __init__(
         self,
         client: docker.DockerClient,
@@ -291,6 +293,9 @@ class DockerExecutor:
     def _forget(self, container_id: str) -> Any:
         with self._attached_lock:
             return self._attached.pop(container_id, None)
+
+    def wait_started(self, container_id: str, stop: threading.Event) -> float | None:
+        return time.time()  # start() returns once the container runs
 
     def stream_output(self, container_id: str, on_stdout: OutputSink, on_stderr: OutputSink) -> None:
         stream = self._forget(container_id)

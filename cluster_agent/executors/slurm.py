@@ -1,0 +1,321 @@
+"""The Slurm executor: each job is one sbatch job whose batch script runs the job's container on the node Slurm
+picks. Slurm schedules; the agent submits, watches (one squeue per interval for all its jobs), streams the output
+files, cancels with scancel, and reads how it ended.
+
+State lives where a restarted agent finds it: Slurm itself (jobs named `radix-<cluster>-<job>`) and, per job, a
+state directory `{jobs_workdir}/.radix-slurm/<job_id>/` on the shared storage (batch script, labels, output files,
+and the exit.json the script writes on the node), which also answers for jobs slurmctld has already forgotten.
+
+How Slurm's own ends map to the contract (exit_info):
+    TIMEOUT, DEADLINE          -> timeout
+    OUT_OF_MEMORY              -> oom
+    CANCELLED (not by us)      -> canceled
+    PREEMPTED                  -> interrupted  (the scheduler took the resources back; resubmit)
+    NODE_FAIL, BOOT_FAIL       -> agent_error  (the node failed, not the job; resubmit)
+    exit.json reason           -> image_unavailable / agent_error (the node could not pull or run the container)
+    otherwise                  -> the container's exit code, as on Docker
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import EngineUnavailable, JobFailed
+from ..models import FailureReason
+from ..settings import Settings
+from ..slurm_cli import QueueView, SlurmCli, SlurmJob, SlurmRefused
+from .base import ContainerSpec, ContainerState, ExitInfo, OutputSink
+from .slurm_script import batch_script, sbatch_args
+
+log = logging.getLogger(__name__)
+
+STATE_DIR_NAME = ".radix-slurm"
+STOP_GRACE_SECONDS = 10.0
+OUTPUT_POLL_SECONDS = 0.25
+# How long after Slurm says "ended" the output files may still grow (NFS attribute caching, slurmstepd's flush).
+OUTPUT_SETTLE_SECONDS = 1.0
+READ_CHUNK = 1024 * 1024
+
+SLURM_FAILURES: dict[str, tuple[FailureReason, str]] = {
+    "TIMEOUT": (FailureReason.TIMEOUT, "Slurm ended the job at its time limit (--time); raise timeout_seconds if it needs longer"),
+    "DEADLINE": (FailureReason.TIMEOUT, "Slurm ended the job at its deadline"),
+    "OUT_OF_MEMORY": (FailureReason.OOM, "Slurm killed the job for running out of memory; raise resources.memory_mb"),
+    "CANCELLED": (FailureReason.CANCELED, "the Slurm job was cancelled outside the agent (scancel by a user or an administrator)"),
+    "PREEMPTED": (FailureReason.INTERRUPTED, "Slurm preempted the job for higher-priority work; resubmit it"),
+    "NODE_FAIL": (FailureReason.AGENT_ERROR, "the Slurm node failed while the job ran; the job did not fail by itself: resubmit it"),
+    "BOOT_FAIL": (FailureReason.AGENT_ERROR, "the Slurm node failed to boot for the job; resubmit it"),
+}
+NODE_REASONS = {"image_unavailable": FailureReason.IMAGE_UNAVAILABLE, "agent_error": FailureReason.AGENT_ERROR}
+
+
+class SlurmExecutor:
+    jobs_die_with_engine = False  # slurmctld restarting does not end jobs
+
+    def __init__(self, settings: Settings, cli: SlurmCli | None = None, *, user: str | None = None) -> None:
+        self._settings = settings
+        self._cli = cli or SlurmCli()
+        self._user = user or getpass.getuser()
+        self._queue = QueueView(self._cli, self._user, settings.slurm_poll_interval)
+        self.state_root = settings.jobs_workdir / STATE_DIR_NAME
+        self._job_of: dict[str, str] = {}  # slurm job id -> radix job id
+        self._lock = threading.Lock()
+
+    # --- the engine as a whole -----------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        self._cli.ping()
+
+    def prepare_image(self, image: str, policy: str = "if-not-present", auth: dict[str, str] | None = None) -> None:
+        """Nothing to do here: the batch script pulls on the node Slurm picks (the login node needs no engine)."""
+
+    # --- one job -------------------------------------------------------------------------------------------
+
+    def state_dir(self, job_id: str) -> Path:
+        return self.state_root / job_id
+
+    def start(self, spec: ContainerSpec) -> str:
+        job_id = spec.labels["radix.job_id"]
+        state = self.state_dir(job_id)
+        # A fresh state directory: files of an earlier attempt (a restarted job) must not be read as this one's.
+        shutil.rmtree(state, ignore_errors=True)
+        state.mkdir(parents=True, mode=0o700)
+        script = batch_script(spec, self._settings, state, grace=STOP_GRACE_SECONDS, version=__version__)
+        (state / "batch.sh").write_text(script)
+        (state / "labels.json").write_text(json.dumps(spec.labels))
+        if spec.registry_auth:
+            self._write_auth(state, spec.image, spec.registry_auth)
+        try:
+            slurm_id = self._cli.submit(sbatch_args(spec, self._settings, state), script)
+        except SlurmRefused as exc:
+            raise JobFailed(FailureReason.INVALID_JOB, f"Slurm refused the job: {exc}; fix the job's resources or the "
+                            "agent's --slurm-* settings (partition, account, QoS)") from None
+        (state / "slurm_job_id").write_text(slurm_id)
+        with self._lock:
+            self._job_of[slurm_id] = job_id
+        self._queue.invalidate()
+        log.info("job %s: submitted as Slurm job %s", job_id, slurm_id)
+        return slurm_id
+
+    @staticmethod
+    def _write_auth(state: Path, image: str, auth: dict[str, str]) -> None:
+        import base64
+
+        registry = auth.get("serveraddress") or image.split("/", 1)[0]
+        token = base64.b64encode(f"{auth.get('username', '')}:{auth.get('password', '')}".encode()).decode()
+        (state / "auth").mkdir(mode=0o700)
+        path = state / "auth" / "config.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"auths": {registry: {"auth": token}}}, handle)
+
+    def _job(self, slurm_id: str) -> SlurmJob | None:
+        return self._queue.jobs().get(slurm_id)
+
+    def wait_started(self, container_id: str, stop: threading.Event) -> float | None:
+        logged = False
+        while not stop.is_set():
+            job = self._job_or_ended(container_id)
+            if job is None or job.terminal:
+                return job.start_time if job is not None and job.start_time else None
+            if not job.queued:
+                return job.start_time or time.time()
+            if not logged:
+                log.info("Slurm job %s is queued (%s)", container_id, job.reason if job.reason not in ("", "None") else job.state)
+                logged = True
+            stop.wait(self._settings.slurm_poll_interval)
+        return None
+
+    def _job_or_ended(self, slurm_id: str) -> SlurmJob | None:
+        """The queue's view; for a job it no longer lists, what the state directory says (None: nothing)."""
+        try:
+            job = self._job(slurm_id)
+        except EngineUnavailable:
+            raise
+        if job is not None:
+            return job
+        exit_file = self._state_for(slurm_id) / "exit.json" if self._state_for(slurm_id) else None
+        if exit_file is not None and exit_file.exists():
+            return SlurmJob(job_id=slurm_id, state="COMPLETED", name="")
+        return self._cli.show_job(slurm_id)
+
+    def stream_output(self, container_id: str, on_stdout: OutputSink, on_stderr: OutputSink) -> None:
+        self.replay_output(container_id, on_stdout, on_stderr)
+
+    def replay_output(
+        self, container_id: str, on_stdout: OutputSink, on_stderr: OutputSink, *, skip_stdout: int = 0, skip_stderr: int = 0
+    ) -> None:
+        """Follow stdout.log and stderr.log (Slurm writes them on the node) until the job ends."""
+        state = self._state_for(container_id)
+        if state is None:
+            return
+        offsets = {"stdout.log": skip_stdout, "stderr.log": skip_stderr}
+        sinks = {"stdout.log": on_stdout, "stderr.log": on_stderr}
+        ended_at: float | None = None
+        while True:
+            grew = False
+            for name, sink in sinks.items():
+                offsets[name], more = _read_new(state / name, offsets[name], sink)
+                grew = grew or more
+            if ended_at is None:
+                try:
+                    job = self._job_or_ended(container_id)
+                except EngineUnavailable:
+                    job = SlurmJob(job_id=container_id, state="UNKNOWN", name="")
+                if job is None or job.terminal:
+                    ended_at = time.monotonic()
+            elif not grew and time.monotonic() - ended_at >= OUTPUT_SETTLE_SECONDS:
+                return
+            if not grew:
+                time.sleep(OUTPUT_POLL_SECONDS)
+
+    def wait(self, container_id: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self._job_or_ended(container_id)
+            if job is None or job.terminal:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(remaining, self._settings.slurm_poll_interval))
+
+    def stop(self, container_id: str, grace: float) -> None:
+        """scancel: Slurm signals the batch script, which stops the container with its grace; wait for the end."""
+        self._cli.cancel(container_id)
+        self._queue.invalidate()
+        if not self.wait(container_id, grace + 60):
+            log.warning("Slurm job %s did not end within %.0f s of scancel", container_id, grace + 60)
+
+    def exit_info(self, container_id: str) -> ExitInfo:
+        state = self._state_for(container_id)
+        written = _read_json(state / "exit.json") if state else None
+        if isinstance(written, dict) and written.get("reason") in NODE_REASONS:
+            message = _read_text(state / "node_error.txt") if state else ""
+            return ExitInfo(exit_code=None, oom_killed=False, failure_reason=NODE_REASONS[written["reason"]],
+                            error=message or f"the job could not run on its Slurm node ({written['reason']})")
+        job = self._cli.show_job(container_id)
+        if job is not None and job.state in SLURM_FAILURES:
+            reason, message = SLURM_FAILURES[job.state]
+            if job.state == "NODE_FAIL" and job.nodes:
+                message = message.replace("the Slurm node", f"Slurm node {job.nodes}")
+            code = written.get("exit_code") if isinstance(written, dict) else None
+            return ExitInfo(exit_code=code if isinstance(code, int) else None, oom_killed=job.state == "OUT_OF_MEMORY",
+                            failure_reason=reason, error=message)
+        if isinstance(written, dict) and isinstance(written.get("exit_code"), int):
+            return ExitInfo(exit_code=written["exit_code"], oom_killed=bool(written.get("oom_killed")))
+        if job is not None and job.exit_code is not None:
+            # The batch script ended without writing exit.json: it failed before or around the container.
+            return ExitInfo(
+                exit_code=None, oom_killed=False, failure_reason=FailureReason.AGENT_ERROR,
+                error=f"the Slurm batch script ended ({job.state}, exit {job.exit_code}:{job.exit_signal or 0}) without "
+                "running the container to its end; see the job's stderr for the node's message",
+            )
+        return ExitInfo(exit_code=None, oom_killed=False, failure_reason=FailureReason.AGENT_ERROR,
+                        error=f"Slurm no longer knows job {container_id} and it left no exit status; resubmit the job")
+
+    def remove(self, container_id: str) -> None:
+        job = self._job_or_ended(container_id)
+        if job is not None and not job.terminal:
+            self._cli.cancel(container_id)
+        state = self._state_for(container_id)
+        if state is not None:
+            shutil.rmtree(state, ignore_errors=True)
+        with self._lock:
+            self._job_of.pop(container_id, None)
+
+    # --- after a restart -----------------------------------------------------------------------------------
+
+    def list_jobs(self, cluster_id: str) -> list[ContainerState]:
+        """This cluster's Slurm jobs by name, and state directories whose job slurmctld has forgotten."""
+        prefix = f"radix-{cluster_id}-"
+        found: dict[str, ContainerState] = {}
+        for job in self._queue.jobs(max_age=0).values():
+            if job.name.startswith(prefix):
+                found[job.job_id] = self._container_state(job, job.name[len(prefix):])
+        if self.state_root.is_dir():
+            for state in filter(Path.is_dir, self.state_root.iterdir()):
+                slurm_id = _read_text(state / "slurm_job_id")
+                if not slurm_id or slurm_id in found:
+                    continue
+                labels = _read_json(state / "labels.json") or {}
+                if labels.get("radix.cluster_id") != cluster_id:
+                    continue
+                job = self._cli.show_job(slurm_id) or SlurmJob(
+                    job_id=slurm_id, state="COMPLETED" if (state / "exit.json").exists() else "UNKNOWN", name="")
+                found[slurm_id] = self._container_state(job, state.name)
+        return list(found.values())
+
+    def inspect(self, container_id: str) -> ContainerState | None:
+        job = self._job_or_ended(container_id)
+        state = self._state_for(container_id)
+        if job is None:
+            return None
+        return self._container_state(job, state.name if state else "")
+
+    def start_created(self, container_id: str) -> None:
+        """Never needed: a submitted Slurm job starts without the agent."""
+
+    def _container_state(self, job: SlurmJob, job_id: str) -> ContainerState:
+        state = self.state_dir(job_id) if job_id else None
+        labels = (_read_json(state / "labels.json") if state else None) or {}
+        labels.setdefault("radix.job_id", job_id)
+        if job_id:
+            with self._lock:
+                self._job_of[job.job_id] = job_id
+        if job.queued:
+            status = "pending"
+        elif job.state in ("RUNNING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING", "STAGE_OUT"):
+            status = "running"
+        elif job.state == "UNKNOWN":
+            status = "exited" if state and (state / "exit.json").exists() else "dead"
+        else:
+            status = "exited"
+        return ContainerState(id=job.job_id, status=status, labels=labels, started_at=job.start_time)
+
+    def _state_for(self, slurm_id: str) -> Path | None:
+        with self._lock:
+            job_id = self._job_of.get(slurm_id)
+        if job_id:
+            return self.state_dir(job_id)
+        if self.state_root.is_dir():
+            for state in filter(Path.is_dir, self.state_root.iterdir()):
+                if _read_text(state / "slurm_job_id") == slurm_id:
+                    with self._lock:
+                        self._job_of[slurm_id] = state.name
+                    return state
+        return None
+
+
+def _read_new(path: Path, offset: int, sink: OutputSink) -> tuple[int, bool]:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read(READ_CHUNK)
+    except FileNotFoundError:
+        return offset, False
+    if data:
+        sink(data)
+    return offset + len(data), bool(data)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""

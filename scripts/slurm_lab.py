@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""A real one-node Slurm cluster on this machine, for the Slurm tests and `make slurm-demo`.
+
+Debian's slurmctld + slurmd + munge (installed by .ci/run / `make test-deps`), configured here: one controller and
+one node (this machine, as `localhost`) in partition `debug`, with two count-only GPUs backed by fake device files
+(so that Slurm schedules `--gres=gpu:N`, sets CUDA_VISIBLE_DEVICES and reports GPUs in sinfo, though no GPU exists).
+Everything lives under one state directory; `stop` kills exactly the daemons `start` started (their pids are kept).
+
+Usage: scripts/slurm_lab.py start|stop|status [--state DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_STATE = Path("/tmp/radix-slurm-lab")
+CONF_DIR = Path("/etc/slurm")
+MUNGE_KEY = Path("/etc/munge/munge.key")
+FAKE_GPUS = 2
+NODE_CPUS = 8
+PARTITION = "debug"
+
+
+def _memory_mb() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    return 4096
+
+
+def slurm_conf(state: Path) -> str:
+    # Memory as this machine has it, less a margin. More CPUs than it has (config_overrides lets slurmd accept
+    # that): the tests' jobs are tiny, and several must run side by side. DefMemPerCPU: a job that names no memory
+    # must not take the whole node.
+    return f"""\
+ClusterName=radixlab
+SlurmctldHost=localhost
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+StateSaveLocation={state}/slurmctld
+SlurmdSpoolDir={state}/slurmd
+SlurmctldPidFile={state}/slurmctld.pid
+SlurmdPidFile={state}/slurmd.pid
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+ReturnToService=2
+MinJobAge=600
+KillWait=15
+GresTypes=gpu
+SlurmctldLogFile={state}/slurmctld.log
+SlurmdLogFile={state}/slurmd.log
+DefMemPerCPU=256
+SlurmdParameters=config_overrides
+NodeName=localhost CPUs={NODE_CPUS} RealMemory={max(1024, _memory_mb() - 2048)} Gres=gpu:{FAKE_GPUS} State=UNKNOWN
+PartitionName={PARTITION} Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _run(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=timeout)
+
+
+def _alive(pid_file: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def start(state: Path = DEFAULT_STATE) -> None:
+    if os.geteuid() != 0:
+        raise SystemExit("slurm_lab: must run as root (it starts munged, slurmctld and slurmd)")
+    for tool in ("munged", "slurmctld", "slurmd", "sinfo"):
+        if not shutil.which(tool) and not Path("/usr/sbin", tool).exists():
+            raise SystemExit(f"slurm_lab: {tool} not found: apt-get install -y slurmctld slurmd slurm-client munge")
+    for sub in ("slurmctld", "slurmd", "dev"):
+        (state / sub).mkdir(parents=True, exist_ok=True)
+    _start_munge(state)
+    for i in range(FAKE_GPUS):
+        device = state / "dev" / f"fakegpu{i}"
+        if not device.exists():
+            os.mknod(device, 0o666 | 0o020000, os.makedev(1, 3))  # a character device that is /dev/null
+    CONF_DIR.mkdir(parents=True, exist_ok=True)
+    (CONF_DIR / "slurm.conf").write_text(slurm_conf(state))
+    (CONF_DIR / "gres.conf").write_text(f"NodeName=localhost Name=gpu File={state}/dev/fakegpu[0-{FAKE_GPUS - 1}]\n")
+    if not _alive(state / "slurmctld.pid"):
+        _run("/usr/sbin/slurmctld")
+    if not _alive(state / "slurmd.pid"):
+        _run("/usr/sbin/slurmd")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        out = _run("sinfo", "-h", "-o", "%t", check=False).stdout.strip()
+        if out in ("idle", "mix", "alloc"):
+            return
+        if out.startswith(("down", "drain")):
+            _run("scontrol", "update", "NodeName=localhost", "State=RESUME", check=False)
+        time.sleep(0.5)
+    raise SystemExit(f"slurm_lab: the node did not become idle; see {state}/slurmctld.log and {state}/slurmd.log")
+
+
+def _start_munge(state: Path) -> None:
+    if _run("munge", "-n", check=False).returncode == 0:
+        return  # a munged answers already
+    if not MUNGE_KEY.exists():
+        MUNGE_KEY.parent.mkdir(parents=True, exist_ok=True)
+        MUNGE_KEY.write_bytes(os.urandom(1024))
+        shutil.chown(MUNGE_KEY, "munge", "munge")
+        MUNGE_KEY.chmod(0o400)
+    run_dir = Path("/run/munge")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.chown(run_dir, "munge", "munge")
+    pid_file = state / "munged.pid"
+    _run("su", "-s", "/bin/sh", "munge", "-c", "/usr/sbin/munged")
+    deadline = time.monotonic() + 10
+    while _run("munge", "-n", check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise SystemExit("slurm_lab: munged did not start (see /var/log/munge/munged.log)")
+        time.sleep(0.2)
+    pid = Path("/run/munge/munged.pid")
+    if pid.exists():
+        pid_file.write_text(pid.read_text())
+
+
+def stop(state: Path = DEFAULT_STATE) -> None:
+    for name in ("slurmd", "slurmctld", "munged"):
+        pid = _alive(state / f"{name}.pid")
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while _alive(state / f"{name}.pid") and time.monotonic() < deadline:
+                time.sleep(0.1)
+        (state / f"{name}.pid").unlink(missing_ok=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("action", choices=["start", "stop", "status"])
+    parser.add_argument("--state", type=Path, default=DEFAULT_STATE)
+    args = parser.parse_args()
+    if args.action == "start":
+        start(args.state)
+        print(_run("sinfo").stdout, end="")
+    elif args.action == "stop":
+        stop(args.state)
+    else:
+        print(_run("sinfo", check=False).stdout or "slurm: not answering")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""The Slurm mode's pure parts: Slurm output parsing, the sbatch arguments, the batch script (run with a fake
+container engine to see the exact arguments it gets), and how Slurm's ends map to the contract. The real cluster
+is in tests/integration/test_slurm.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from cluster_agent.errors import ConfigError
+from cluster_agent.executors.base import ContainerSpec
+from cluster_agent.executors.slurm import SlurmExecutor
+from cluster_agent.executors.slurm_script import batch_script, sbatch_args
+from cluster_agent.models import FailureReason
+from cluster_agent.settings import Settings
+from cluster_agent.slurm_cli import SlurmJob, parse_scontrol_record, parse_squeue
+from cluster_agent.slurm_cluster import check_shared_storage, gpu_count
+
+
+def spec(tmp_path: Path, **overrides) -> ContainerSpec:
+    values = dict(
+        name="radix-c1-job-1", image="registry.example.com/team/train:2", command=["python", "-c", "print('hi')"],
+        env={"RADIX_JOB_ID": "job-1", "TRICKY": "it's \"quoted\" $HOME `x`\nsecond line"},
+        workspace=tmp_path / "jobs" / "job-1",
+        labels={"radix.job_id": "job-1", "radix.cluster_id": "c1", "radix.timeout": "600"},
+        cpus=3.5, memory_mb=2048, shm_mb=512, pids_limit=100, cap_drop=["NET_RAW"], gpu_count=2, timeout_seconds=600,
+    )
+    values.update(overrides)
+    return ContainerSpec(**values)
+
+
+def settings(tmp_path: Path, **values) -> Settings:
+    return Settings(jobs_workdir=tmp_path / "jobs", cluster_id="c1", execution_mode="slurm", **values)
+
+
+# --- parsing -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gres, count", [
+    ("gpu:4", 4), ("gpu:h100:8(S:0-1)", 8), ("gpu:a100:2,gpu:h100:4", 6), ("gpu:0(IDX:N/A)", 0),
+    ("(null)", 0), ("", 0), ("gpu:h100:2(IDX:0-1),mps:100", 2),
+])
+def test_gpu_count_reads_slurm_gres_strings(gres, count):
+    assert gpu_count(gres) == count
+
+
+def test_squeue_lines_parse_and_names_may_hold_the_separator():
+    jobs = parse_squeue("12|RUNNING|2026-11-23T06:41:32|node7|None|radix-c1-a|b\n13|PENDING|N/A||Resources|radix-c1-x\n")
+    assert jobs[0] == SlurmJob(job_id="12", state="RUNNING", name="radix-c1-a|b", nodes="node7", reason="None",
+                               start_time=jobs[0].start_time)
+    assert jobs[0].start_time is not None and not jobs[0].terminal and not jobs[0].queued
+    assert jobs[1].queued and jobs[1].start_time is None
+
+
+def test_scontrol_records_keep_values_with_spaces():
+    fields = parse_scontrol_record("JobId=5 JobName=radix-c1-j JobState=NODE_FAIL Reason=Node failure here "
+                                   "ExitCode=0:9 NodeList=node3")
+    assert fields["JobState"] == "NODE_FAIL" and fields["Reason"] == "Node failure here"
+    assert fields["ExitCode"] == "0:9" and fields["NodeList"] == "node3"
+
+
+def test_completing_is_not_the_end():
+    # The batch script may still be stopping its container: the job's files are not final yet.
+    assert not SlurmJob(job_id="1", state="COMPLETING", name="").terminal
+    assert SlurmJob(job_id="1", state="CANCELLED", name="").terminal
+
+
+# --- sbatch arguments ----------------------------------------------------------------------------------------
+
+
+def test_sbatch_arguments_carry_the_job_the_settings_and_its_resources(tmp_path):
+    args = sbatch_args(spec(tmp_path), settings(tmp_path, slurm_partition="gpu", slurm_account="ml", slurm_qos="high",
+                                                 slurm_gpu_type="h100", slurm_sbatch_args="--constraint=ib --exclusive"),
+                       tmp_path / "state")
+    assert "--job-name=radix-c1-job-1" in args  # how a restarted agent finds it
+    assert "--export=NONE" in args and "--no-requeue" in args
+    assert {"--partition=gpu", "--account=ml", "--qos=high", "--gres=gpu:h100:2", "--cpus-per-task=4",
+            "--mem=2048M", "--constraint=ib", "--exclusive"} <= set(args)
+    assert "--time=12" in args  # 600 s + slack, in minutes: the agent's own timeout acts first
+    assert f"--output={tmp_path}/state/stdout.log" in args
+
+
+def test_gpus_flag_and_gpu_less_jobs(tmp_path):
+    args = sbatch_args(spec(tmp_path), settings(tmp_path, slurm_gpu_flag="gpus"), tmp_path / "s")
+    assert "--gpus=2" in args and not any(a.startswith("--gres") for a in args)
+    args = sbatch_args(spec(tmp_path, gpu_count=0), settings(tmp_path), tmp_path / "s")
+    assert not any(a.startswith(("--gres", "--gpus")) for a in args)
+    assert not any(a.startswith("--partition") for a in args)  # the cluster's default partition
+
+
+def test_sbatch_args_setting_refuses_what_the_agent_sets():
+    with pytest.raises(ValidationError, match="set by the agent"):
+        Settings(slurm_sbatch_args="--output=/tmp/x")
+    with pytest.raises(ValidationError, match="shell-quoted"):
+        Settings(slurm_sbatch_args="--comment='unterminated")
+
+
+# --- the batch script, run with a fake engine -----------------------------------------------------------------
+
+
+FAKE_ENGINE = """#!/bin/sh
+python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@" >> "$CALLS"
+case "$1" in
+  image) exit "${IMAGE_PRESENT:-0}" ;;
+  pull) echo "pull denied: no such host" >&2; exit 1 ;;
+  inspect) echo "${EXIT_CODE:-0} ${OOM:-false} 2026-11-23T06:00:00Z" ;;
+  run) echo "container output" ;;
+esac
+exit 0
+"""
+
+
+def run_script(tmp_path: Path, container: ContainerSpec, agent_settings: Settings, env: dict[str, str]) -> tuple[list[list[str]], Path]:
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for engine in ("docker", "podman"):
+        (bin_dir / engine).write_text(FAKE_ENGINE)
+        (bin_dir / engine).chmod(stat.S_IRWXU)
+    script = batch_script(container, agent_settings, state, grace=10, version="test")
+    # The script puts the system directories first on PATH (nodes' login PATHs vary); the fake engine goes first here.
+    script = script.replace('export PATH="', f'export PATH="{bin_dir}:', 1)
+    calls = tmp_path / "calls.jsonl"
+    calls.unlink(missing_ok=True)
+    done = subprocess.run(["sh", "-c", script], env={"PATH": os.environ["PATH"], "CALLS": str(calls),
+                                                     "SLURM_JOB_ID": "77", **env}, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode in (0, 3, int(env.get("EXIT_CODE", 0))), done.stderr
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    return [json.loads(line) for line in lines], state
+
+
+def test_the_batch_script_runs_the_container_with_exactly_the_allocated_gpus(tmp_path):
+    container = spec(tmp_path)
+    calls, state = run_script(tmp_path, container, settings(tmp_path), {"SLURM_JOB_GPUS": "2,3"})
+    run = next(c for c in calls if c[0] == "run")
+    assert run[run.index("--gpus") + 1] == '"device=2,3"'  # docker's CSV syntax for a device list
+    assert run[run.index("--name") + 1] == "radix-c1-job-1-77"
+    assert f"{container.workspace}:/workspace:rw" in run
+    assert "TRICKY=it's \"quoted\" $HOME `x`\nsecond line" in run  # passed through untouched by the shell
+    assert "radix.slurm_job_id=77" in run and "radix.job_id=job-1" in run
+    assert {"--init", "no-new-privileges", "--read-only"} & set(run) == {"--init", "no-new-privileges"}
+    assert run[-4:] == ["registry.example.com/team/train:2", "python", "-c", "print('hi')"]
+    assert json.loads((state / "exit.json").read_text()) == {"exit_code": 0, "oom_killed": False, "reason": None}
+
+
+def test_podman_gets_cdi_devices(tmp_path):
+    calls, _ = run_script(tmp_path, spec(tmp_path), settings(tmp_path, slurm_container_engine="podman"),
+                          {"CUDA_VISIBLE_DEVICES": "0,1"})
+    run = next(c for c in calls if c[0] == "run")
+    assert [run[i + 1] for i, a in enumerate(run) if a == "--device"] == ["nvidia.com/gpu=0", "nvidia.com/gpu=1"]
+
+
+def test_a_gpu_job_that_slurm_gave_no_gpus_does_not_run(tmp_path):
+    calls, state = run_script(tmp_path, spec(tmp_path), settings(tmp_path), {})
+    assert not any(c[0] == "run" for c in calls)
+    assert json.loads((state / "exit.json").read_text())["reason"] == "agent_error"
+    assert "asked for 2 GPU(s) but Slurm gave it 0" in (state / "node_error.txt").read_text()
+
+
+def test_exit_code_and_oom_come_back_from_the_node(tmp_path):
+    _, state = run_script(tmp_path, spec(tmp_path, gpu_count=0), settings(tmp_path), {"EXIT_CODE": "137", "OOM": "true"})
+    assert json.loads((state / "exit.json").read_text()) == {"exit_code": 137, "oom_killed": True, "reason": None}
+
+
+def test_an_image_the_node_cannot_pull_is_image_unavailable(tmp_path):
+    calls, state = run_script(tmp_path, spec(tmp_path, gpu_count=0, registry_auth={"username": "u", "password": "p"}),
+                              settings(tmp_path), {"IMAGE_PRESENT": "1"})
+    assert [c[0] for c in calls] == ["image", "pull"]
+    assert json.loads((state / "exit.json").read_text())["reason"] == "image_unavailable"
+    assert "pull denied: no such host" in (state / "node_error.txt").read_text()
+
+
+# --- how Slurm's ends map to the contract ----------------------------------------------------------------------
+
+
+class FakeCli:
+    def __init__(self, job: SlurmJob | None) -> None:
+        self.job = job
+
+    def show_job(self, job_id):
+        return self.job
+
+    def queue(self, user):
+        return [self.job] if self.job else []
+
+
+@pytest.mark.parametrize("state, reason", [
+    ("TIMEOUT", FailureReason.TIMEOUT), ("OUT_OF_MEMORY", FailureReason.OOM), ("CANCELLED", FailureReason.CANCELED),
+    ("PREEMPTED", FailureReason.INTERRUPTED), ("NODE_FAIL", FailureReason.AGENT_ERROR),
+])
+def test_slurm_failure_states_map_to_failure_reasons(tmp_path, state, reason):
+    executor = SlurmExecutor(settings(tmp_path), FakeCli(SlurmJob(job_id="9", state=state, name="radix-c1-j", nodes="gpu3")), user="u")
+    info = executor.exit_info("9")
+    assert info.failure_reason is reason and info.error
+    if state == "NODE_FAIL":
+        assert "gpu3" in info.error and "resubmit" in info.error
+
+
+def test_a_finished_job_slurm_forgot_is_read_from_its_state_directory(tmp_path):
+    executor = SlurmExecutor(settings(tmp_path), FakeCli(None), user="u")
+    state = executor.state_dir("job-1")
+    state.mkdir(parents=True)
+    (state / "slurm_job_id").write_text("41")
+    (state / "labels.json").write_text(json.dumps({"radix.job_id": "job-1", "radix.cluster_id": "c1"}))
+    (state / "exit.json").write_text('{"exit_code": 4, "oom_killed": false, "reason": null}')
+    [found] = executor.list_jobs("c1")
+    assert (found.id, found.status, found.job_id) == ("41", "exited", "job-1")
+    assert executor.exit_info("41").exit_code == 4
+    assert executor.list_jobs("another-cluster") == []
+
+
+# --- shared storage -----------------------------------------------------------------------------------------------
+
+
+class NodesCli:
+    def nodes(self):
+        return [{"NodeName": "gpu1", "NodeHostName": "gpu1.cluster", "CPUTot": "64", "Gres": "gpu:8", "State": "IDLE",
+                 "Partitions": "gpu"}]
+
+    def cluster_name(self):
+        return "c"
+
+
+def test_a_local_jobs_directory_with_remote_nodes_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr("cluster_agent.slurm_cluster.filesystem_type", lambda path: "ext4")
+    with pytest.raises(ConfigError, match="local ext4 filesystem but Slurm nodes \\(gpu1.cluster\\)"):
+        check_shared_storage(NodesCli(), tmp_path, probe_seconds=0)
+    monkeypatch.setattr("cluster_agent.slurm_cluster.filesystem_type", lambda path: "nfs4")
+    check_shared_storage(NodesCli(), tmp_path, probe_seconds=0)  # network storage: believed
