@@ -11,7 +11,7 @@ IMAGE_NAME  ?= radix-cluster-agent
 RELEASE_TAG ?=
 GIT_SHA     := $(shell git rev-parse HEAD 2>/dev/null)
 
-.PHONY: help venv engine test-deps test unit-test integration-test demo image push gpu-check bench profile-dispatch clean
+.PHONY: help venv engine test-deps test unit-test integration-test demo image push gpu-check bench profile-dispatch slurm-lab slurm-lab-stop clean
 
 help:
 	@echo "make test    unit + integration tests (starts a Docker engine if none answers)"
@@ -20,6 +20,7 @@ help:
 	@echo "make push    REGISTRY=... build linux/amd64+arm64 with buildx and push (tags: git sha, RELEASE_TAG)"
 	@echo "make bench   agent vs raw engine: overhead, dispatch latency, throughput, footprint (docs/benchmarks.md)"
 	@echo "make profile-dispatch   py-spy profile of the path from poll answer to running container"
+	@echo "make slurm-lab  a one-node Slurm cluster here, to try --execution-mode slurm (docs/slurm.md)"
 	@echo "make gpu-check  on a GPU host: the agent runs GPU-pinned jobs and checks what they see (docs/gpu.md)"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -33,10 +34,12 @@ engine:
 	scripts/ensure-docker.sh
 
 # busybox-static makes the local job image (no registry is needed); docker-registry and apache2-utils (htpasswd)
-# run the private-registry tests.
+# run the private-registry tests; slurmctld, slurmd and munge the one-node Slurm cluster of the Slurm tests.
+TEST_PACKAGES := busybox-static docker-registry apache2-utils openssl slurmctld slurmd slurm-client munge
 test-deps: venv engine
-	@command -v busybox >/dev/null 2>&1 && command -v docker-registry >/dev/null 2>&1 && command -v htpasswd >/dev/null 2>&1 || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static docker-registry apache2-utils openssl >/dev/null; }
+	@command -v busybox >/dev/null 2>&1 && command -v docker-registry >/dev/null 2>&1 && command -v htpasswd >/dev/null 2>&1 \
+		&& command -v sbatch >/dev/null 2>&1 && test -x /usr/sbin/slurmctld && test -x /usr/sbin/munged || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_PACKAGES) >/dev/null; }
 	$(PY) -m devplane.images
 
 unit-test: venv
@@ -50,6 +53,14 @@ test: test-deps
 
 demo: test-deps
 	$(PY) scripts/demo.py
+
+# A real one-node Slurm cluster on this machine (root): the Slurm tests start it themselves; this is for trying
+# --execution-mode slurm by hand (docs/slurm.md). `make slurm-lab-stop` stops it.
+slurm-lab: test-deps
+	$(PY) scripts/slurm_lab.py start
+
+slurm-lab-stop:
+	$(PY) scripts/slurm_lab.py stop
 
 image: venv engine
 	$(PY) scripts/build_image.py --tag $(IMAGE) $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE)) $(if $(CA_BUNDLE),--ca-bundle $(CA_BUNDLE))

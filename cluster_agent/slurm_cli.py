@@ -2,7 +2,7 @@
 
 Slurm's command-line tools are its stable interface on a login node (slurmrestd is optional and often absent;
 pyslurm must match the installed Slurm exactly), so the agent runs them with a timeout, without a shell, and with
-an environment stripped of the agent's own RADIX_* settings (sbatch would otherwise copy them into jobs).
+an environment stripped of the agent's own RADIX_* settings (and of SBATCH_* defaults).
 A controller that does not answer raises EngineUnavailable; a request Slurm refuses raises SlurmRefused.
 """
 
@@ -95,7 +95,8 @@ def parse_scontrol_record(text: str) -> dict[str, str]:
 class SlurmCli:
     def __init__(self, *, timeout: float = COMMAND_TIMEOUT_SECONDS) -> None:
         self._timeout = timeout
-        self._env = {k: v for k, v in os.environ.items() if not k.startswith(("RADIX_", "SBATCH_", "SLURM_"))}
+        # SBATCH_* would silently add options to every job; SLURM_CONF (a non-default slurm.conf) is kept.
+        self._env = {k: v for k, v in os.environ.items() if not k.startswith(("RADIX_", "SBATCH_"))}
 
     @staticmethod
     def available() -> list[str]:
@@ -125,7 +126,8 @@ class SlurmCli:
     def ping(self) -> None:
         out = self.run("scontrol", "ping")
         if " is UP" not in out:
-            raise EngineUnavailable(f"Slurm controller not up: {out.strip()}")
+            first = next((line.strip() for line in out.splitlines() if line.strip()), "no answer")
+            raise EngineUnavailable(f"Slurm controller not up: {first}")
 
     def submit(self, args: Sequence[str], script: str) -> str:
         """sbatch; the script goes on stdin (it is also kept in the job's state directory). Returns the job id."""

@@ -4,7 +4,10 @@
 Debian's slurmctld + slurmd + munge (installed by .ci/run / `make test-deps`), configured here: one controller and
 one node (this machine, as `localhost`) in partition `debug`, with two count-only GPUs backed by fake device files
 (so that Slurm schedules `--gres=gpu:N`, sets CUDA_VISIBLE_DEVICES and reports GPUs in sinfo, though no GPU exists).
-Everything lives under one state directory; `stop` kills exactly the daemons `start` started (their pids are kept).
+Everything lives under one state directory, the configuration too: /etc/slurm is never touched (a developer's
+machine may be a real cluster's login node). Daemons and clients find it through SLURM_CONF, which `start` sets
+in its own environment (the tests' agents inherit it) and prints for a shell. `stop` kills exactly the daemons
+`start` started (their pids are kept).
 
 Usage: scripts/slurm_lab.py start|stop|status [--state DIR]
 """
@@ -21,7 +24,6 @@ import time
 from pathlib import Path
 
 DEFAULT_STATE = Path("/tmp/radix-slurm-lab")
-CONF_DIR = Path("/etc/slurm")
 MUNGE_KEY = Path("/etc/munge/munge.key")
 FAKE_GPUS = 2
 NODE_CPUS = 8
@@ -92,9 +94,9 @@ def start(state: Path = DEFAULT_STATE) -> None:
         device = state / "dev" / f"fakegpu{i}"
         if not device.exists():
             os.mknod(device, 0o666 | 0o020000, os.makedev(1, 3))  # a character device that is /dev/null
-    CONF_DIR.mkdir(parents=True, exist_ok=True)
-    (CONF_DIR / "slurm.conf").write_text(slurm_conf(state))
-    (CONF_DIR / "gres.conf").write_text(f"NodeName=localhost Name=gpu File={state}/dev/fakegpu[0-{FAKE_GPUS - 1}]\n")
+    (state / "slurm.conf").write_text(slurm_conf(state))
+    (state / "gres.conf").write_text(f"NodeName=localhost Name=gpu File={state}/dev/fakegpu[0-{FAKE_GPUS - 1}]\n")
+    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
     if not _alive(state / "slurmctld.pid"):
         _run("/usr/sbin/slurmctld")
     if not _alive(state / "slurmd.pid"):
@@ -134,6 +136,7 @@ def _start_munge(state: Path) -> None:
 
 
 def stop(state: Path = DEFAULT_STATE) -> None:
+    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
     for name in ("slurmd", "slurmctld", "munged"):
         pid = _alive(state / f"{name}.pid")
         if pid:
@@ -152,9 +155,11 @@ def main() -> int:
     if args.action == "start":
         start(args.state)
         print(_run("sinfo").stdout, end="")
+        print(f"export SLURM_CONF={args.state / 'slurm.conf'}   # for your shell and the agent")
     elif args.action == "stop":
         stop(args.state)
     else:
+        os.environ["SLURM_CONF"] = str(args.state / "slurm.conf")
         print(_run("sinfo", check=False).stdout or "slurm: not answering")
     return 0
 

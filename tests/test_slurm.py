@@ -146,6 +146,7 @@ def test_the_batch_script_runs_the_container_with_exactly_the_allocated_gpus(tmp
     assert f"{container.workspace}:/workspace:rw" in run
     assert "TRICKY=it's \"quoted\" $HOME `x`\nsecond line" in run  # passed through untouched by the shell
     assert "radix.slurm_job_id=77" in run and "radix.job_id=job-1" in run
+    assert "RADIX_SLURM_JOB_ID=77" in run and "RADIX_SLURM_NODE=" + os.uname().nodename in run
     assert {"--init", "no-new-privileges", "--read-only"} & set(run) == {"--init", "no-new-privileges"}
     assert run[-4:] == ["registry.example.com/team/train:2", "python", "-c", "print('hi')"]
     assert json.loads((state / "exit.json").read_text()) == {"exit_code": 0, "oom_killed": False, "reason": None}
@@ -235,3 +236,33 @@ def test_a_local_jobs_directory_with_remote_nodes_is_refused(tmp_path, monkeypat
         check_shared_storage(NodesCli(), tmp_path, probe_seconds=0)
     monkeypatch.setattr("cluster_agent.slurm_cluster.filesystem_type", lambda path: "nfs4")
     check_shared_storage(NodesCli(), tmp_path, probe_seconds=0)  # network storage: believed
+
+
+class ClusterCli:
+    def nodes(self):
+        return [
+            {"NodeName": "a1", "CPUTot": "64", "RealMemory": "512000", "Gres": "gpu:h100:8", "GresUsed": "gpu:h100:3(IDX:0-2)",
+             "State": "MIXED", "Partitions": "gpu,all"},
+            {"NodeName": "a2", "CPUTot": "64", "RealMemory": "512000", "Gres": "gpu:h100:8", "GresUsed": "gpu:h100:0",
+             "State": "DOWN+NOT_RESPONDING", "Partitions": "gpu,all"},
+            {"NodeName": "c1", "CPUTot": "32", "RealMemory": "128000", "Gres": "(null)", "GresUsed": "gpu:0",
+             "State": "IDLE", "Partitions": "cpu,all"},
+        ]
+
+    def cluster_name(self):
+        return "big"
+
+
+def test_capabilities_describe_the_cluster_gpus_per_partition_and_idle_gpus():
+    from cluster_agent.slurm_cluster import SlurmCluster
+
+    caps = SlurmCluster(ClusterCli()).capabilities(execution_mode="slurm").model_dump()
+    assert (caps["cpu_count"], caps["gpu_count"]) == (160, 16)
+    slurm = caps["slurm"]
+    assert (slurm["cluster"], slurm["nodes"], slurm["nodes_up"], slurm["idle_gpus"]) == ("big", 3, 2, 5)  # a2 is down
+    parts = {p["name"]: p for p in slurm["partitions"]}
+    assert (parts["gpu"]["gpus"], parts["gpu"]["idle_gpus"], parts["gpu"]["max_gpus_per_node"]) == (16, 5, 8)
+    assert parts["cpu"]["gpus"] == 0 and parts["all"]["nodes"] == 3
+    # An agent bound to one partition offers that partition's idle GPUs in its polls.
+    assert SlurmCluster(ClusterCli(), partition="cpu").gpus().free_count() == 0
+    assert SlurmCluster(ClusterCli(), partition="gpu").gpus().free_count() == 5

@@ -18,6 +18,7 @@ How Slurm's own ends map to the contract (exit_info):
 
 from __future__ import annotations
 
+import base64
 import getpass
 import json
 import logging
@@ -89,7 +90,10 @@ class SlurmExecutor:
         shutil.rmtree(state, ignore_errors=True)
         state.mkdir(parents=True, mode=0o700)
         script = batch_script(spec, self._settings, state, grace=STOP_GRACE_SECONDS, version=__version__)
-        (state / "batch.sh").write_text(script)
+        # The script holds the job's env: readable by the agent's user only (sbatch gets it on stdin).
+        fd = os.open(state / "batch.sh", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(script)
         (state / "labels.json").write_text(json.dumps(spec.labels))
         if spec.registry_auth:
             self._write_auth(state, spec.image, spec.registry_auth)
@@ -107,8 +111,6 @@ class SlurmExecutor:
 
     @staticmethod
     def _write_auth(state: Path, image: str, auth: dict[str, str]) -> None:
-        import base64
-
         registry = auth.get("serveraddress") or image.split("/", 1)[0]
         token = base64.b64encode(f"{auth.get('username', '')}:{auth.get('password', '')}".encode()).decode()
         (state / "auth").mkdir(mode=0o700)

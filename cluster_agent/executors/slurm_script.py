@@ -132,7 +132,8 @@ rm -rf "$STATE/auth"
 unset DOCKER_CONFIG
 
 # Only the GPUs Slurm allocated to this job; a GPU job that got none must not run without them.
-set -- run --name "$NAME" --label radix.slurm_job_id="$SLURM_JOB_ID"
+set -- run --name "$NAME" --label radix.slurm_job_id="$SLURM_JOB_ID" \
+  --env RADIX_SLURM_JOB_ID="$SLURM_JOB_ID" --env RADIX_SLURM_NODE="$NODE"
 if [ "$GPUS_WANTED" -gt 0 ]; then
   GPUS="${{SLURM_JOB_GPUS:-${{SLURM_STEP_GPUS:-${{CUDA_VISIBLE_DEVICES:-}}}}}}"
   got=$(printf '%s' "$GPUS" | tr ',' '\\n' | grep -c .)
