@@ -241,7 +241,8 @@ class Agent:
                 log.error("%s: taking no jobs until it answers again", exc)
             return False
         if self._engine_down_since is not None:
-            log.info("the Docker engine answers again after %.0f s: taking jobs", self._clock() - self._engine_down_since)
+            log.info("%s answers again after %.0f s: taking jobs", self._executor.engine_name,
+                     self._clock() - self._engine_down_since)
             self._engine_down_since, self._engine_backoff = None, 1.0
         return True
 

@@ -248,6 +248,14 @@ class JobRun:
                 return self._watch(spec, state.id, started_wall=self._wall(), replay=False)
             log.info("job %s: adopted container %s (%s)", spec.job_id, state.id[:12], state.status,
                      extra={"job_id": spec.job_id, "event": "adopted", "container_id": state.id})
+            if state.status == "pending":
+                # Still queued by a scheduler: no start call went out yet, and its timeout has not begun.
+                started_wall = self._executor.wait_started(state.id, self._stop_requested)
+                if started_wall is not None:
+                    self._observer.started(
+                        state.id, datetime.fromtimestamp(started_wall, timezone.utc).isoformat(), self.gpu_ids
+                    )
+                return self._watch(spec, state.id, started_wall=started_wall or self._wall(), replay=True)
             return self._watch(spec, state.id, started_wall=state.started_at or self._wall(), replay=True)
         finally:
             self._gpus.release(spec.job_id)
@@ -388,8 +396,8 @@ class JobRun:
                 if state is None:
                     raise JobFailed(
                         FailureReason.AGENT_ERROR,
-                        f"the job's container {container_id[:12]} vanished while the Docker engine was away; the job "
-                        "may or may not have run to completion: resubmit it",
+                        f"the job's container {container_id[:12]} vanished while {self._executor.engine_name} was "
+                        "away; the job may or may not have run to completion: resubmit it",
                     ) from None
                 reader.join(timeout=5)  # its stream broke with the engine
                 if state.running:
@@ -432,7 +440,7 @@ class JobRun:
             try:
                 self._executor.ping()
                 state = self._executor.inspect(container_id)
-                log.info("job %s: the Docker engine is back", self.job_id)
+                log.info("job %s: %s is back", self.job_id, self._executor.engine_name)
                 return state
             except EngineUnavailable:
                 self._stop_requested.wait(delay)

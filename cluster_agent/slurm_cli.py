@@ -78,6 +78,19 @@ def parse_squeue(text: str) -> list[SlurmJob]:
     return jobs
 
 
+def parse_sacct(text: str, job_id: str) -> SlurmJob | None:
+    """The job's own line of `sacct --parsable2` (not its steps: 12.batch, 12.0)."""
+    for line in text.splitlines():
+        parts = line.split("|", 5)
+        if len(parts) == 6 and parts[0] == job_id:
+            code, _, signal = parts[2].partition(":")
+            return SlurmJob(job_id=job_id, state=parts[1].split()[0] if parts[1] else "", name=parts[5],
+                            nodes=parts[4], start_time=parse_time(parts[3]),
+                            exit_code=int(code) if code.isdigit() else None,
+                            exit_signal=int(signal) if signal.isdigit() else None)
+    return None
+
+
 def parse_scontrol_record(text: str) -> dict[str, str]:
     """One `scontrol show ... -o` line: Key=Value pairs separated by spaces (values may not contain '=')."""
     fields: dict[str, str] = {}
@@ -100,7 +113,7 @@ class SlurmCli:
 
     @staticmethod
     def available() -> list[str]:
-        """The Slurm commands missing from PATH."""
+        """The Slurm commands missing from PATH (sacct is optional: it only answers where accounting runs)."""
         return [c for c in ("sbatch", "squeue", "scontrol", "scancel", "sinfo") if shutil.which(c) is None]
 
     def run(self, *args: str, input_text: str | None = None) -> str:
@@ -142,16 +155,17 @@ class SlurmCli:
         return parse_squeue(self.run("squeue", "--noheader", "--states=all", f"--user={user}", f"--format={SQUEUE_FORMAT}"))
 
     def show_job(self, job_id: str) -> SlurmJob | None:
-        """scontrol's view, with the exit code squeue lacks; None once slurmctld forgot the job."""
+        """scontrol's view, with the exit code squeue lacks; once slurmctld forgot the job (MinJobAge), sacct's
+        where accounting is kept; else None."""
         try:
             out = self.run("scontrol", "show", "job", "--oneliner", job_id)
         except SlurmRefused as exc:
             if "Invalid job id" in str(exc):
-                return None
+                return self.accounting(job_id)
             raise
         fields = parse_scontrol_record(out.strip().splitlines()[0] if out.strip() else "")
         if not fields.get("JobId"):
-            return None
+            return self.accounting(job_id)
         code, _, signal = fields.get("ExitCode", "").partition(":")
         return SlurmJob(
             job_id=fields["JobId"], state=fields.get("JobState", "").split()[0] if fields.get("JobState") else "",
@@ -159,6 +173,15 @@ class SlurmCli:
             reason=fields.get("Reason", ""), start_time=parse_time(fields.get("StartTime", "")),
             exit_code=int(code) if code.isdigit() else None, exit_signal=int(signal) if signal.isdigit() else None,
         )
+
+    def accounting(self, job_id: str) -> SlurmJob | None:
+        """sacct's record of a job slurmctld has forgotten; None where accounting is not kept (no slurmdbd)."""
+        try:
+            out = self.run("sacct", "--noheader", "--parsable2", f"--jobs={job_id}",
+                           "--format=JobID,State,ExitCode,Start,NodeList,JobName")
+        except SlurmRefused:
+            return None  # "Slurm accounting storage is disabled"
+        return parse_sacct(out, job_id)
 
     def cancel(self, job_id: str) -> None:
         try:

@@ -16,6 +16,7 @@ class FakeExecutor:
     """Records container specs; each container 'runs' until released (or for `run_seconds`)."""
 
     jobs_die_with_engine = True
+    engine_name = "the fake engine"
 
     def __init__(self, run_seconds=0.0):
         self.specs: list[ContainerSpec] = []

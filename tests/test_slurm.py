@@ -266,3 +266,25 @@ def test_capabilities_describe_the_cluster_gpus_per_partition_and_idle_gpus():
     # An agent bound to one partition offers that partition's idle GPUs in its polls.
     assert SlurmCluster(ClusterCli(), partition="cpu").gpus().free_count() == 0
     assert SlurmCluster(ClusterCli(), partition="gpu").gpus().free_count() == 5
+
+
+def test_sacct_gives_the_jobs_own_line_not_its_steps():
+    from cluster_agent.slurm_cli import parse_sacct
+
+    text = ("12|NODE_FAIL|0:0|2026-11-23T06:59:05|gpu7|radix-c1-job-1\n"
+            "12.batch|CANCELLED|0:15|2026-11-23T06:59:05|gpu7|batch\n")
+    job = parse_sacct(text, "12")
+    assert (job.state, job.nodes, job.name, job.exit_code) == ("NODE_FAIL", "gpu7", "radix-c1-job-1", 0)
+    assert job.terminal and parse_sacct(text, "13") is None
+
+
+def test_without_accounting_sacct_is_no_answer_not_an_error():
+    from cluster_agent.slurm_cli import SlurmCli, SlurmRefused
+
+    class NoAccounting(SlurmCli):
+        def run(self, *args, input_text=None):
+            if args[0] == "sacct":
+                raise SlurmRefused("Slurm accounting storage is disabled")
+            raise SlurmRefused("slurm_load_jobs error: Invalid job id specified")
+
+    assert NoAccounting().show_job("99") is None

@@ -72,6 +72,7 @@ class Executor(Protocol):
     # Whether a job's container dies when the engine does (dockerd, not a Slurm controller): only then is an
     # unexplained kill signal worth blaming on an engine restart.
     jobs_die_with_engine: bool
+    engine_name: str  # for messages: "the Docker engine", "the Slurm controller"
 
     def ping(self) -> None:
         """Raise EngineUnavailable unless the engine answers."""

@@ -100,6 +100,7 @@ def _engine(what: str) -> Iterator[None]:
 
 class DockerExecutor:
     jobs_die_with_engine = True  # without live-restore, a dockerd restart kills every container
+    engine_name = "the Docker engine"
 
     def __init__(
         self,

@@ -60,6 +60,7 @@ NODE_REASONS = {"image_unavailable": FailureReason.IMAGE_UNAVAILABLE, "agent_err
 
 class SlurmExecutor:
     jobs_die_with_engine = False  # slurmctld restarting does not end jobs
+    engine_name = "the Slurm controller"
 
     def __init__(self, settings: Settings, cli: SlurmCli | None = None, *, user: str | None = None) -> None:
         self._settings = settings
@@ -138,14 +139,11 @@ class SlurmExecutor:
 
     def _job_or_ended(self, slurm_id: str) -> SlurmJob | None:
         """The queue's view; for a job it no longer lists, what the state directory says (None: nothing)."""
-        try:
-            job = self._job(slurm_id)
-        except EngineUnavailable:
-            raise
+        job = self._job(slurm_id)
         if job is not None:
             return job
-        exit_file = self._state_for(slurm_id) / "exit.json" if self._state_for(slurm_id) else None
-        if exit_file is not None and exit_file.exists():
+        state = self._state_for(slurm_id)
+        if state is not None and (state / "exit.json").exists():
             return SlurmJob(job_id=slurm_id, state="COMPLETED", name="")
         return self._cli.show_job(slurm_id)
 

@@ -16,3 +16,12 @@ def test_bench_runs_and_writes_its_report(tmp_path, busybox):
                     "throughput, 1 / 2 / 4 slots", "idle RSS", "idle CPU", "peak RSS while a job prints",
                     "log delivery", "NVML sample", "--tiny mode"):
         assert section in report, section
+
+
+def test_the_dispatch_profiler_runs_and_reads_the_agents_own_timing(busybox):
+    # Without py-spy (--no-profile): the latency figures, and the agent's own histograms read from /metrics.
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_dispatch.py"), "--jobs", "2", "--no-profile"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "agent's own share p50" in run.stdout
+    assert "radix_agent_dispatch_overhead_seconds" in run.stdout and "radix_agent_container_start_seconds" in run.stdout

@@ -174,3 +174,32 @@ def test_a_job_never_sees_the_agents_token(slurm_agent, cp):
     result = cp.run(wait=90, command=["sh", "-c", "env"])
     assert "integration-cluster-token" not in json.dumps(result)
     assert "RADIX_CLUSTER_TOKEN" not in json.dumps(result)
+
+
+def test_queued_jobs_can_be_canceled_and_are_adopted_before_they_start(slurm_agent, cp, cluster_id):
+    first = slurm_agent("--max-concurrent-jobs", "2")
+    first.wait_for_log("agent starting")
+    prefix = f"radix-{cluster_id}-"
+    subprocess.run(["scontrol", "update", "PartitionName=debug", "State=DOWN"], check=True)
+    try:
+        doomed = cp.submit(command=["true"])
+        later = cp.submit(command=["sh", "-c", "echo '{\"ran\": true}'"])
+        eventually(lambda: len([j for j in slurm_jobs(prefix) if j["state"] == "PENDING"]) == 2, timeout=30,
+                   what="both jobs queued in Slurm")
+
+        cp.cancel(doomed)
+        record = cp.result(doomed, wait=60)
+        assert record["result"]["status"] == "canceled", record["result"]
+        assert record["started"] is None  # it never ran: no start call
+
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+        second = slurm_agent("--max-concurrent-jobs", "2", jobs_dir=first.jobs_dir)
+        second.wait_for_log("(pending)")
+        assert cp.result_now(later)["started"] is None
+    finally:
+        subprocess.run(["scontrol", "update", "PartitionName=debug", "State=UP"], check=False)
+    record = cp.result(later, wait=90)
+    assert record["result"]["status"] == "succeeded" and record["result"]["output_payload"] == {"ran": True}
+    assert record["started"]["container_id"].isdigit()  # the adopting agent sent the start call when Slurm ran it
+    assert len(slurm_jobs(f"{prefix}{later}")) == 1
