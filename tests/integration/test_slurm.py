@@ -203,3 +203,20 @@ def test_queued_jobs_can_be_canceled_and_are_adopted_before_they_start(slurm_age
     assert record["result"]["status"] == "succeeded" and record["result"]["output_payload"] == {"ran": True}
     assert record["started"]["container_id"].isdigit()  # the adopting agent sent the start call when Slurm ran it
     assert len(slurm_jobs(f"{prefix}{later}")) == 1
+
+
+def test_a_jobs_directory_the_nodes_do_not_see_is_refused_at_start_up(slurm, plane, cluster_id, tmp_path):
+    # The agent gets a private tmpfs over its jobs directory (its own mount namespace); slurmd, like a node
+    # without the shared mount, sees only the empty directory underneath. The probe job finds no token there.
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RADIX_")}
+    agent = [sys.executable, str(ROOT / "main.py"), "--api-base", plane.url, "--cluster-id", cluster_id,
+             "--cluster-token", "x", "--token-file", str(tmp_path / "token"), "--jobs-workdir", str(jobs),
+             "--execution-mode", "slurm", "--slurm-storage-probe-seconds", "60", "--metrics-port", "0"]
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           f'mount -t tmpfs radix-private "{jobs}" && exec "$@"', "sh", *agent],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "a probe job on the Slurm nodes could not see it" in done.stderr
+    assert "put --jobs-workdir on storage the nodes mount at the same path" in done.stderr
