@@ -137,7 +137,10 @@ class SlurmCli:
     # --- the calls -----------------------------------------------------------------------------------------
 
     def ping(self) -> None:
-        out = self.run("scontrol", "ping")
+        try:
+            out = self.run("scontrol", "ping")
+        except SlurmRefused as exc:  # "Slurmctld(primary) at host is DOWN" comes with a non-zero status
+            out = str(exc)
         if " is UP" not in out:
             first = next((line.strip() for line in out.splitlines() if line.strip()), "no answer")
             raise EngineUnavailable(f"Slurm controller not up: {first}")

@@ -135,6 +135,15 @@ def _start_munge(state: Path) -> None:
         pid_file.write_text(pid.read_text())
 
 
+def kill_controller(state: Path = DEFAULT_STATE) -> None:
+    """slurmctld dies (SIGKILL): jobs on the node run on; `start` brings it back with its saved state."""
+    pid = _alive(state / "slurmctld.pid")
+    if pid:
+        os.kill(pid, signal.SIGKILL)
+        while _alive(state / "slurmctld.pid"):
+            time.sleep(0.1)
+
+
 def stop(state: Path = DEFAULT_STATE) -> None:
     os.environ["SLURM_CONF"] = str(state / "slurm.conf")
     for name in ("slurmd", "slurmctld", "munged"):

@@ -149,7 +149,8 @@ def test_the_batch_script_runs_the_container_with_exactly_the_allocated_gpus(tmp
     assert "RADIX_SLURM_JOB_ID=77" in run and "RADIX_SLURM_NODE=" + os.uname().nodename in run
     assert {"--init", "no-new-privileges", "--read-only"} & set(run) == {"--init", "no-new-privileges"}
     assert run[-4:] == ["registry.example.com/team/train:2", "python", "-c", "print('hi')"]
-    assert json.loads((state / "exit.json").read_text()) == {"exit_code": 0, "oom_killed": False, "reason": None}
+    assert json.loads((state / "exit.json").read_text()) == {"exit_code": 0, "oom_killed": False, "reason": None,
+                                                             "signalled": False}
 
 
 def test_podman_gets_cdi_devices(tmp_path):
@@ -168,7 +169,8 @@ def test_a_gpu_job_that_slurm_gave_no_gpus_does_not_run(tmp_path):
 
 def test_exit_code_and_oom_come_back_from_the_node(tmp_path):
     _, state = run_script(tmp_path, spec(tmp_path, gpu_count=0), settings(tmp_path), {"EXIT_CODE": "137", "OOM": "true"})
-    assert json.loads((state / "exit.json").read_text()) == {"exit_code": 137, "oom_killed": True, "reason": None}
+    assert json.loads((state / "exit.json").read_text()) == {"exit_code": 137, "oom_killed": True, "reason": None,
+                                                             "signalled": False}
 
 
 def test_an_image_the_node_cannot_pull_is_image_unavailable(tmp_path):
@@ -288,3 +290,52 @@ def test_without_accounting_sacct_is_no_answer_not_an_error():
             raise SlurmRefused("slurm_load_jobs error: Invalid job id specified")
 
     assert NoAccounting().show_job("99") is None
+
+
+def test_an_sbatch_that_timed_out_after_slurm_took_the_job_is_not_a_lost_job(tmp_path):
+    from cluster_agent.errors import EngineUnavailable
+
+    class SlowController(FakeCli):
+        def submit(self, args, script):
+            self.job = SlurmJob(job_id="55", state="PENDING", name="radix-c1-job-1")
+            raise EngineUnavailable("sbatch did not answer within 30 s")
+
+    executor = SlurmExecutor(settings(tmp_path), SlowController(None), user="u")
+    assert executor.start(spec(tmp_path, gpu_count=0)) == "55"  # found by its name, not reported failed
+
+
+def test_a_controller_that_is_down_is_unavailable_not_a_refusal():
+    from cluster_agent.errors import EngineUnavailable
+    from cluster_agent.slurm_cli import SlurmCli, SlurmRefused
+
+    class Down(SlurmCli):
+        def run(self, *args, input_text=None):
+            raise SlurmRefused("Slurmctld(primary) at vm is DOWN\n*****\n** RESTORE SLURMCTLD DAEMON TO SERVICE **")
+
+    with pytest.raises(EngineUnavailable, match="not up: Slurmctld\\(primary\\) at vm is DOWN$"):
+        Down().ping()
+
+
+def test_the_nodes_exit_file_ends_the_wait_unless_slurm_signalled_the_job(tmp_path):
+    # A container that ended by itself is done at once, even before slurmctld hears; one that Slurm stopped
+    # (time limit, scancel, preemption) waits for Slurm's final state, which names the reason.
+    executor = SlurmExecutor(settings(tmp_path, slurm_poll_interval=0.05),
+                             FakeCli(SlurmJob(job_id="8", state="RUNNING", name="radix-c1-job-1")), user="u")
+    state = executor.state_dir("job-1")
+    state.mkdir(parents=True)
+    (state / "slurm_job_id").write_text("8")
+    assert executor.wait("8", 0.1) is False
+    (state / "exit.json").write_text('{"exit_code": 143, "oom_killed": false, "reason": null, "signalled": true}')
+    assert executor.wait("8", 0.1) is False
+    (state / "exit.json").write_text('{"exit_code": 0, "oom_killed": false, "reason": null, "signalled": false}')
+    assert executor.wait("8", 0.1) is True
+
+
+def test_a_job_slurm_does_not_list_is_only_gone_after_a_grace(tmp_path, monkeypatch):
+    # Right after a restart slurmctld may answer before it has reloaded its jobs: that is not the job's end.
+    executor = SlurmExecutor(settings(tmp_path, slurm_poll_interval=0.05), FakeCli(None), user="u")
+    assert executor.wait("12", 0.2) is False
+    assert executor.inspect("12").running
+    monkeypatch.setattr("cluster_agent.executors.slurm.MISSING_GRACE_SECONDS", 0.0)
+    assert executor.wait("12", 0.2) is True
+    assert executor.inspect("12") is None

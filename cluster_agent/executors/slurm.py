@@ -45,6 +45,7 @@ OUTPUT_POLL_SECONDS = 0.25
 # How long after Slurm says "ended" the output files may still grow (NFS attribute caching, slurmstepd's flush).
 OUTPUT_SETTLE_SECONDS = 1.0
 READ_CHUNK = 1024 * 1024
+MISSING_GRACE_SECONDS = 30.0
 
 SLURM_FAILURES: dict[str, tuple[FailureReason, str]] = {
     "TIMEOUT": (FailureReason.TIMEOUT, "Slurm ended the job at its time limit (--time); raise timeout_seconds if it needs longer"),
@@ -69,6 +70,7 @@ class SlurmExecutor:
         self._queue = QueueView(self._cli, self._user, settings.slurm_poll_interval)
         self.state_root = settings.jobs_workdir / STATE_DIR_NAME
         self._job_of: dict[str, str] = {}  # slurm job id -> radix job id
+        self._missing_since: dict[str, float] = {}
         self._lock = threading.Lock()
 
     # --- the engine as a whole -----------------------------------------------------------------------------
@@ -103,12 +105,23 @@ class SlurmExecutor:
         except SlurmRefused as exc:
             raise JobFailed(FailureReason.INVALID_JOB, f"Slurm refused the job: {exc}; fix the job's resources or the "
                             "agent's --slurm-* settings (partition, account, QoS)") from None
+        except EngineUnavailable:
+            # sbatch may have timed out after slurmctld took the job: a job reported failed must not run anyway.
+            slurm_id = self._submitted_as(spec.name)
+            if slurm_id is None:
+                raise
         (state / "slurm_job_id").write_text(slurm_id)
         with self._lock:
             self._job_of[slurm_id] = job_id
         self._queue.invalidate()
         log.info("job %s: submitted as Slurm job %s", job_id, slurm_id)
         return slurm_id
+
+    def _submitted_as(self, name: str) -> str | None:
+        try:
+            return next((job.job_id for job in self._queue.jobs(max_age=0).values() if job.name == name), None)
+        except EngineUnavailable:
+            return None
 
     @staticmethod
     def _write_auth(state: Path, image: str, auth: dict[str, str]) -> None:
@@ -129,23 +142,37 @@ class SlurmExecutor:
             job = self._job_or_ended(container_id)
             if job is None or job.terminal:
                 return job.start_time if job is not None and job.start_time else None
-            if not job.queued:
+            if not job.queued and job.state != "UNKNOWN":
                 return job.start_time or time.time()
             if not logged:
-                log.info("Slurm job %s is queued (%s)", container_id, job.reason if job.reason not in ("", "None") else job.state)
+                why = job.reason if job.reason not in ("", "None") else job.state
+                log.info("Slurm job %s is queued (%s)", container_id, why)
                 logged = True
             stop.wait(self._settings.slurm_poll_interval)
         return None
 
     def _job_or_ended(self, slurm_id: str) -> SlurmJob | None:
-        """The queue's view; for a job it no longer lists, what the state directory says (None: nothing)."""
-        job = self._job(slurm_id)
-        if job is not None:
-            return job
+        """The job's state: ended once the node wrote exit.json (the container is gone and its output is in the
+        files, even while slurmctld has not heard yet); else the queue's view, else scontrol's (None: nothing)."""
         state = self._state_for(slurm_id)
-        if state is not None and (state / "exit.json").exists():
-            return SlurmJob(job_id=slurm_id, state="COMPLETED", name="")
-        return self._cli.show_job(slurm_id)
+        written = _read_json(state / "exit.json") if state is not None else None
+        job = self._job(slurm_id)
+        # Not when Slurm signalled the job (scancel, time limit, preemption): only Slurm's final state says which.
+        if isinstance(written, dict) and not written.get("signalled") and (job is None or not job.terminal):
+            return SlurmJob(job_id=slurm_id, state="COMPLETED", name="", start_time=job.start_time if job else None)
+        if job is None:
+            job = self._cli.show_job(slurm_id)
+        if job is not None:
+            with self._lock:
+                self._missing_since.pop(slurm_id, None)
+            return job
+        # Unknown to Slurm. A controller that has just restarted may answer before it has reloaded its jobs:
+        # only a job missing for a while is taken as gone (it ended longer ago than MinJobAge, or never existed).
+        with self._lock:
+            since = self._missing_since.setdefault(slurm_id, time.monotonic())
+        if time.monotonic() - since < MISSING_GRACE_SECONDS:
+            return SlurmJob(job_id=slurm_id, state="UNKNOWN", name="")
+        return None
 
     def stream_output(self, container_id: str, on_stdout: OutputSink, on_stderr: OutputSink) -> None:
         self.replay_output(container_id, on_stdout, on_stderr)
@@ -276,7 +303,8 @@ class SlurmExecutor:
         elif job.state in ("RUNNING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING", "STAGE_OUT"):
             status = "running"
         elif job.state == "UNKNOWN":
-            status = "exited" if state and (state / "exit.json").exists() else "dead"
+            # Slurm does not say (yet): watch it; the wait decides once it has been missing long enough.
+            status = "exited" if state and (state / "exit.json").exists() else "running"
         else:
             status = "exited"
         return ContainerState(id=job.job_id, status=status, labels=labels, started_at=job.start_time)

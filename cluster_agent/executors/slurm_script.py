@@ -147,7 +147,9 @@ if [ "$GPUS_WANTED" -gt 0 ]; then
 fi
 
 "$ENGINE" rm --force "$NAME" >/dev/null 2>&1
+SIGNALLED=false
 stop_container() {{
+  SIGNALLED=true
   say "Slurm is ending the job: stopping its container ({grace:g} s grace)"
   "$ENGINE" stop --time {math.ceil(grace)} "$NAME" >/dev/null 2>&1
 }}
@@ -165,7 +167,8 @@ if result=$("$ENGINE" inspect --format '{{{{.State.ExitCode}}}} {{{{.State.OOMKi
   case "$3" in 0001-01-01*)
     fail agent_error "the container engine $ENGINE on Slurm node $NODE created the container but could not start it (exit status $code)" ;;
   esac
-  printf '{{"exit_code": %s, "oom_killed": %s, "reason": null}}\\n' "$1" "$2" > "$STATE/.exit.json.tmp"
+  printf '{{"exit_code": %s, "oom_killed": %s, "reason": null, "signalled": %s}}\\n' "$1" "$2" "$SIGNALLED" \
+    > "$STATE/.exit.json.tmp"
   mv "$STATE/.exit.json.tmp" "$STATE/exit.json"
   exit "$1"
 fi

@@ -220,3 +220,21 @@ def test_a_jobs_directory_the_nodes_do_not_see_is_refused_at_start_up(slurm, pla
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert "a probe job on the Slurm nodes could not see it" in done.stderr
     assert "put --jobs-workdir on storage the nodes mount at the same path" in done.stderr
+
+
+def test_a_slurm_controller_restart_mid_job_loses_nothing(slurm_agent, cp, cluster_id):
+    agent = slurm_agent()
+    job_id = cp.submit(command=["sh", "-c", "echo one >&2; sleep 12; echo two >&2; echo '{\"survived\": true}'"])
+    eventually(lambda: cp.result_now(job_id)["started"], timeout=60, what="the job to run")
+    slurm_lab.kill_controller()
+    try:
+        agent.wait_for_log("taking no jobs until it answers again", timeout=60)
+        time.sleep(3)
+    finally:
+        slurm_lab.start()
+    record = cp.result(job_id, wait=120)
+    assert record["result"]["status"] == "succeeded", record["result"]
+    assert record["result"]["output_payload"] == {"survived": True}
+    assert record["deliveries"] == 1 and len(slurm_jobs(f"radix-{cluster_id}-{job_id}")) == 1
+    assert record["log"].count("one") == 1 and record["log"].count("two") == 1
+    agent.wait_for_log("the Slurm controller answers again", timeout=60)
