@@ -135,11 +135,13 @@ def _start_munge(state: Path) -> None:
         pid_file.write_text(pid.read_text())
 
 
-def kill_controller(state: Path = DEFAULT_STATE) -> None:
-    """slurmctld dies (SIGKILL): jobs on the node run on; `start` brings it back with its saved state."""
+def stop_controller(state: Path = DEFAULT_STATE) -> None:
+    """slurmctld goes away (SIGTERM: it saves its state, as in an upgrade or a failover); jobs on the node run on,
+    and `start` brings it back. (A SIGKILL just after a job started can lose the job in Slurm itself: slurmctld
+    then kills the node's "orphan" step, which no agent can prevent.)"""
     pid = _alive(state / "slurmctld.pid")
     if pid:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGTERM)
         while _alive(state / "slurmctld.pid"):
             time.sleep(0.1)
 

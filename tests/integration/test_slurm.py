@@ -226,7 +226,7 @@ def test_a_slurm_controller_restart_mid_job_loses_nothing(slurm_agent, cp, clust
     agent = slurm_agent()
     job_id = cp.submit(command=["sh", "-c", "echo one >&2; sleep 12; echo two >&2; echo '{\"survived\": true}'"])
     eventually(lambda: cp.result_now(job_id)["started"], timeout=60, what="the job to run")
-    slurm_lab.kill_controller()
+    slurm_lab.stop_controller()
     try:
         agent.wait_for_log("taking no jobs until it answers again", timeout=60)
         time.sleep(3)
