@@ -16,7 +16,6 @@ Usage: bench/run.py [--tiny] [--out FILE]   (--tiny: a few seconds, for `make te
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal

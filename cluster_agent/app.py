@@ -35,7 +35,6 @@ from .ops_server import OpsServer
 from .models import Capabilities, FailureReason, GpuInfo
 from .preflight import check_jobs_mount, check_jobs_workdir, connect_engine, connect_slurm, resolve_token
 from .settings import Settings
-from .slurm_cli import SlurmCli
 from .slurm_cluster import SlurmCluster
 
 log = logging.getLogger("cluster_agent")
@@ -73,7 +72,7 @@ def _run_agent(argv: list[str]) -> int:
     slurm = settings.execution_mode == "slurm"
     executor: Executor
     if slurm:
-        executor = connect_slurm(settings)
+        executor = slurm_executor = connect_slurm(settings)
     else:
         executor = docker = connect_engine(settings)
         check_jobs_mount(docker, settings.jobs_workdir)
@@ -90,7 +89,7 @@ def _run_agent(argv: list[str]) -> int:
     pool: GpuAllocator
     if slurm:
         # No engine and no GPUs here: Slurm owns both. The heartbeat describes the cluster instead of this host.
-        cluster = SlurmCluster(SlurmCli(), settings.slurm_partition)
+        cluster = SlurmCluster(slurm_executor.cli, settings.slurm_partition)
         pool = cluster.gpus()
         disk = DiskGuard(settings.jobs_workdir, None, min_free_gb=settings.min_free_disk_gb, prune_to_free_gb=0,
                          engine_api=None)
@@ -193,7 +192,8 @@ def _run_job(argv: list[str]) -> int:
     executor: Executor
     pool: GpuAllocator
     if settings.execution_mode == "slurm":
-        executor, pool = connect_slurm(settings), SlurmCluster(SlurmCli(), settings.slurm_partition).gpus()
+        slurm_executor = connect_slurm(settings)
+        executor, pool = slurm_executor, SlurmCluster(slurm_executor.cli, settings.slurm_partition).gpus()
     else:
         executor = docker = connect_engine(settings)
         check_jobs_mount(docker, settings.jobs_workdir)

@@ -37,7 +37,8 @@ def write_json_atomic(path: Path, data: Any, mode: int = 0o644, *, durable: bool
     os.replace(tmp, path)
 
 
-def _read_json(path: Path) -> Any | None:
+def read_json(path: Path) -> Any | None:
+    """The file's JSON, None when it is missing or unreadable (a restart must not trip over a torn file)."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -63,21 +64,21 @@ class JobDirectory:
         write_json_atomic(self.path / "job.json", {"spec": raw, "agent_version": __version__, "received_at": time.time()})
 
     def read_spec(self) -> Any | None:
-        data = _read_json(self.path / "job.json")
+        data = read_json(self.path / "job.json")
         return data.get("spec") if isinstance(data, dict) else None
 
     def write_container(self, container_id: str) -> None:
         write_json_atomic(self.path / "container.json", {"container_id": container_id})
 
     def read_container(self) -> str | None:
-        data = _read_json(self.path / "container.json")
+        data = read_json(self.path / "container.json")
         return data.get("container_id") if isinstance(data, dict) else None
 
     def write_result(self, body: dict[str, Any]) -> None:
         write_json_atomic(self.path / "result.json", body, mode=0o600)
 
     def read_result(self) -> dict[str, Any] | None:
-        data = _read_json(self.path / "result.json")
+        data = read_json(self.path / "result.json")
         return data if isinstance(data, dict) else None
 
     def write_log_offset(self, offset: int) -> None:
@@ -87,7 +88,7 @@ class JobDirectory:
             pass  # resuming logs a little early after a restart is harmless: the server ignores known offsets
 
     def read_log_offset(self) -> int:
-        data = _read_json(self.path / "log_offset")
+        data = read_json(self.path / "log_offset")
         return data if isinstance(data, int) and data >= 0 else 0
 
     def remove(self) -> bool:

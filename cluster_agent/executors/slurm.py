@@ -27,10 +27,10 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from .. import __version__
 from ..errors import EngineUnavailable, JobFailed
+from ..job_dir import read_json
 from ..models import FailureReason
 from ..settings import Settings
 from ..slurm_cli import QueueView, SlurmCli, SlurmJob, SlurmRefused
@@ -65,9 +65,9 @@ class SlurmExecutor:
 
     def __init__(self, settings: Settings, cli: SlurmCli | None = None, *, user: str | None = None) -> None:
         self._settings = settings
-        self._cli = cli or SlurmCli()
+        self.cli = cli or SlurmCli()
         self._user = user or getpass.getuser()
-        self._queue = QueueView(self._cli, self._user, settings.slurm_poll_interval)
+        self._queue = QueueView(self.cli, self._user, settings.slurm_poll_interval)
         self.state_root = settings.jobs_workdir / STATE_DIR_NAME
         self._job_of: dict[str, str] = {}  # slurm job id -> radix job id
         self._missing_since: dict[str, float] = {}
@@ -76,7 +76,7 @@ class SlurmExecutor:
     # --- the engine as a whole -----------------------------------------------------------------------------
 
     def ping(self) -> None:
-        self._cli.ping()
+        self.cli.ping()
 
     def prepare_image(self, image: str, policy: str = "if-not-present", auth: dict[str, str] | None = None) -> None:
         """Nothing to do here: the batch script pulls on the node Slurm picks (the login node needs no engine)."""
@@ -101,7 +101,7 @@ class SlurmExecutor:
         if spec.registry_auth:
             self._write_auth(state, spec.image, spec.registry_auth)
         try:
-            slurm_id = self._cli.submit(sbatch_args(spec, self._settings, state), script)
+            slurm_id = self.cli.submit(sbatch_args(spec, self._settings, state), script)
         except SlurmRefused as exc:
             raise JobFailed(FailureReason.INVALID_JOB, f"Slurm refused the job: {exc}; fix the job's resources or the "
                             "agent's --slurm-* settings (partition, account, QoS)") from None
@@ -155,13 +155,13 @@ class SlurmExecutor:
         """The job's state: ended once the node wrote exit.json (the container is gone and its output is in the
         files, even while slurmctld has not heard yet); else the queue's view, else scontrol's (None: nothing)."""
         state = self._state_for(slurm_id)
-        written = _read_json(state / "exit.json") if state is not None else None
+        written = read_json(state / "exit.json") if state is not None else None
         job = self._job(slurm_id)
         # Not when Slurm signalled the job (scancel, time limit, preemption): only Slurm's final state says which.
         if isinstance(written, dict) and not written.get("signalled") and (job is None or not job.terminal):
             return SlurmJob(job_id=slurm_id, state="COMPLETED", name="", start_time=job.start_time if job else None)
         if job is None:
-            job = self._cli.show_job(slurm_id)
+            job = self.cli.show_job(slurm_id)
         if job is not None:
             with self._lock:
                 self._missing_since.pop(slurm_id, None)
@@ -217,19 +217,19 @@ class SlurmExecutor:
 
     def stop(self, container_id: str, grace: float) -> None:
         """scancel: Slurm signals the batch script, which stops the container with its grace; wait for the end."""
-        self._cli.cancel(container_id)
+        self.cli.cancel(container_id)
         self._queue.invalidate()
         if not self.wait(container_id, grace + 60):
             log.warning("Slurm job %s did not end within %.0f s of scancel", container_id, grace + 60)
 
     def exit_info(self, container_id: str) -> ExitInfo:
         state = self._state_for(container_id)
-        written = _read_json(state / "exit.json") if state else None
+        written = read_json(state / "exit.json") if state else None
         if isinstance(written, dict) and written.get("reason") in NODE_REASONS:
             message = _read_text(state / "node_error.txt") if state else ""
             return ExitInfo(exit_code=None, oom_killed=False, failure_reason=NODE_REASONS[written["reason"]],
                             error=message or f"the job could not run on its Slurm node ({written['reason']})")
-        job = self._cli.show_job(container_id)
+        job = self.cli.show_job(container_id)
         if job is not None and job.state in SLURM_FAILURES:
             reason, message = SLURM_FAILURES[job.state]
             if job.state == "NODE_FAIL" and job.nodes:
@@ -252,7 +252,7 @@ class SlurmExecutor:
     def remove(self, container_id: str) -> None:
         job = self._job_or_ended(container_id)
         if job is not None and not job.terminal:
-            self._cli.cancel(container_id)
+            self.cli.cancel(container_id)
         state = self._state_for(container_id)
         if state is not None:
             shutil.rmtree(state, ignore_errors=True)
@@ -273,10 +273,10 @@ class SlurmExecutor:
                 slurm_id = _read_text(state / "slurm_job_id")
                 if not slurm_id or slurm_id in found:
                     continue
-                labels = _read_json(state / "labels.json") or {}
+                labels = read_json(state / "labels.json") or {}
                 if labels.get("radix.cluster_id") != cluster_id:
                     continue
-                job = self._cli.show_job(slurm_id) or SlurmJob(
+                job = self.cli.show_job(slurm_id) or SlurmJob(
                     job_id=slurm_id, state="COMPLETED" if (state / "exit.json").exists() else "UNKNOWN", name="")
                 found[slurm_id] = self._container_state(job, state.name)
         return list(found.values())
@@ -293,7 +293,7 @@ class SlurmExecutor:
 
     def _container_state(self, job: SlurmJob, job_id: str) -> ContainerState:
         state = self.state_dir(job_id) if job_id else None
-        labels = (_read_json(state / "labels.json") if state else None) or {}
+        labels = (read_json(state / "labels.json") if state else None) or {}
         labels.setdefault("radix.job_id", job_id)
         if job_id:
             with self._lock:
@@ -333,13 +333,6 @@ def _read_new(path: Path, offset: int, sink: OutputSink) -> tuple[int, bool]:
     if data:
         sink(data)
     return offset + len(data), bool(data)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _read_text(path: Path) -> str:
