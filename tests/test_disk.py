@@ -1,5 +1,3 @@
-from pathlib import Path
-
 from cluster_agent.disk import GIB, DiskGuard
 
 

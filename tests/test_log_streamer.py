@@ -2,7 +2,6 @@ import json
 import threading
 
 import httpx
-import pytest
 import respx
 
 from cluster_agent.control_plane import ControlPlaneClient, RetryPolicy

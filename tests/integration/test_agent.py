@@ -1,6 +1,5 @@
 """The agent loop against the dev control plane: heartbeats, polling, faults, tokens, shutdown."""
 
-import os
 import signal
 import stat
 import time

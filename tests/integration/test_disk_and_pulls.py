@@ -1,6 +1,5 @@
 """Disk hygiene and image pulls that stall, on the real engine."""
 
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -3,7 +3,6 @@
 import threading
 import time
 
-import pytest
 
 from tests.integration.conftest import eventually
 

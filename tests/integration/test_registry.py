@@ -11,7 +11,6 @@ from pathlib import Path
 import docker
 import pytest
 
-from devplane.images import BUSYBOX_IMAGE
 
 USER, PASSWORD = "radix-ci", "s3cret-registry-pass"
 
