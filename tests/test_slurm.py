@@ -339,3 +339,16 @@ def test_a_job_slurm_does_not_list_is_only_gone_after_a_grace(tmp_path, monkeypa
     monkeypatch.setattr("cluster_agent.executors.slurm.MISSING_GRACE_SECONDS", 0.0)
     assert executor.wait("12", 0.2) is True
     assert executor.inspect("12") is None
+
+
+@pytest.mark.parametrize("image, registry", [
+    ("registry.example.com/team/train:2", "registry.example.com"), ("localhost:5000/x", "localhost:5000"),
+    ("team/train:2", "https://index.docker.io/v1/"), ("python:3.12", "https://index.docker.io/v1/"),
+])
+def test_registry_credentials_are_keyed_by_the_images_registry(tmp_path, image, registry):
+    state = tmp_path / "s"
+    state.mkdir()
+    SlurmExecutor._write_auth(state, image, {"username": "u", "password": "p"})
+    config = json.loads((state / "auth" / "config.json").read_text())
+    assert list(config["auths"]) == [registry]
+    assert (state / "auth" / "config.json").stat().st_mode & 0o777 == 0o600

@@ -89,17 +89,12 @@ class SlurmExecutor:
     def start(self, spec: ContainerSpec) -> str:
         job_id = spec.labels["radix.job_id"]
         state = self.state_dir(job_id)
-        # A fresh state directory: files of an earlier attempt (a restarted job) must not be read as this one's.
-        shutil.rmtree(state, ignore_errors=True)
-        state.mkdir(parents=True, mode=0o700)
         script = batch_script(spec, self._settings, state, grace=STOP_GRACE_SECONDS, version=__version__)
-        # The script holds the job's env: readable by the agent's user only (sbatch gets it on stdin).
-        fd = os.open(state / "batch.sh", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(script)
-        (state / "labels.json").write_text(json.dumps(spec.labels))
-        if spec.registry_auth:
-            self._write_auth(state, spec.image, spec.registry_auth)
+        try:
+            self._write_state(state, spec, script)
+        except OSError as exc:
+            raise JobFailed(FailureReason.AGENT_ERROR, f"cannot write the job's Slurm state directory {state}: "
+                            f"{exc.strerror or exc}; check free space and permissions of --jobs-workdir") from None
         try:
             slurm_id = self.cli.submit(sbatch_args(spec, self._settings, state), script)
         except SlurmRefused as exc:
@@ -123,9 +118,26 @@ class SlurmExecutor:
         except EngineUnavailable:
             return None
 
+    @classmethod
+    def _write_state(cls, state: Path, spec: ContainerSpec, script: str) -> None:
+        # A fresh state directory: files of an earlier attempt (a restarted job) must not be read as this one's.
+        shutil.rmtree(state, ignore_errors=True)
+        state.mkdir(parents=True, mode=0o700)
+        # The script holds the job's env: readable by the agent's user only (sbatch gets it on stdin).
+        fd = os.open(state / "batch.sh", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(script)
+        (state / "labels.json").write_text(json.dumps(spec.labels))
+        if spec.registry_auth:
+            cls._write_auth(state, spec.image, spec.registry_auth)
+
     @staticmethod
     def _write_auth(state: Path, image: str, auth: dict[str, str]) -> None:
-        registry = auth.get("serveraddress") or image.split("/", 1)[0]
+        first = image.split("/", 1)[0]
+        # The image's registry as docker names it: a host part has a '.' or a ':' (or is localhost); else Docker Hub.
+        default = first if "/" in image and ("." in first or ":" in first or first == "localhost") \
+            else "https://index.docker.io/v1/"
+        registry = auth.get("serveraddress") or default
         token = base64.b64encode(f"{auth.get('username', '')}:{auth.get('password', '')}".encode()).decode()
         (state / "auth").mkdir(mode=0o700)
         path = state / "auth" / "config.json"
