@@ -278,7 +278,7 @@ own share itself (`radix_agent_dispatch_overhead_seconds`, with `radix_agent_con
 `bench/profile_dispatch.py --jobs 40` (py-spy at 1000 Hz on the agent while it takes 40 jobs one at a time; it
 prints the functions on the path from the poll answer to the running container and the start call):
 
-| 2026-11-23, this machine | before (514ad65) | after |
+| 2026-11-23, this machine | before (agent code of 514ad65) | after (55d6d0c) |
 |---|---|---|
 | py-spy samples on the dispatch path, per job | 12.1 ms | 9.6 ms |
 | hottest line | `os.fsync` in write_json_atomic: 1.6 ms/job | Docker SDK socket send: 2.1 ms/job |
