@@ -220,14 +220,9 @@ class JobRun:
                 container_id = self._executor.start(self._container_spec(spec))
                 running = self._clock()
                 self._container_id = container_id
-            self.start_timing = (running - engine_began, max(0.0, running - self._received - (running - engine_began)))
-            # A scheduler may queue the job: the start call goes out once it really runs. For the engine that is now,
-            # and before container.json, which only serves a restart (the labels say as much).
-            started_wall = self._executor.wait_started(container_id, self._stop_requested)
-            if started_wall is not None:
-                self._observer.started(
-                    container_id, datetime.fromtimestamp(started_wall, timezone.utc).isoformat(), self.gpu_ids
-                )
+            self.start_timing = (running - engine_began, max(0.0, engine_began - self._received))
+            # The start call goes out before container.json, which only serves a restart (the labels say as much).
+            started_wall = self._announce_start(container_id)
             self._record_container(container_id)
             log.info("job %s: started container %s (%s)", spec.job_id, container_id[:12], spec.image,
                      extra={"job_id": spec.job_id, "event": "started", "container_id": container_id})
@@ -250,15 +245,21 @@ class JobRun:
                      extra={"job_id": spec.job_id, "event": "adopted", "container_id": state.id})
             if state.status == "pending":
                 # Still queued by a scheduler: no start call went out yet, and its timeout has not begun.
-                started_wall = self._executor.wait_started(state.id, self._stop_requested)
-                if started_wall is not None:
-                    self._observer.started(
-                        state.id, datetime.fromtimestamp(started_wall, timezone.utc).isoformat(), self.gpu_ids
-                    )
+                started_wall = self._announce_start(state.id)
                 return self._watch(spec, state.id, started_wall=started_wall or self._wall(), replay=True)
             return self._watch(spec, state.id, started_wall=state.started_at or self._wall(), replay=True)
         finally:
             self._gpus.release(spec.job_id)
+
+    def _announce_start(self, container_id: str) -> float | None:
+        """Send the start call once the job really runs (a scheduler may queue it first; an engine runs it at once).
+        Returns when it started, or None if it ended without running (canceled while queued)."""
+        started_wall = self._executor.wait_started(container_id, self._stop_requested)
+        if started_wall is not None:
+            self._observer.started(
+                container_id, datetime.fromtimestamp(started_wall, timezone.utc).isoformat(), self.gpu_ids
+            )
+        return started_wall
 
     def _check_image_allowed(self, image: str) -> None:
         patterns = [p.strip() for p in self._settings.allowed_images.split(",") if p.strip()]
@@ -342,7 +343,8 @@ class JobRun:
                 ending.failure, ending.failure_message = info.failure_reason, info.error
             if ending.engine_lost and info.exit_code == 0:
                 ending.engine_lost = False  # it finished by itself before the engine went away
-            elif ending.failure is None and self._executor.jobs_die_with_engine and self._killed_by_a_departing_engine(ending):
+            elif (ending.failure is None and self._executor.jobs_die_with_engine
+                  and self._killed_by_a_departing_engine(ending)):
                 log.warning("job %s: its container died with the Docker engine; waiting for the engine", self.job_id)
                 ending.engine_lost = True
                 self._await_engine(container_id)
