@@ -1,4 +1,4 @@
-"""Ways to run a job's container. The job runner talks to `Executor`; each way is one module (docker now)."""
+"""Ways to run a job's container. The job runner talks to `Executor`; each way is one module (docker.py, slurm.py)."""
 
 from .base import ContainerSpec, Executor, ExitInfo
 
