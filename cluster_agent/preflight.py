@@ -12,6 +12,7 @@ from .control_plane import ControlPlaneClient
 from .errors import ConfigError, ControlPlaneError, EngineUnavailable, TokenRejected
 from .executors.docker import DockerExecutor, connect
 from .executors.slurm import SlurmExecutor
+from .executors.slurm_script import cluster_args
 from .gpu_injection import choose_injection
 from .settings import Settings
 from .slurm_cli import SlurmCli, SlurmRefused
@@ -46,9 +47,18 @@ def connect_slurm(settings: Settings) -> SlurmExecutor:
             f"--execution-mode slurm: {', '.join(missing)} not found on PATH; run the agent on a Slurm login node "
             "(apt-get install slurm-client, with the cluster's slurm.conf and munge key), or use --execution-mode docker"
         )
+    args = cluster_args(settings)
     try:
         cli.ping()
-        check_shared_storage(cli, settings.jobs_workdir, settings.slurm_storage_probe_seconds, settings.slurm_partition)
+        try:
+            # Nothing is submitted: Slurm only says whether it would take a job with these settings.
+            cli.run("sbatch", "--test-only", "--export=NONE", "--output=/dev/null", *args, "--wrap", "true")
+        except SlurmRefused as exc:
+            raise ConfigError(
+                f"--slurm-partition / --slurm-account / --slurm-qos / --slurm-sbatch-args: Slurm would refuse every job "
+                f"({exc}); fix these settings (sinfo and sacctmgr show assoc list what this user may use)"
+            ) from None
+        check_shared_storage(cli, settings.jobs_workdir, settings.slurm_storage_probe_seconds, args)
     except (EngineUnavailable, SlurmRefused) as exc:
         raise ConfigError(
             f"--execution-mode slurm: {exc}; check that slurmctld runs and that this host's slurm.conf and munge "

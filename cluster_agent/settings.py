@@ -8,6 +8,7 @@ The command line (see `cli.py`) is generated from this model; CLI values win ove
 from __future__ import annotations
 
 import ipaddress
+import re
 import shlex
 from pathlib import Path
 from typing import Literal
@@ -187,7 +188,10 @@ class Settings(BaseSettings):
     slurm_gpu_flag: Literal["gres", "gpus"] = Field(
         default="gres", description="How a job's GPU count is asked of Slurm: gres (--gres=gpu:N) or gpus (--gpus=N)."
     )
-    slurm_gpu_type: str = Field(default="", description="GPU type for the request, e.g. h100 (--gres=gpu:h100:N); empty: any.")
+    slurm_gpu_type: str = Field(
+        default="",
+        description="GPU type for the request, e.g. h100 (--gres=gpu:h100:N); empty: any.",
+    )
     slurm_container_engine: Literal["docker", "podman"] = Field(
         default="docker", description="Container engine the batch script runs the job's container with on the node."
     )
@@ -227,6 +231,13 @@ class Settings(BaseSettings):
             raise ValueError("put no credentials in the URL; the token goes in --cluster-token")
         if parts.query or parts.fragment:
             raise ValueError("the URL must have no query string or fragment")
+        return value
+
+    @field_validator("slurm_gpu_type")
+    @classmethod
+    def _gpu_type(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]*", value):
+            raise ValueError(f"{value!r} is not a GPU type name: give the type alone (h100), the count comes from each job")
         return value
 
     @field_validator("slurm_sbatch_args")

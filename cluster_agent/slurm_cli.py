@@ -34,7 +34,10 @@ UNREACHABLE_HINTS = ("Unable to contact slurm controller", "Socket timed out", "
 
 
 class SlurmRefused(Exception):
-    """Slurm answered and said no (an invalid request); the message is Slurm's own."""
+    """Slurm answered and said no (an invalid request); the message is Slurm's own, on one line."""
+
+    def __str__(self) -> str:
+        return "; ".join(line.strip() for line in super().__str__().splitlines() if line.strip())
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,7 @@ class SlurmCli:
         try:
             out = self.run("scontrol", "ping")
         except SlurmRefused as exc:  # "Slurmctld(primary) at host is DOWN" comes with a non-zero status
-            out = str(exc)
+            out = exc.args[0]
         if " is UP" not in out:
             first = next((line.strip() for line in out.splitlines() if line.strip()), "no answer")
             raise EngineUnavailable(f"Slurm controller not up: {first}")

@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ class PartitionView:
     gpus: int = 0
     idle_gpus: int = 0
     max_gpus_per_node: int = 0
-    node_names: list[str] = field(default_factory=list)
 
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, "nodes": self.nodes, "cpus": self.cpus, "gpus": self.gpus,
@@ -89,7 +88,6 @@ def describe(cli: SlurmCli) -> ClusterView:
             part.gpus += node_gpus
             part.idle_gpus += node_idle
             part.max_gpus_per_node = max(part.max_gpus_per_node, node_gpus)
-            part.node_names.append(node.get("NodeName", ""))
     return ClusterView(name=cli.cluster_name(), nodes=len(records), nodes_up=up, cpus=cpus,
                        memory_gb=round(memory_mb / 1024, 1), gpus=gpus, idle_gpus=idle,
                        partitions=sorted(partitions.values(), key=lambda p: p.name), node_hosts=hosts)
@@ -160,12 +158,6 @@ class SlurmGpus:
     def free_count(self) -> int:
         return self._cluster.idle_gpus()
 
-    def owner(self, uuid: str) -> str | None:
-        return None
-
-    def set_unhealthy(self, uuid: str, reasons: list[str]) -> None:
-        pass
-
     def check_request(self, job_id: str, count: int) -> None:
         pass  # sbatch refuses a request no node can meet, with Slurm's own words
 
@@ -208,12 +200,10 @@ def _is_this_host(name: str) -> bool:
     return name in mine or name.split(".")[0] in mine
 
 
-def check_shared_storage(cli: SlurmCli, jobs_workdir: Path, probe_seconds: float, partition: str = "") -> None:
+def check_shared_storage(cli: SlurmCli, jobs_workdir: Path, probe_seconds: float, sbatch_args: list[str] = ()) -> None:
     """Start-up check: nodes must see --jobs-workdir at the same path. A probe job proves it; without one (or when
     the queue is too busy to run it in time) the filesystem type decides. ConfigError names the fix."""
     fstype = filesystem_type(jobs_workdir)
-    hosts = describe(cli).node_hosts
-    remote = [h for h in hosts if not _is_this_host(h)]
     fix = (f"put --jobs-workdir on storage the nodes mount at the same path (NFS, Lustre, GPFS, CephFS, ...); "
            f"{jobs_workdir} is on {fstype}")
     verified = jobs_workdir / VERIFIED_FILE
@@ -222,7 +212,7 @@ def check_shared_storage(cli: SlurmCli, jobs_workdir: Path, probe_seconds: float
         log.info("jobs directory %s was shown shared with the Slurm nodes earlier (%s)", jobs_workdir, verified)
         return
     if probe_seconds > 0:
-        verdict = _probe(cli, jobs_workdir, probe_seconds, partition)
+        verdict = _probe(cli, jobs_workdir, probe_seconds, list(sbatch_args))
         if verdict is True:
             log.info("jobs directory %s is shared with the Slurm nodes (probe job read it)", jobs_workdir)
             verified.parent.mkdir(parents=True, exist_ok=True)
@@ -230,6 +220,7 @@ def check_shared_storage(cli: SlurmCli, jobs_workdir: Path, probe_seconds: float
             return
         if verdict is False:
             raise ConfigError(f"--jobs-workdir {jobs_workdir}: a probe job on the Slurm nodes could not see it: {fix}")
+    remote = [h for h in describe(cli).node_hosts if not _is_this_host(h)]
     if remote and fstype in LOCAL_FILESYSTEMS:
         raise ConfigError(
             f"--jobs-workdir {jobs_workdir} is on a local {fstype} filesystem but Slurm nodes "
@@ -239,7 +230,7 @@ def check_shared_storage(cli: SlurmCli, jobs_workdir: Path, probe_seconds: float
                 jobs_workdir, fstype)
 
 
-def _probe(cli: SlurmCli, jobs_workdir: Path, seconds: float, partition: str) -> bool | None:
+def _probe(cli: SlurmCli, jobs_workdir: Path, seconds: float, sbatch_args: list[str]) -> bool | None:
     """True: a job on a node read the token and wrote the answer; False: it ran and could not; None: no answer."""
     token = uuid.uuid4().hex
     probe = jobs_workdir / f"{PROBE_FILE}-{token[:8]}"
@@ -247,8 +238,7 @@ def _probe(cli: SlurmCli, jobs_workdir: Path, seconds: float, partition: str) ->
     answer = probe.with_name(probe.name + ".seen")
     args = ["--job-name=radix-storage-probe", "--export=NONE", "--time=1", "--nodes=1", "--ntasks=1",
             "--output=/dev/null", "--error=/dev/null", "--chdir=/"]
-    if partition:
-        args.append(f"--partition={partition}")
+    args += sbatch_args  # the jobs' partition, account and QoS: the probe must land where the jobs will
     script = f"#!/bin/sh\ntoken=$(cat '{probe}') && echo \"$token\" > '{answer}'\n"  # nothing left where it fails
     try:
         slurm_id = cli.submit(args, script)

@@ -352,3 +352,17 @@ def test_registry_credentials_are_keyed_by_the_images_registry(tmp_path, image, 
     config = json.loads((state / "auth" / "config.json").read_text())
     assert list(config["auths"]) == [registry]
     assert (state / "auth" / "config.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_gpu_type_is_a_name_not_a_count():
+    with pytest.raises(ValidationError, match="not a GPU type name"):
+        Settings(slurm_gpu_type="h100:2")
+    assert Settings(slurm_gpu_type="a100-80gb").slurm_gpu_type == "a100-80gb"
+
+
+def test_jobs_the_probe_and_the_start_up_check_share_where_jobs_go(tmp_path):
+    from cluster_agent.executors.slurm_script import cluster_args
+
+    agent = settings(tmp_path, slurm_partition="gpu", slurm_account="ml", slurm_sbatch_args="--reservation=r1")
+    assert cluster_args(agent) == ["--partition=gpu", "--account=ml", "--reservation=r1"]
+    assert set(cluster_args(agent)) <= set(sbatch_args(spec(tmp_path), agent, tmp_path / "s"))

@@ -10,6 +10,9 @@ from typing import Callable, Protocol
 from ..models import FailureReason, GpuInfo
 
 
+WORKSPACE = "/workspace"  # where every executor mounts the job directory, and the job's working directory
+
+
 @dataclass(frozen=True)
 class ContainerSpec:
     """Everything needed to start one job's container, already validated and resolved by the runner."""

@@ -25,11 +25,10 @@ from docker.utils import parse_repository_tag
 from ..errors import EngineUnavailable, JobFailed
 from ..gpu_injection import GpuInjection, NvidiaRuntimeInjection
 from ..models import FailureReason
-from .base import ContainerSpec, ContainerState, ExitInfo, OutputSink
+from .base import WORKSPACE, ContainerSpec, ContainerState, ExitInfo, OutputSink
 
 log = logging.getLogger(__name__)
 
-WORKSPACE = "/workspace"
 NVIDIA_RUNTIME_FIX = (
     "the Docker engine has no NVIDIA runtime, so it cannot give GPUs to containers: install the NVIDIA Container "
     "Toolkit on this host and run `nvidia-ctk runtime configure --runtime=docker`, then restart dockerd"

@@ -199,20 +199,24 @@ class SlurmExecutor:
         offsets = {"stdout.log": skip_stdout, "stderr.log": skip_stderr}
         sinks = {"stdout.log": on_stdout, "stderr.log": on_stderr}
         ended_at: float | None = None
+        asked = 0.0
         while True:
             grew = False
             for name, sink in sinks.items():
                 offsets[name], more = _read_new(state / name, offsets[name], sink)
                 grew = grew or more
-            if ended_at is None:
+            if ended_at is not None:
+                if not grew and time.monotonic() - ended_at >= OUTPUT_SETTLE_SECONDS:
+                    return
+            elif time.monotonic() - asked >= self._settings.slurm_poll_interval:
+                # The files are read often (live logs); Slurm is asked at its own pace.
+                asked = time.monotonic()
                 try:
                     job = self._job_or_ended(container_id)
                 except EngineUnavailable:
                     job = SlurmJob(job_id=container_id, state="UNKNOWN", name="")
                 if job is None or job.terminal:
                     ended_at = time.monotonic()
-            elif not grew and time.monotonic() - ended_at >= OUTPUT_SETTLE_SECONDS:
-                return
             if not grew:
                 time.sleep(OUTPUT_POLL_SECONDS)
 

@@ -15,12 +15,19 @@ import shlex
 from pathlib import Path
 
 from ..settings import Settings
-from .base import ContainerSpec
+from .base import WORKSPACE, ContainerSpec
 
-WORKSPACE = "/workspace"
 # Slurm's --time is in minutes: the agent's own timeout (to the second) acts first, Slurm's limit is the backstop
 # for when no agent is watching.
 TIME_LIMIT_SLACK_SECONDS = 120
+
+
+def cluster_args(settings: Settings) -> list[str]:
+    """Where every job of this agent goes and who pays: the same for jobs, the storage probe and the start-up check."""
+    args = [f"{flag}={value}" for flag, value in (("--partition", settings.slurm_partition),
+                                                  ("--account", settings.slurm_account), ("--qos", settings.slurm_qos))
+            if value]
+    return args + shlex.split(settings.slurm_sbatch_args)
 
 
 def sbatch_args(spec: ContainerSpec, settings: Settings, state_dir: Path) -> list[str]:
@@ -38,10 +45,6 @@ def sbatch_args(spec: ContainerSpec, settings: Settings, state_dir: Path) -> lis
     ]
     if spec.timeout_seconds:
         args.append(f"--time={math.ceil((spec.timeout_seconds + TIME_LIMIT_SLACK_SECONDS) / 60)}")
-    for flag, value in (("--partition", settings.slurm_partition), ("--account", settings.slurm_account),
-                        ("--qos", settings.slurm_qos)):
-        if value:
-            args.append(f"{flag}={value}")
     if spec.gpu_count:
         kind = f"{settings.slurm_gpu_type}:" if settings.slurm_gpu_type else ""
         if settings.slurm_gpu_flag == "gres":
@@ -52,8 +55,7 @@ def sbatch_args(spec: ContainerSpec, settings: Settings, state_dir: Path) -> lis
         args.append(f"--cpus-per-task={math.ceil(spec.cpus)}")
     if spec.memory_mb:
         args.append(f"--mem={spec.memory_mb}M")
-    args += shlex.split(settings.slurm_sbatch_args)
-    return args
+    return args + cluster_args(settings)
 
 
 def engine_run_args(spec: ContainerSpec) -> list[str]:

@@ -238,3 +238,16 @@ def test_a_slurm_controller_restart_mid_job_loses_nothing(slurm_agent, cp, clust
     assert record["deliveries"] == 1 and len(slurm_jobs(f"radix-{cluster_id}-{job_id}")) == 1
     assert record["log"].count("one") == 1 and record["log"].count("two") == 1
     agent.wait_for_log("the Slurm controller answers again", timeout=60)
+
+
+def test_settings_slurm_would_refuse_stop_the_agent_at_start_up(slurm, plane, cluster_id, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RADIX_")}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "--api-base", plane.url, "--cluster-id", cluster_id,
+         "--cluster-token", "x", "--token-file", str(tmp_path / "token"), "--jobs-workdir", str(tmp_path / "jobs"),
+         "--execution-mode", "slurm", "--slurm-partition", "no-such-partition", "--metrics-port", "0"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert done.returncode == 2
+    assert "Slurm would refuse every job" in done.stderr and "invalid partition specified" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
