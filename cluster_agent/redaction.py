@@ -1,0 +1,180 @@
+"""Secret redaction: every known secret, in every form it can take in output, becomes "[REDACTED]".
+
+A secret rarely reaches output as itself. A control plane echoing the token in an error body sends it JSON-escaped
+or percent-encoded, an `Authorization: Basic` header carries it base64-encoded inside `user:secret`, and the
+agent's own messages quote untrusted text with `!r`. So each secret is matched in all of these forms:
+
+- raw;
+- text escapings: JSON (any encoder: short escapes, `\\uXXXX` for any character, `\\/`), Python `repr()`/`ascii()`
+  of str and bytes, and each of these applied twice (e.g. the repr of a JSON-escaped echo);
+- percent-encoding by any encoder (any safe set, `+` or `%20` for a space, either hex case);
+- base64, standard and URL-safe, padded or not, and embedded in a larger blob (see `_base64_forms`);
+- hex, either case.
+
+The rule on length: a secret shorter than `MIN_SECRET_LENGTH` is not redacted at all, and only secrets of at least
+`MIN_ENCODED_LENGTH` characters get the encoded forms. Short strings are common in innocent text, and their
+encodings shorter still (an embedded base64 form is a few characters shorter than the secret): redacting them would
+mask ordinary output while protecting nothing worth the name. Real tokens are far longer.
+
+All forms of all secrets are one compiled regular expression, longest alternative first (so a full padded base64
+form wins over its unpadded core at the same position), rebuilt when a secret is added: `redact()` is one `sub()`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+from typing import Callable, Iterable
+
+REPLACEMENT = "[REDACTED]"
+MIN_SECRET_LENGTH = 4
+MIN_ENCODED_LENGTH = 6
+
+
+class Redactor:
+    """The set of secrets to hide, shared by everything that writes output (logs, job results, streamed logs).
+
+    Thread-safe: `add()` builds a new pattern under a lock and publishes it with one assignment; `redact()` reads
+    that one reference and takes no lock, so it never waits on an `add()` and stays cheap on every log line.
+    """
+
+    def __init__(self, secrets: Iterable[str | None] = ()) -> None:
+        self._lock = threading.Lock()
+        self._secrets: set[str] = set()
+        self._pattern: re.Pattern[str] | None = None
+        for secret in secrets:
+            self.add(secret)
+
+    def add(self, secret: str | None) -> None:
+        """Hide `secret` from now on; None, empty and too-short values are ignored (see the module's rule)."""
+        if not secret or len(secret) < MIN_SECRET_LENGTH:
+            return
+        with self._lock:
+            if secret in self._secrets:
+                return
+            self._secrets.add(secret)
+            self._pattern = _compile(self._secrets)
+
+    def redact(self, text: str) -> str:
+        """`text` with every form of every secret replaced by REPLACEMENT."""
+        pattern = self._pattern
+        return pattern.sub(REPLACEMENT, text) if pattern is not None else text
+
+    def __len__(self) -> int:
+        return len(self._secrets)
+
+
+# --- patterns ----------------------------------------------------------------------------------------------------
+
+
+def _compile(secrets: Iterable[str]) -> re.Pattern[str]:
+    # Ordered by the length of text each alternative matches, longest first; the pattern string breaks ties so the
+    # order (hence the regex) is the same on every run.
+    alternatives: dict[str, int] = {}
+    for secret in secrets:
+        for regex, length in _patterns(secret):
+            alternatives[regex] = max(length, alternatives.get(regex, 0))
+    ordered = sorted(alternatives, key=lambda regex: (-alternatives[regex], regex))
+    return re.compile("|".join(ordered))
+
+
+def _patterns(secret: str) -> list[tuple[str, int]]:
+    """(regex, length of the text it matches, or the longest such) for each form of `secret`."""
+    if len(secret) < MIN_ENCODED_LENGTH:
+        return [(re.escape(secret), len(secret))]
+    literals = _escaped_forms(secret)
+    data = secret.encode("utf-8", "surrogatepass")
+    literals |= _base64_forms(data)
+    patterns = [(re.escape(form), len(form)) for form in literals if form]
+    patterns.append((_json_any_encoder(secret), len(json.dumps(secret)) - 2))
+    patterns.append((_percent_any_encoder(secret), 3 * len(data)))
+    patterns.append((_any_case_hex(data.hex()), 2 * len(data)))
+    return patterns
+
+
+# Each escaper returns the text between the quotes. repr()/ascii() quote with " when the text contains ' but no ",
+# and escape ' otherwise: the secret inside a larger string can get either, so both are forms (the "…" variants
+# force the single-quoted one by putting a " in front).
+_ESCAPERS: tuple[Callable[[str], str], ...] = (
+    lambda s: json.dumps(s, ensure_ascii=False)[1:-1],
+    lambda s: json.dumps(s)[1:-1],
+    lambda s: repr(s)[1:-1],
+    lambda s: repr('"' + s)[2:-1],
+    lambda s: ascii(s)[1:-1],
+    lambda s: ascii('"' + s)[2:-1],
+    lambda s: repr(s.encode("utf-8", "surrogatepass"))[2:-1],
+    lambda s: repr(b'"' + s.encode("utf-8", "surrogatepass"))[3:-1],
+)
+
+
+def _escaped_forms(secret: str) -> set[str]:
+    """The secret, its text escapings, and the escapings of those (an echo is escaped by the server, then by us)."""
+    forms = {secret}
+    for _ in range(2):
+        forms |= {escape(form) for form in forms for escape in _ESCAPERS}
+    return forms
+
+
+_BASE64_ENCODERS = (base64.b64encode, base64.urlsafe_b64encode)
+# Base64 turns each 3-byte group into 4 characters. Inside a larger blob (e.g. `user:secret` in HTTP Basic auth) the
+# secret starts at offset 0, 1 or 2 of a group, and the characters at its edges mix its bits with its neighbours'.
+# Encoding the secret behind `shift` filler bytes puts it at that offset; the leading characters that carry filler
+# bits (none, 2 or 3 of the first group) and the trailing ones that would carry the next byte's bits, plus the
+# padding, are cut off. What is left depends on the secret's bytes alone, so it appears verbatim in any blob that
+# holds the secret at that alignment. The cut characters stay in the output ("dXNlcjp[REDACTED]I="): together they
+# carry at most 6 bits of the secret, which is no help to a guesser.
+_LEADING_MIXED = (0, 2, 3)  # by shift: characters of the first group that carry filler bits
+_TRAILING_MIXED = (0, 3, 2)  # by (shift + length) % 3: the last, partial character and the "=" padding
+
+
+def _base64_forms(data: bytes) -> set[str]:
+    forms: set[str] = set()
+    for encode in _BASE64_ENCODERS:
+        whole = encode(data).decode("ascii")
+        forms |= {whole, whole.rstrip("=")}
+        for shift in range(3):
+            encoded = encode(b"\0" * shift + data).decode("ascii")
+            end = len(encoded) - _TRAILING_MIXED[(shift + len(data)) % 3]
+            forms.add(encoded[_LEADING_MIXED[shift]:end])
+    return forms
+
+
+_JSON_SHORT_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "\b": "b", "\f": "f", "\n": "n", "\r": "r", "\t": "t"}
+
+
+def _json_any_encoder(secret: str) -> str:
+    """The secret as any JSON encoder may write it: each character as itself, a short escape or `\\uXXXX`.
+
+    Encoders differ (Go escapes `<>&`, PHP escapes `/`, `ensure_ascii` escapes all non-ASCII), so one pattern
+    accepts every choice per character rather than listing encoders.
+    """
+    parts = []
+    for char in secret:
+        options = [re.escape(char)]
+        if char in _JSON_SHORT_ESCAPES:
+            options.append(re.escape("\\" + _JSON_SHORT_ESCAPES[char]))
+        units = char.encode("utf-16-be", "surrogatepass")
+        options.append("".join(
+            re.escape("\\u") + _any_case_hex(units[i:i + 2].hex()) for i in range(0, len(units), 2)
+        ))
+        parts.append(f"(?:{'|'.join(options)})")
+    return "".join(parts)
+
+
+def _percent_any_encoder(secret: str) -> str:
+    """The secret as any percent-encoder may write it: each character as itself or its UTF-8 bytes as `%XX`.
+
+    Safe sets differ between encoders and a space may be `+`; accepting both per character covers them all.
+    """
+    parts = []
+    for char in secret:
+        encoded = "".join("%" + _any_case_hex(f"{byte:02x}") for byte in char.encode("utf-8", "surrogatepass"))
+        options = [re.escape(char), encoded] + ([re.escape("+")] if char == " " else [])
+        parts.append(f"(?:{'|'.join(options)})")
+    return "".join(parts)
+
+
+def _any_case_hex(digits: str) -> str:
+    return "".join(f"[{d}{d.upper()}]" if d.isalpha() else d for d in digits.lower())

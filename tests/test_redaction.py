@@ -1,0 +1,137 @@
+import base64
+import json
+import threading
+import urllib.parse
+
+import pytest
+
+from cluster_agent.redaction import MIN_ENCODED_LENGTH, REPLACEMENT, Redactor
+
+# Every character class that changes under some encoding: quote, backslash, space, '/', '+', non-ASCII, apostrophe.
+TOKEN = "tok\"en\\with sp/ace+é'ü-0123456789"
+
+
+def _b64_forms(data: bytes) -> list[str]:
+    forms = []
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        encoded = encode(data).decode()
+        forms += [encoded, encoded.rstrip("=")]
+    return forms
+
+
+ENCODED_FORMS = {
+    "raw": TOKEN,
+    "json": json.dumps(TOKEN)[1:-1],
+    "json, not ensure_ascii": json.dumps(TOKEN, ensure_ascii=False)[1:-1],
+    "json, slashes escaped (PHP)": json.dumps(TOKEN)[1:-1].replace("/", "\\/"),
+    "json, upper-case \\u escapes": json.dumps(TOKEN)[1:-1].replace("\\u00e9", "\\u00E9"),
+    "repr": repr(TOKEN)[1:-1],
+    "repr inside a string with both quotes": repr('"' + TOKEN)[2:-1],
+    "ascii": ascii(TOKEN)[1:-1],
+    "repr of bytes": repr(TOKEN.encode())[2:-1],
+    "repr of the json echo": repr(json.dumps(TOKEN)[1:-1])[1:-1],
+    "json of the repr": json.dumps(repr(TOKEN))[2:-2],
+    "quote, safe=''": urllib.parse.quote(TOKEN, safe=""),
+    "quote, default safe": urllib.parse.quote(TOKEN),
+    "quote_plus": urllib.parse.quote_plus(TOKEN),
+    "quote, lower-case hex": urllib.parse.quote(TOKEN, safe="").lower(),
+    "hex": TOKEN.encode().hex(),
+    "HEX": TOKEN.encode().hex().upper(),
+    **{f"base64 #{i}": form for i, form in enumerate(_b64_forms(TOKEN.encode()))},
+}
+
+
+@pytest.fixture
+def redactor():
+    return Redactor([TOKEN])
+
+
+@pytest.mark.parametrize("form", ENCODED_FORMS.values(), ids=ENCODED_FORMS.keys())
+def test_every_encoded_form_is_redacted(redactor, form):
+    text = f"HTTP 500 {{\"echo\": \"{form}\"}} and more"
+    redacted = redactor.redact(text)
+    assert form not in redacted and REPLACEMENT in redacted
+    assert redacted.startswith("HTTP 500 ") and redacted.endswith(" and more")
+
+
+@pytest.mark.parametrize("prefix", [b"user:", b"user0:", b"user01:", b"", b"x", b"xy"])
+@pytest.mark.parametrize("suffix", [b"", b"!", b"!?", b"!?*"])
+def test_the_secret_inside_a_larger_base64_blob_is_redacted_at_every_alignment(redactor, prefix, suffix):
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        blob = encode(prefix + TOKEN.encode() + suffix).decode()
+        redacted = redactor.redact(f"Authorization: Basic {blob}")
+        assert REPLACEMENT in redacted
+        # Left: the neighbours' own characters, at most 2 mixed ones at each edge, and the padding.
+        left = len(redacted) - len("Authorization: Basic ") - len(REPLACEMENT)
+        assert left <= 4 * (len(prefix) + len(suffix)) // 3 + 2 + 2 + 2
+
+
+def test_http_basic_credentials_are_redacted():
+    password = "registry-pass+/w0rd"
+    redactor = Redactor([password])
+    header = "Basic " + base64.b64encode(f"robot$builder:{password}".encode()).decode()
+    # Only the user name's own characters (and one that mixes its last bits with the password's) are left.
+    assert redactor.redact(f"pull failed with {header!r}") == f"pull failed with 'Basic cm9ib3QkYnVpbGRlcjp{REPLACEMENT}'"
+
+
+def test_innocent_text_is_untouched(redactor):
+    text = ("2026-01-01 00:00:00 INFO cluster_agent: job j-1 finished in 1.5 s; tok en with sp ace, "
+            "aGVsbG8gd29ybGQ=, %20%2B, 746f6b, \\u00e9, 'quoted' \"double\"")
+    assert redactor.redact(text) == text
+
+
+def test_short_secrets_are_matched_raw_only():
+    redactor = Redactor(["abcde"])  # at least 4, under MIN_ENCODED_LENGTH: raw only
+    assert len("abcde") < MIN_ENCODED_LENGTH
+    assert redactor.redact("x abcde y") == f"x {REPLACEMENT} y"
+    innocent = f"{base64.b64encode(b'abcde').decode()} {b'abcde'.hex()}"
+    assert redactor.redact(innocent) == innocent
+
+
+def test_too_short_and_empty_secrets_are_ignored():
+    redactor = Redactor([None, "", "abc"])
+    assert len(redactor) == 0
+    assert redactor.redact("abc abc") == "abc abc"
+
+
+def test_the_longest_form_wins_so_no_padding_or_tail_is_left(redactor):
+    padded = base64.b64encode(TOKEN.encode()).decode()
+    assert padded.endswith("=")
+    assert redactor.redact(f"<{padded}>") == f"<{REPLACEMENT}>"
+
+
+def test_several_secrets_and_adding_later():
+    redactor = Redactor(["first-secret"])
+    assert redactor.redact("first-secret second-secret") == f"{REPLACEMENT} second-secret"
+    redactor.add("second-secret")
+    redactor.add("second-secret")  # again: no-op
+    assert len(redactor) == 2
+    assert redactor.redact("first-secret second-secret") == f"{REPLACEMENT} {REPLACEMENT}"
+
+
+def test_regex_metacharacters_in_a_secret_are_literal():
+    redactor = Redactor(["a.b*c(d)[e]$"])
+    assert redactor.redact("aXbbbc(d)[e]$") == "aXbbbc(d)[e]$"
+    assert redactor.redact("a.b*c(d)[e]$") == REPLACEMENT
+
+
+def test_one_shared_redactor_is_safe_across_threads():
+    redactor = Redactor()
+    secrets = [f"thread-secret-{i:03d}" for i in range(16)]
+    errors: list[BaseException] = []
+
+    def work(secret: str) -> None:
+        try:
+            redactor.add(secret)
+            for _ in range(50):
+                assert secret not in redactor.redact(f"x {secret} y")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(secret,)) for secret in secrets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(redactor) == len(secrets)
+    assert redactor.redact(" ".join(secrets)) == " ".join([REPLACEMENT] * len(secrets))
