@@ -119,9 +119,8 @@ class Agent:
             "shutting down: no new jobs; %d running, which %s; exiting within %.0f s",
             len(running), "are left to the next agent" if leave else "will be stopped if still running", grace,
         )
-        self._heartbeat.stop()
         self._wake_poller()
-        self._heartbeat.send_draining()
+        self._heartbeat.drain()
         if leave:
             # Containers keep running; the next agent adopts them. Flush what is in flight.
             self._delivery.wait_idle(deadline - 1.0 - self._clock())
@@ -142,6 +141,7 @@ class Agent:
         with self._runs_lock:
             for live in self._live.values():
                 live.abandon()
+        self._heartbeat.stop(timeout=1.0)
         left = [run.job_id or "?" for run in self._active()]
         if left:
             log.info("left %d running job(s) to the next agent: %s", len(left), ", ".join(left))
@@ -160,12 +160,24 @@ class Agent:
 
     def _recover(self) -> None:
         try:
-            found = recovery.scan(self._settings.jobs_workdir, self._settings.cluster_id or "local", self._executor)
+            found = recovery.scan(self._settings.jobs_workdir, self._settings.cluster_id or "local", self._executor,
+                                  tenant_id=self._settings.tenant_id)
         except (EngineUnavailable, OSError) as exc:
             log.error("recovery skipped: %s", exc)
             return
+        except Exception:  # noqa: BLE001 - nothing left on disk may keep the agent from starting
+            log.exception("recovery skipped after an unexpected error")
+            return
         for state in found.leftovers:
-            self._executor.remove(state.id)
+            try:
+                self._executor.remove(state.id)
+            except EngineUnavailable as exc:
+                log.warning("recovery: leftover container %s not removed: %s", state.id[:12], exc)
+        # Jobs whose result is on its way are this agent's until delivered: the server sending one again meanwhile
+        # is a duplicate, never a second run.
+        with self._runs_lock:
+            self._in_agent.update(directory.job_id for directory, _, _ in found.spooled)
+            self._in_agent.update(job_id_of(spec) or "" for spec, _ in found.vanished)
         for directory, body, container in found.spooled:
             self._spawn(f"deliver-{directory.job_id}", self._deliver_spooled, directory, body, container)
         for spec, container_id in found.vanished:
@@ -178,10 +190,22 @@ class Agent:
             log.info("recovery: %s", found.summary())
 
     def _deliver_spooled(self, directory: JobDirectory, body: dict[str, Any], container: ContainerState | None) -> None:
+        try:
+            self._finish_spooled(directory, body, container)
+        finally:
+            with self._runs_lock:
+                self._in_agent.discard(directory.job_id)
+
+    def _finish_spooled(self, directory: JobDirectory, body: dict[str, Any], container: ContainerState | None) -> None:
         if self._delivery.deliver_spooled(directory, body):
-            directory.remove()
+            problem = directory.remove()
+            if problem is not None:
+                log.warning("job %s: directory not fully removed: %s", directory.job_id, problem)
             if container is not None:
-                self._executor.remove(container.id)
+                try:
+                    self._executor.remove(container.id)
+                except EngineUnavailable as exc:
+                    log.warning("job %s: container not removed: %s", directory.job_id, exc)
 
     def _report_vanished(self, spec: Any, container_id: str) -> None:
         job_id = job_id_of(spec) or "?"
@@ -193,8 +217,14 @@ class Agent:
             "restarted or someone removed it); whether the job finished is unknown: resubmit it",
         )
         directory = JobDirectory(self._settings.jobs_workdir, job_id)
-        if self._delivery.deliver(job_id, completion, directory):
-            directory.remove()
+        try:
+            if self._delivery.deliver(job_id, completion, directory):
+                problem = directory.remove()
+                if problem is not None:
+                    log.warning("job %s: directory not fully removed: %s", job_id, problem)
+        finally:
+            with self._runs_lock:
+                self._in_agent.discard(job_id)
 
     def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -364,18 +394,57 @@ class Agent:
         with self._runs_lock:
             live = self._live.get(job_id)
         image = run.raw.get("image") if isinstance(run.raw, dict) else None
+        self._slots.acquire()
         try:
-            with self._slots:
-                completion = run.execute()
+            completion = run.execute()
             if self._disk is not None and isinstance(image, str) and completion.metrics.exit_code is not None:
                 self._disk.image_used(image)
+        except BaseException:
+            self._free_slot(job_id)
+            raise
+        self._log_finished(job_id, completion, run)
+        try:
+            # The slot frees once the job's workspace and container are gone (the next job needs their disk),
+            # while the result is being delivered.
+            release = threading.Thread(
+                target=self._release, args=(run, job_id), name=f"release-{job_id}", daemon=True
+            )
+            if run.directory is not None and not self._delivery.spool(job_id, completion, run.directory):
+                # Most often a job that filled the disk: its workspace goes first, then the spool is tried again.
+                self._release(run, job_id)
+                if self._delivery.spool(job_id, completion, run.directory):
+                    log.info("job %s: result spooled once its workspace was removed", job_id)
+            else:
+                release.start()
+            if live is not None:
+                live.finish()  # the last of the live log goes before the result
+            delivered = self._delivery.deliver(job_id, completion, run.directory, spooled=True)
+            if release.ident is not None:
+                release.join()
+            if delivered:
+                run.forget()
         finally:
-            # The slot is free as soon as the container has ended: the next job need not wait for this
-            # job's delivery and clean-up.
             with self._runs_lock:
-                self._runs.pop(job_id, None)
-                self._live.pop(job_id, None)
-            self._wake_poller()
+                self._in_agent.discard(job_id)
+        self.jobs_finished += 1
+        if self._settings.max_jobs and self.jobs_finished >= self._settings.max_jobs:
+            log.info("--max-jobs %d reached: stopping", self._settings.max_jobs)
+            self.stopping.set()
+
+    def _release(self, run: JobRun, job_id: str) -> None:
+        try:
+            run.release()
+        finally:
+            self._free_slot(job_id)
+
+    def _free_slot(self, job_id: str) -> None:
+        with self._runs_lock:
+            self._runs.pop(job_id, None)
+            self._live.pop(job_id, None)
+        self._slots.release()
+        self._wake_poller()
+
+    def _log_finished(self, job_id: str, completion: Completion, run: JobRun) -> None:
         log.info(
             "job %s: finished: %s%s in %.1f s",
             job_id, completion.status.value,
@@ -392,15 +461,3 @@ class Agent:
             if run.start_timing is not None:
                 self._metrics.container_start.observe(run.start_timing[0])
                 self._metrics.dispatch_overhead.observe(run.start_timing[1])
-        try:
-            if live is not None:
-                live.finish()
-            if self._delivery.deliver(job_id, completion, run.directory):
-                run.cleanup()
-        finally:
-            with self._runs_lock:
-                self._in_agent.discard(job_id)
-        self.jobs_finished += 1
-        if self._settings.max_jobs and self.jobs_finished >= self._settings.max_jobs:
-            log.info("--max-jobs %d reached: stopping", self._settings.max_jobs)
-            self.stopping.set()

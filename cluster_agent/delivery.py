@@ -29,13 +29,22 @@ class ResultDelivery:
         self._in_flight = 0
         self._changed = threading.Condition()
 
+    @staticmethod
+    def spool(job_id: str, completion: Completion, directory: JobDirectory) -> bool:
+        """Write the result into the job's directory (never its workspace) before the first delivery attempt."""
+        if not directory.exists():
+            return True  # nothing to spool into: the job never got a directory
+        try:
+            directory.write_result(completion.to_wire())
+            return True
+        except OSError as exc:
+            log.error("job %s: result not spooled (%s): it is kept in memory only until delivered", job_id, exc)
+            return False
+
     def deliver(self, job_id: str, completion: Completion, directory: JobDirectory | None, *, spooled: bool = False) -> bool:
         """Spool, deliver, and say whether the job is done with (True: its directory and container may go)."""
-        if directory is not None and not spooled and directory.exists():
-            try:
-                directory.write_result(completion.to_wire())
-            except OSError as exc:
-                log.error("job %s: result not spooled (%s): it is kept in memory only until delivered", job_id, exc)
+        if directory is not None and not spooled:
+            self.spool(job_id, completion, directory)
         with self._changed:
             self._in_flight += 1
         started = time.monotonic()

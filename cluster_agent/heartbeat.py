@@ -24,6 +24,8 @@ class Heartbeat:
         self._capabilities = capabilities
         self._interval = interval
         self._stop = threading.Event()
+        self._wake = threading.Event()  # ends the wait between two beats early (drain, stop)
+        self._status = "active"
         self._thread: threading.Thread | None = None
         self.sent = 0
 
@@ -46,19 +48,24 @@ class Heartbeat:
         self._thread.start()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.beat("active")
+        while True:
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            self.beat(self._status)
+
+    def drain(self) -> None:
+        """From now until stop(), heartbeats say `draining`; one goes out at once. A control plane that watches
+        heartbeats must not take a host that is finishing its jobs for a lost one."""
+        self._status = "draining"
+        if self._thread is not None and self._thread.is_alive():
+            self._wake.set()
+        else:
+            self.beat("draining", attempts=1)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-
-    def send_draining(self) -> bool:
-        """The last heartbeat, sent after stop(): one quick attempt with its own cancel event."""
-        try:
-            self._client.heartbeat("draining", self._capabilities(), cancel=threading.Event(), attempts=1)
-            return True
-        except ControlPlaneError as exc:
-            log.warning("draining heartbeat failed: %s", exc)
-            return False

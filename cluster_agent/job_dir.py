@@ -1,34 +1,51 @@
 """A job's directory: with the engine's container labels, the only state the agent keeps.
 
-    {jobs_workdir}/{job_id}/
-        input.json       the job's input (mounted at /workspace with the rest)
-        job.json         the spec as received: a restarted agent can rebuild the job from it
-        container.json   the container's id, once created: a missing container is then known to have vanished
-        result.json      the completion, spooled before the first delivery attempt
-        log_offset       bytes of the live log the control plane has acknowledged
+    {jobs_workdir}/
+        .radix-layout          "2": every job directory below has this layout (older agents: see legacy_layout.py)
+        {job_id}/              the agent's, mode 0700, never mounted into a container
+            job.json           the spec as received (0600: it may hold registry credentials); rebuilds the job
+            container.json     the container's id, once created: a missing container is then known to have vanished
+            result.json        the completion (0600), spooled before the first delivery attempt
+            log_offset         bytes of the live log the control plane has acknowledged
+            workspace/         the job's: mounted read-write at /workspace (mode 0777, any container user writes)
+                input.json     the job's input, written before the container starts
+                output.json    the job's output, if it writes one
+        .trash-*               a directory being removed
 
-What a restarted agent finds tells it where the job was (see recovery.py). A directory is removed only after its
-result was delivered, and before its container, so a container without a directory is a delivered job's leftover.
+A job controls everything under its workspace and nothing else: the agent writes, reads back and trusts only what
+sits beside it, and treats the workspace as untrusted data (read without following links, removed without
+following links, see safe_fs.py). What a restarted agent finds tells it where the job was (see recovery.py). A
+directory is removed only after its result was delivered, and before its container, so a container without a
+directory is a delivered job's leftover.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .safe_fs import remove_tree, write_new_file
 
 TRASH_PREFIX = ".trash-"
+WORKSPACE_DIR = "workspace"
+LAYOUT_FILE = ".radix-layout"
+LAYOUT_VERSION = "2"
 
 
 def write_json_atomic(path: Path, data: Any, mode: int = 0o644, *, durable: bool = True) -> None:
-    """Readers see the old file or the new one, never half of one; `durable` also survives a host crash (fsync)."""
+    """Readers see the old file or the new one, never half of one; `durable` also survives a host crash (fsync).
+
+    Only for the agent's own directories: the temporary file beside `path` is created exclusively and without
+    following links all the same, so a stray link there fails the write instead of redirecting it.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    tmp.unlink(missing_ok=True)  # a temporary file an earlier, killed write left
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(data, handle)
         if durable:
             handle.flush()
@@ -49,19 +66,33 @@ class JobDirectory:
     def __init__(self, root: Path, job_id: str) -> None:
         self.job_id = job_id
         self.path = root / job_id
+        self.workspace = self.path / WORKSPACE_DIR
 
     def exists(self) -> bool:
         return self.path.is_dir()
 
-    def prepare(self, raw: Any, input_payload: Any) -> None:
-        """Create it with input.json and job.json. Raises OSError (full disk, permissions)."""
-        self.path.mkdir(parents=True, exist_ok=True)
+    def prepare(self, spec: Any, input_payload: Any) -> None:
+        """Create it with job.json and a fresh workspace holding input.json. Raises OSError (full disk, permissions).
+
+        A workspace left from before (a job re-run after a restart) is removed first: whatever a container wrote
+        there is not carried into the new run."""
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path.chmod(0o700)
+        if os.path.lexists(self.workspace):
+            problem = remove_tree(self.workspace)
+            if problem is not None:
+                raise OSError(f"the previous workspace cannot be removed: {problem}")
+        self.workspace.mkdir()
         # The container may run as any user: it must be able to write output.json into its workspace.
-        self.path.chmod(0o777)
-        (self.path / "output.json").unlink(missing_ok=True)
+        self.workspace.chmod(0o777)
         # No fsync for input.json: a host crash ends the container too, and a re-run rewrites it from job.json.
-        write_json_atomic(self.path / "input.json", input_payload, durable=False)
-        write_json_atomic(self.path / "job.json", {"spec": raw, "agent_version": __version__, "received_at": time.time()})
+        write_new_file(self.workspace / "input.json", json.dumps(input_payload).encode())
+        self.write_spec(spec)
+
+    def write_spec(self, spec: Any) -> None:
+        write_json_atomic(
+            self.path / "job.json", {"spec": spec, "agent_version": __version__, "received_at": time.time()}, mode=0o600
+        )
 
     def read_spec(self) -> Any | None:
         data = read_json(self.path / "job.json")
@@ -91,14 +122,27 @@ class JobDirectory:
         data = read_json(self.path / "log_offset")
         return data if isinstance(data, int) and data >= 0 else 0
 
-    def remove(self) -> bool:
-        """Remove the directory; renamed first, so a half-removed directory is never mistaken for a job."""
-        if not self.path.exists():
-            return True
+    def remove_workspace(self) -> str | None:
+        """Free the job's data before the next job may use the disk; None when done, else what was left."""
+        return remove_tree(self.workspace)
+
+    def remove(self) -> str | None:
+        """Remove the directory; renamed first, so a half-removed directory is never mistaken for a job.
+        Never raises: None when it is gone, else one line saying what could not be removed."""
+        if not os.path.lexists(self.path):
+            return None
         trash = self.path.with_name(f"{TRASH_PREFIX}{self.job_id}-{os.getpid()}-{time.monotonic_ns()}")
         try:
             os.rename(self.path, trash)
         except OSError:
             trash = self.path
-        shutil.rmtree(trash, ignore_errors=True)
-        return not trash.exists()
+        return remove_tree(trash)
+
+
+def layout_marked(root: Path) -> bool:
+    """Whether `root` is known to hold only directories of this layout."""
+    return (root / LAYOUT_FILE).is_file()
+
+
+def mark_layout(root: Path) -> None:
+    write_json_atomic(root / LAYOUT_FILE, LAYOUT_VERSION)

@@ -197,8 +197,8 @@ class JobRun:
         if self._adopted is not None:
             return self._resume(spec, self._adopted)
         try:
-            # job.json sits in the workspace the job can read: registry credentials stay out of it.
-            self.directory.prepare({k: v for k, v in self.raw.items() if k != "registry_auth"}, spec.input_payload)
+            # job.json is the agent's (0600, never mounted): it keeps the registry credentials a re-run needs.
+            self.directory.prepare(self.raw, spec.input_payload)
         except OSError as exc:
             raise JobFailed(
                 FailureReason.AGENT_ERROR,
@@ -294,7 +294,7 @@ class JobRun:
             image=spec.image,
             command=torchrun_command(spec, self._gpu_count),
             env=env,
-            workspace=self.directory.path,
+            workspace=self.directory.workspace,
             labels={
                 LABEL_JOB_ID: spec.job_id,
                 LABEL_CLUSTER_ID: self._settings.cluster_id or "local",
@@ -355,7 +355,7 @@ class JobRun:
             gpu_ids=self.gpu_ids or None,
         )
         return judge(
-            self._settings.tenant_id, spec, ending, self.directory.path, collected, metrics,
+            self._settings.tenant_id, spec, ending, self.directory.workspace, collected, metrics,
             self._settings.max_output_bytes,
         )
 
@@ -468,13 +468,30 @@ class JobRun:
             failure_reason=reason,
         )
 
-    def cleanup(self) -> None:
-        """After delivery: the directory first, then the container (a container without a directory is then
-        known to be a delivered job's leftover)."""
-        if self.directory is not None and not self.directory.remove():
-            log.warning("job %s: could not remove %s (files owned by another user?)", self.job_id, self.directory.path)
+    def release(self) -> None:
+        """Once the result is spooled: remove the job's workspace and its container, which free the disk and the
+        engine's resources the next job needs. Never raises; what cannot be removed is reported once."""
+        if self.directory is not None:
+            problem = self.directory.remove_workspace()
+            if problem is not None:
+                log.warning("job %s: workspace not fully removed: %s", self.job_id, problem)
         if self._container_id:
             try:
                 self._executor.remove(self._container_id)
             except EngineUnavailable as exc:
                 log.warning("job %s: container not removed: %s", self.job_id, exc)
+            except Exception:  # noqa: BLE001 - clean-up must never take the agent down
+                log.exception("job %s: container not removed", self.job_id)
+
+    def cleanup(self) -> None:
+        """After delivery: the workspace, the container and the directory (run-job; the agent calls release()
+        before delivery and forget() after it)."""
+        self.release()
+        self.forget()
+
+    def forget(self) -> None:
+        """After delivery: the job's directory, the last trace of it. Never raises."""
+        if self.directory is not None:
+            problem = self.directory.remove()
+            if problem is not None:
+                log.warning("job %s: directory not fully removed: %s", self.job_id, problem)

@@ -9,7 +9,7 @@ import re
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -72,6 +72,26 @@ class RegistryAuth(BaseModel):
         return auth
 
 
+# execve(2): one argument or environment string may hold at most MAX_ARG_STRLEN (32 pages, 131072 bytes with its
+# NUL); all of them together at most a quarter of the stack limit (8 MiB by default, so 2 MiB), less what the
+# runtime adds (docker-init, PATH, HOSTNAME, NVIDIA variables): a margin of 64 KiB.
+MAX_EXEC_STRING_BYTES = 131072 - 1
+MAX_EXEC_BYTES = 2 * 1024 * 1024 - 64 * 1024
+
+
+def _check_exec_string(field: str, value: str) -> None:
+    """Strings that reach execve(2): the engine would start the container and fail it with exit code 1
+    (`exec /sbin/docker-init: invalid argument`), as if the job had run and failed."""
+    if "\x00" in value:
+        raise ValueError(f"{field} contains a NUL byte, which no program can be given; remove it")
+    size = len(value.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_EXEC_STRING_BYTES:
+        raise ValueError(
+            f"{field} is {size} bytes, over the {MAX_EXEC_STRING_BYTES} bytes one argument or variable may hold "
+            "(execve(2)); pass large data in input_payload instead"
+        )
+
+
 def _none_as_empty(value: Any, empty: Any) -> Any:
     return empty if value is None else value
 
@@ -101,7 +121,7 @@ class JobSpec(_Lenient):
     @field_validator("image")
     @classmethod
     def _image(cls, value: str) -> str:
-        if value != value.strip() or any(c.isspace() for c in value):
+        if value != value.strip() or any(c.isspace() or not c.isprintable() for c in value):
             raise ValueError("image must be an image reference without spaces, e.g. 'python:3.11-slim'")
         return value
 
@@ -109,6 +129,24 @@ class JobSpec(_Lenient):
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _none_as_empty(value, [])
+
+    @field_validator("command", "args")
+    @classmethod
+    def _exec_strings(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        for index, item in enumerate(value):
+            _check_exec_string(f"{info.field_name}[{index}]", item)
+        return value
+
+    @model_validator(mode="after")
+    def _exec_size(self) -> JobSpec:
+        total = sum(len(item.encode()) + 1 for item in (*self.command, *self.args))
+        total += sum(len(name.encode()) + len(value.encode()) + 2 for name, value in self.env.items())
+        if total > MAX_EXEC_BYTES:
+            raise ValueError(
+                f"command, args and env add up to {total} bytes, over the {MAX_EXEC_BYTES} bytes a program can be "
+                "started with (execve(2)); pass large data in input_payload, which the job reads from /workspace/input.json"
+            )
+        return self
 
     @field_validator("orchestration", "resources", mode="before")
     @classmethod
@@ -132,8 +170,8 @@ class JobSpec(_Lenient):
                 item = "true" if item else "false"
             elif isinstance(item, (int, float)):
                 item = str(item)
-            if isinstance(item, str) and "\x00" in item:
-                raise ValueError(f"env {name} contains a NUL byte")
+            if isinstance(item, str):
+                _check_exec_string(f"env {name}", item)
             out[name] = item
         return out
 

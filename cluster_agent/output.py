@@ -82,13 +82,13 @@ class OutputCollector:
         return self._stderr_tail.text(chars)
 
 
-def read_output_json(job_dir: Path, limit: int) -> Any | None:
+def read_output_json(workspace: Path, limit: int) -> Any | None:
     """The parsed `output.json`, None when there is none; JobFailed(invalid_output) when it is unusable.
 
     The job controls that path: it is opened without following links and must be a regular file, so a job
     cannot make the agent read (and send) a host file through a symlink.
     """
-    path = job_dir / "output.json"
+    path = workspace / "output.json"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -117,9 +117,9 @@ def read_output_json(job_dir: Path, limit: int) -> Any | None:
         raise JobFailed(FailureReason.INVALID_OUTPUT, f"output.json is not valid JSON: {exc}") from None
 
 
-def resolve_output(job_dir: Path, collected: OutputCollector, limit: int) -> tuple[Any, OutputSource]:
-    payload = read_output_json(job_dir, limit)
-    if payload is not None or (job_dir / "output.json").exists():
+def resolve_output(workspace: Path, collected: OutputCollector, limit: int) -> tuple[Any, OutputSource]:
+    payload = read_output_json(workspace, limit)
+    if payload is not None or os.path.lexists(workspace / "output.json"):
         return payload, OutputSource.OUTPUT_JSON
     document = collected.stdout_document()
     if document is not None and document.strip():

@@ -11,6 +11,7 @@ the only state; this module reads both and classifies, the agent acts.
 | labelled container, running, no job directory          | cannot be explained             | report, leave alone    |
 | a directory without job.json, or not a job id          | cannot be explained             | report, leave alone    |
 | .trash-* directory                                     | an interrupted removal          | remove it              |
+| directories an older agent left (no .radix-layout yet) | job-writable records            | legacy_layout.py       |
 
 Containers not labelled with this cluster id are never looked at: several agents may share one engine.
 """
@@ -18,14 +19,16 @@ Containers not labelled with this cluster id are never looked at: several agents
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .executors import Executor
 from .executors.base import ContainerState
-from .job_dir import TRASH_PREFIX, JobDirectory
+from . import legacy_layout
+from .job_runner import job_id_of
+from .job_dir import LAYOUT_FILE, TRASH_PREFIX, JobDirectory
+from .safe_fs import remove_tree
 from .models import JOB_ID_PATTERN
 
 log = logging.getLogger(__name__)
@@ -48,7 +51,9 @@ class Findings:
         )
 
 
-def scan(jobs_workdir: Path, cluster_id: str, executor: Executor) -> Findings:
+def scan(jobs_workdir: Path, cluster_id: str, executor: Executor, *, tenant_id: str = "") -> Findings:
+    """Read the engine and the jobs directory. Raises EngineUnavailable (no engine) or OSError (the jobs directory
+    itself cannot be read); nothing a job left in a directory can make it raise."""
     findings = Findings()
     containers: dict[str, ContainerState] = {}
     for state in executor.list_jobs(cluster_id):
@@ -56,33 +61,15 @@ def scan(jobs_workdir: Path, cluster_id: str, executor: Executor) -> Findings:
             containers[state.job_id] = state
         else:
             findings.unexplained.append(f"container {state.id[:12]} has no radix.job_id label")
+    if jobs_workdir.is_dir():
+        legacy_layout.migrate(jobs_workdir, containers, tenant_id=tenant_id, remove_container=executor.remove)
     seen: set[str] = set()
     entries = sorted(jobs_workdir.iterdir()) if jobs_workdir.is_dir() else []
     for entry in entries:
-        name = entry.name
-        if name.startswith(TRASH_PREFIX):
-            shutil.rmtree(entry, ignore_errors=True)
-            continue
-        if name.startswith(".radix-") or name == ".images.json":
-            continue  # the agent's own files: write probes, the Slurm state directories, the image ledger
-        if not entry.is_dir() or not JOB_ID_PATTERN.match(name):
-            findings.unexplained.append(f"{entry} is not a job directory")
-            continue
-        directory = JobDirectory(jobs_workdir, name)
-        spec = directory.read_spec()
-        container = containers.get(name)
-        seen.add(name)
-        result = directory.read_result()
-        if result is not None:
-            findings.spooled.append((directory, result, container))
-        elif spec is None:
-            findings.unexplained.append(f"{entry} has no readable job.json")
-        elif container is not None:
-            findings.adopt.append((spec, container))
-        elif directory.read_container():
-            findings.vanished.append((spec, directory.read_container() or ""))
-        else:
-            findings.never_started.append(spec)
+        try:
+            _classify(entry, containers, seen, findings)
+        except Exception as exc:  # noqa: BLE001 - one odd entry must not stop the agent from starting
+            findings.unexplained.append(f"{entry} could not be examined ({type(exc).__name__}: {exc})")
     for job_id, state in containers.items():
         if job_id in seen:
             continue
@@ -93,3 +80,36 @@ def scan(jobs_workdir: Path, cluster_id: str, executor: Executor) -> Findings:
     for item in findings.unexplained:
         log.warning("recovery: %s; left alone", item)
     return findings
+
+
+def _classify(entry: Path, containers: dict[str, ContainerState], seen: set[str], findings: Findings) -> None:
+    name = entry.name
+    if name.startswith(TRASH_PREFIX):
+        problem = remove_tree(entry)
+        if problem is not None:
+            log.warning("recovery: %s", problem)
+        return
+    if name.startswith(".radix-") or name in (".images.json", LAYOUT_FILE):
+        return  # the agent's own files: write probes, Slurm state, the image ledger, the layout marker
+    if entry.is_symlink() or not entry.is_dir() or not JOB_ID_PATTERN.match(name):
+        findings.unexplained.append(f"{entry} is not a job directory")
+        return
+    directory = JobDirectory(entry.parent, name)
+    spec = directory.read_spec()
+    if spec is not None and job_id_of(spec) != name:
+        findings.unexplained.append(f"{entry}/job.json is for another job")
+        return
+    container = containers.get(name)
+    seen.add(name)
+    result = directory.read_result()
+    if result is not None:
+        findings.spooled.append((directory, result, container))
+    elif spec is None:
+        findings.unexplained.append(f"{entry} has no readable job.json")
+    elif container is not None:
+        findings.adopt.append((spec, container))
+    elif directory.read_container():
+        findings.vanished.append((spec, directory.read_container() or ""))
+    else:
+        findings.never_started.append(spec)
+

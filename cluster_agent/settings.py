@@ -20,6 +20,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .models import JOB_ID_PATTERN
 
 DEFAULT_MAX_OUTPUT_BYTES = 10 * 1024 * 1024
+# capabilities(7), Linux 6.x: what --cap-drop may name (with or without CAP_).
+LINUX_CAPABILITIES = frozenset("""
+    CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP LINUX_IMMUTABLE NET_BIND_SERVICE
+    NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER SYS_MODULE SYS_RAWIO SYS_CHROOT SYS_PTRACE SYS_PACCT
+    SYS_ADMIN SYS_BOOT SYS_NICE SYS_RESOURCE SYS_TIME SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP
+    MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF CHECKPOINT_RESTORE
+""".split())
 
 
 def _env(name: str) -> dict[str, str]:
@@ -231,6 +238,42 @@ class Settings(BaseSettings):
             raise ValueError("put no credentials in the URL; the token goes in --cluster-token")
         if parts.query or parts.fragment:
             raise ValueError("the URL must have no query string or fragment")
+        return value
+
+    @field_validator("jobs_workdir")
+    @classmethod
+    def _jobs_workdir(cls, value: Path) -> Path:
+        text = str(value)
+        if "\x00" in text:
+            raise ValueError("the path contains a NUL byte")
+        if not value.is_absolute():
+            # The engine mounts a job's workspace by its host path, and a relative one names nothing there.
+            raise ValueError(f"{text!r} is a relative path; give an absolute one, e.g. {Path.cwd() / value}")
+        return value
+
+    @field_validator("allowed_images")
+    @classmethod
+    def _allowed_images(cls, value: str) -> str:
+        if not [p for p in value.split(",") if p.strip()]:
+            raise ValueError("no image pattern given, so every job would fail; give '*' to allow any image")
+        return value
+
+    @field_validator("cap_drop")
+    @classmethod
+    def _cap_drop(cls, value: str) -> str:
+        for name in (c.strip().upper() for c in value.split(",") if c.strip()):
+            if name != "ALL" and name.removeprefix("CAP_") not in LINUX_CAPABILITIES:
+                raise ValueError(
+                    f"{name} is not a Linux capability (capabilities(7)), so every job's container would be refused; "
+                    "give names such as NET_RAW,MKNOD, or ALL"
+                )
+        return value
+
+    @field_validator("docker_host")
+    @classmethod
+    def _docker_host(cls, value: str | None) -> str | None:
+        if value and urlsplit(value).scheme not in ("unix", "tcp", "ssh", "http", "https", "npipe"):
+            raise ValueError(f"{value!r} is not an engine address; give e.g. unix:///var/run/docker.sock or tcp://host:2376")
         return value
 
     @field_validator("slurm_gpu_type")

@@ -36,7 +36,7 @@ class Ending:
 
 
 def judge(
-    tenant_id: str, spec: JobSpec, ending: Ending, job_dir: Path, collected: OutputCollector, metrics: JobMetrics,
+    tenant_id: str, spec: JobSpec, ending: Ending, workspace: Path, collected: OutputCollector, metrics: JobMetrics,
     max_output_bytes: int,
 ) -> Completion:
     stderr_tail = collected.stderr_tail(STDERR_IN_MESSAGE).strip()
@@ -45,7 +45,7 @@ def judge(
         return f"{message}; stderr tail: {stderr_tail}" if stderr_tail else message
 
     try:
-        payload, source = resolve_output(job_dir, collected, max_output_bytes)
+        payload, source = resolve_output(workspace, collected, max_output_bytes)
         output_error = None
     except JobFailed as exc:
         payload, source, output_error = wrapped_output(collected), OutputSource.WRAPPED, str(exc)

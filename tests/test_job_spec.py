@@ -99,3 +99,25 @@ def test_registry_auth_password_is_a_secret():
 def test_registry_auth_needs_a_username():
     with pytest.raises(ValidationError):
         spec(registry_auth={"username": "", "password": "x"})
+
+
+@pytest.mark.parametrize(
+    "fields, named",
+    [
+        ({"args": ["ok", "a\x00b"]}, "args[1] contains a NUL byte"),
+        ({"command": ["sh", "-c", "x\x00"]}, "command[2] contains a NUL byte"),
+        ({"env": {"A": "1\x002"}}, "env A contains a NUL byte"),
+        ({"args": ["x" * 131072]}, "args[0] is 131072 bytes"),
+        ({"args": ["x" * 100_000] * 25}, "over the 2031616 bytes a program can be started with"),
+        ({"image": "busybox\x00:1"}, "image must be an image reference"),
+    ],
+)
+def test_specs_no_program_could_be_started_with_name_the_field(fields, named):
+    """execve(2) would refuse them after the engine started the container: the job would look like exit code 1."""
+    with pytest.raises(ValidationError) as caught:
+        spec(**fields)
+    assert named in str(caught.value)
+
+
+def test_common_but_large_specs_are_fine():
+    assert spec(args=["x" * 131071], env={"B": "y" * 100_000}).args

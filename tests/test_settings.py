@@ -82,6 +82,11 @@ def test_insecure_http_can_be_allowed_explicitly():
         ({"max_concurrent_jobs": "0"}, "--max-concurrent-jobs / RADIX_MAX_CONCURRENT_JOBS"),
         ({"cluster_id": "has space"}, "--cluster-id / RADIX_CLUSTER_ID"),
         ({"log_level": "LOUD"}, "--log-level / RADIX_LOG_LEVEL"),
+        # Settings that pass start-up but would fail every job: refused at start-up, naming the fix.
+        ({"jobs_workdir": "relative/jobs"}, "give an absolute one"),
+        ({"allowed_images": " , "}, "give '*' to allow any image"),
+        ({"cap_drop": "NET_RAW,NOT_A_CAP"}, "NOT_A_CAP is not a Linux capability"),
+        ({"docker_host": "/var/run/docker.sock"}, "unix:///var/run/docker.sock"),
     ],
 )
 def test_bad_values_name_the_setting(values, message):

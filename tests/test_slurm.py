@@ -143,7 +143,7 @@ def test_the_batch_script_runs_the_container_with_exactly_the_allocated_gpus(tmp
     run = next(c for c in calls if c[0] == "run")
     assert run[run.index("--gpus") + 1] == '"device=2,3"'  # docker's CSV syntax for a device list
     assert run[run.index("--name") + 1] == "radix-c1-job-1-77"
-    assert f"{container.workspace}:/workspace:rw" in run
+    assert f"type=bind,source={container.workspace},target=/workspace" in run
     assert "TRICKY=it's \"quoted\" $HOME `x`\nsecond line" in run  # passed through untouched by the shell
     assert "radix.slurm_job_id=77" in run and "radix.job_id=job-1" in run
     assert "RADIX_SLURM_JOB_ID=77" in run and "RADIX_SLURM_NODE=" + os.uname().nodename in run

@@ -47,6 +47,7 @@ class ContainerState:
     status: str  # created, running, exited, ...
     labels: dict[str, str]
     started_at: float | None  # wall-clock epoch seconds; None if it never started
+    image: str = ""  # the image it was created from, as the engine reports it
 
     @property
     def running(self) -> bool:

@@ -19,13 +19,14 @@ from typing import Any, Iterator
 import docker
 import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
-from docker.types import DeviceRequest
+from docker.types import DeviceRequest, Mount
 from docker.utils import parse_repository_tag
 
 from ..errors import EngineUnavailable, JobFailed
 from ..gpu_injection import GpuInjection, NvidiaRuntimeInjection
 from ..models import FailureReason
 from .base import WORKSPACE, ContainerSpec, ContainerState, ExitInfo, OutputSink
+from .reaper import ContainerReaper
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def _state(container_id: str, attrs: dict[str, Any]) -> ContainerState:
         status=state.get("Status", "unknown"),
         labels=(attrs.get("Config") or {}).get("Labels") or {},
         started_at=_epoch(state.get("StartedAt")),
+        image=(attrs.get("Config") or {}).get("Image") or "",
     )
 
 
@@ -119,6 +121,7 @@ class DockerExecutor:
         self._attached_lock = threading.Lock()
         # Two jobs asking for one missing image pull it once.
         self._pull_lock = pull_lock or threading.Lock()
+        self._reaper = ContainerReaper(self.remove)
 
     @property
     def client(self) -> docker.DockerClient:
@@ -216,8 +219,11 @@ class DockerExecutor:
 
     def start(self, spec: ContainerSpec) -> str:
         env = dict(spec.env)
-        binds: dict[str, Any] = {str(spec.workspace): {"bind": WORKSPACE, "mode": "rw"}}
+        binds: dict[str, Any] = {}
         host_config: dict[str, Any] = {
+            # A mount, not a bind: the engine refuses a missing source instead of creating it (as root), so a
+            # container started late, after its workspace was removed, cannot bring the directory back.
+            "mounts": [Mount(target=WORKSPACE, source=str(spec.workspace), type="bind", read_only=False)],
             "binds": binds,
             "privileged": False,
             "security_opt": ["no-new-privileges"],
@@ -250,7 +256,7 @@ class DockerExecutor:
                 if name == "LD_LIBRARY_PATH" and env.get(name):
                     value = f"{value}:{env[name]}"  # the driver's libraries first, then the job's
                 env[name] = value
-        with _engine(f"create the container for {spec.name}"):
+        with _engine(f"create the container {spec.name}"):
             try:
                 created = self._api.create_container(
                     spec.image,
@@ -266,24 +272,38 @@ class DockerExecutor:
                 raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"image {spec.image}: {_explain(exc)}") from None
             except APIError as exc:
                 raise self._classify(exc, "create the container") from None
-            container_id: str = created["Id"]
-            try:
+        container_id: str = created["Id"]
+        step = "attach to the container's output"
+        try:
+            with _engine(f"{step} of {spec.name}"):
                 # Attach before start: every byte the job writes is captured, even from a job that exits at once.
                 stream = self._api.attach(container_id, stdout=True, stderr=True, stream=True, logs=False, demux=True)
-                with self._attached_lock:
-                    self._attached[container_id] = stream
+            with self._attached_lock:
+                self._attached[container_id] = stream
+            step = "start the container"
+            with _engine(f"{step} {spec.name}"):
                 self._api.start(container_id)
-            except APIError as exc:
-                self._forget(container_id)
-                self.remove(container_id)
-                raise self._classify(exc, "start the container") from None
+        except APIError as exc:
+            self._give_up(container_id)
+            raise self._classify(exc, step) from None
+        except BaseException:
+            # The engine may still act on a call it did not answer in time (a late start): the container the
+            # agent gave up on is removed now, or as soon as the engine answers again.
+            self._give_up(container_id)
+            raise
         return container_id
+
+    def _give_up(self, container_id: str) -> None:
+        self._forget(container_id)
+        self._reaper.remove(container_id)
 
     @staticmethod
     def _classify(exc: APIError, what: str) -> JobFailed:
         text = _explain(exc)
         if "could not select device driver" in text:
             return JobFailed(FailureReason.AGENT_ERROR, f"{NVIDIA_RUNTIME_FIX} (engine said: {text})")
+        if "bind source path does not exist" in text:
+            return JobFailed(FailureReason.AGENT_ERROR, f"the job's workspace vanished before its container started: {text}")
         if "executable file not found" in text or "no such file or directory" in text:
             return JobFailed(FailureReason.INVALID_JOB, f"the job's command cannot run in its image: {text}")
         if exc.status_code is not None and 400 <= exc.status_code < 500 and exc.status_code != 409:
@@ -363,15 +383,19 @@ class DockerExecutor:
                 return None
 
     def start_created(self, container_id: str) -> None:
-        with _engine("start a container"):
+        with _engine("attach to a created container's output"):
             stream = self._api.attach(container_id, stdout=True, stderr=True, stream=True, logs=False, demux=True)
-            with self._attached_lock:
-                self._attached[container_id] = stream
-            try:
+        with self._attached_lock:
+            self._attached[container_id] = stream
+        try:
+            with _engine("start a created container"):
                 self._api.start(container_id)
-            except APIError as exc:
-                self._forget(container_id)
-                raise self._classify(exc, "start the container") from None
+        except APIError as exc:
+            self._forget(container_id)
+            raise self._classify(exc, "start the container") from None
+        except BaseException:
+            self._forget(container_id)
+            raise
 
     def replay_output(
         self, container_id: str, on_stdout: OutputSink, on_stderr: OutputSink, *, skip_stdout: int = 0, skip_stderr: int = 0

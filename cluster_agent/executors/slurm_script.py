@@ -61,7 +61,8 @@ def sbatch_args(spec: ContainerSpec, settings: Settings, state_dir: Path) -> lis
 def engine_run_args(spec: ContainerSpec) -> list[str]:
     """`<engine> run` arguments after --name, the same container the Docker executor would create."""
     args = ["--init", "--security-opt", "no-new-privileges", "--workdir", WORKSPACE,
-            "--volume", f"{spec.workspace}:{WORKSPACE}:rw", "--network", spec.network]
+            "--mount", f"type=bind,source={spec.workspace},target={WORKSPACE}", "--network", spec.network]
+    # --mount, not --volume: a missing source is an error, never a directory the engine creates as root.
     for key, value in sorted(spec.labels.items()):
         args += ["--label", f"{key}={value}"]
     if spec.cpus:

@@ -108,7 +108,7 @@ def test_bad_job_ids_are_invalid_and_nothing_is_written(cp, agent, docker_client
     assert result["status"] == "failed"
     assert result["failure_reason"] == "invalid_job"
     assert "does not match" in result["error_message"]
-    assert not agent.jobs_dir.exists() or list(agent.jobs_dir.iterdir()) == []
+    assert not agent.jobs_dir.exists() or [p.name for p in agent.jobs_dir.iterdir()] == [".radix-layout"]
     assert not (agent.jobs_dir.parent / "escape").exists()
     assert docker_client.containers.list(all=True, filters={"label": f"radix.cluster_id={cluster_id}"}) == []
 

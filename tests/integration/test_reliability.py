@@ -121,10 +121,12 @@ def test_agent_killed_during_delivery(cp, start_agent, tmp_path):
 
 def _left_by_a_killed_agent(cp, tmp_path, command):
     """A job the control plane handed out and whose directory an agent prepared before it was killed."""
-    from cluster_agent.job_dir import JobDirectory
+    from cluster_agent.job_dir import JobDirectory, mark_layout
 
     job_id = cp.submit(command=command)
     spec = cp.result_now(job_id)["spec"]
+    (tmp_path / "jobs").mkdir(exist_ok=True)
+    mark_layout(tmp_path / "jobs")  # as the agent that was killed had
     JobDirectory(tmp_path / "jobs", job_id).prepare(spec, spec.get("input_payload"))
     return job_id, spec
 
@@ -140,7 +142,7 @@ def test_a_job_accepted_but_never_started_runs_once(cp, start_agent, tmp_path):
 
 def test_a_container_created_but_never_started_is_started_once(cp, start_agent, docker_client, busybox, cluster_id, tmp_path):
     job_id, _ = _left_by_a_killed_agent(cp, tmp_path, counted(0))
-    workspace = tmp_path / "jobs" / job_id
+    workspace = tmp_path / "jobs" / job_id / "workspace"
     docker_client.containers.create(
         busybox, counted(0), name=f"radix-{cluster_id}-{job_id}", working_dir="/workspace",
         volumes={str(workspace): {"bind": "/workspace", "mode": "rw"}},
