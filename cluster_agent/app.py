@@ -27,7 +27,9 @@ from .gpu_pool import GpuAllocator, GpuPool
 from .gpus import detect_gpus
 from .heartbeat import Heartbeat
 from .job_runner import JobRun
-from .logs import configure
+from .jobs_lock import claim as claim_jobs_workdir
+from .logs import configure, escape_controls
+from .redaction import Redactor
 from .disk import DiskGuard
 from .gpu_telemetry import GpuTelemetry
 from .metrics import Metrics
@@ -42,12 +44,14 @@ log = logging.getLogger("cluster_agent")
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Shared by the log formatter and the start-up error line: a server may echo a token into either.
+    redactor = Redactor()
     try:
         if argv and argv[0] == "run-job":
-            return _run_job(argv[1:])
-        return _run_agent(argv)
+            return _run_job(argv[1:], redactor)
+        return _run_agent(argv, redactor)
     except ConfigError as exc:
-        print(f"radix-cluster-agent: error: {exc}", file=sys.stderr)
+        print(f"radix-cluster-agent: error: {escape_controls(redactor.redact(str(exc)))}", file=sys.stderr)
         return 2
 
 
@@ -60,15 +64,16 @@ def _parse(argv: list[str], *, job_file: bool) -> tuple[Settings, dict[str, Any]
     return load_settings(namespace), extra
 
 
-def _run_agent(argv: list[str]) -> int:
+def _run_agent(argv: list[str], redactor: Redactor) -> int:
     settings, _ = _parse(argv, job_file=False)
     settings.require_agent_settings()
     assert settings.api_base and settings.cluster_id
-    formatter = configure(settings.log_level, settings.log_format)
+    formatter = configure(settings.log_level, settings.log_format, redactor=redactor)
     for secret in (settings.cluster_token, settings.one_time_token):
         formatter.add_secret(secret.get_secret_value() if secret else None)
 
     check_jobs_workdir(settings.jobs_workdir)
+    jobs_lock = claim_jobs_workdir(settings.jobs_workdir, settings.jobs_lock_wait)
     slurm = settings.execution_mode == "slurm"
     executor: Executor
     if slurm:
@@ -147,6 +152,7 @@ def _run_agent(argv: list[str]) -> int:
         if telemetry is not None:
             telemetry.close()
         client.close()
+        jobs_lock.release()
 
 
 def _start_ops_server(settings: Settings, metrics: Metrics, agent: Agent) -> OpsServer | None:
@@ -177,10 +183,10 @@ def _install_signal_handlers(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handle)
 
 
-def _run_job(argv: list[str]) -> int:
+def _run_job(argv: list[str], redactor: Redactor) -> int:
     """Run one job spec on the local engine, no control plane, and print its completion body."""
     settings, extra = _parse(argv, job_file=True)
-    configure(settings.log_level, settings.log_format)
+    configure(settings.log_level, settings.log_format, redactor=redactor)
     path = Path(extra["job_file"])
     try:
         raw = json.loads(path.read_text())
@@ -189,6 +195,8 @@ def _run_job(argv: list[str]) -> int:
     except ValueError as exc:
         raise ConfigError(f"job file {path} is not valid JSON: {exc}") from None
     check_jobs_workdir(settings.jobs_workdir)
+    # An agent on the same directory would take this job's directory for one it must recover.
+    jobs_lock = claim_jobs_workdir(settings.jobs_workdir, settings.jobs_lock_wait)
     executor: Executor
     pool: GpuAllocator
     if settings.execution_mode == "slurm":
@@ -209,6 +217,7 @@ def _run_job(argv: list[str]) -> int:
     watcher.start()
     completion = run.execute()
     run.cleanup()
+    jobs_lock.release()
     print(json.dumps(completion.to_wire(), indent=2))
     return 0 if completion.status.value == "succeeded" else 1
 

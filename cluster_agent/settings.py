@@ -109,6 +109,11 @@ class Settings(BaseSettings):
         default=Path("/tmp/radix-jobs"),
         description="Host directory holding one directory per job (mounted at /workspace). In a container, mount it at the same path.",
     )
+    jobs_lock_wait: float = Field(
+        default=60.0, ge=0,
+        description="One agent per jobs directory: when another agent holds it (still draining after SIGTERM, or "
+        "started twice by mistake), wait this many seconds for it to exit, then give up.",
+    )
     execution_mode: Literal["docker", "slurm"] = Field(
         default="docker",
         description="How jobs run: docker (containers on this host's engine) or slurm (one sbatch job each on a Slurm "
