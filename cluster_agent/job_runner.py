@@ -25,6 +25,7 @@ from .gpu_pool import GpuAllocator
 from .job_dir import JobDirectory
 from .models import JOB_ID_PATTERN, Completion, FailureReason, GpuInfo, JobMetrics, JobSpec, JobStatus
 from .output import OutputCollector
+from .redaction import Redactor
 from .settings import Settings
 from .verdict import Ending, judge
 
@@ -155,6 +156,17 @@ class JobRun:
 
     def execute(self) -> Completion:
         """Run the job and judge it. Always returns a Completion: every job gets exactly one result."""
+        return self._without_job_secrets(self._execute())
+
+    def _without_job_secrets(self, completion: Completion) -> Completion:
+        """A registry that echoes the job's password into an error must not put it into the job's result."""
+        auth = self.raw.get("registry_auth") if isinstance(self.raw, dict) else None
+        password = auth.get("password") if isinstance(auth, dict) else None
+        if not isinstance(password, str) or not completion.error_message:
+            return completion
+        return completion.model_copy(update={"error_message": Redactor([password]).redact(completion.error_message)})
+
+    def _execute(self) -> Completion:
         started = self._clock()
         try:
             spec = self._validate()

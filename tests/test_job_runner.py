@@ -161,3 +161,21 @@ def test_start_timing_splits_the_engine_from_the_agents_own_share(settings):
     engine, own = job.start_timing
     assert engine >= 0.3
     assert 0 <= own < 0.25
+
+
+def test_a_registry_password_echoed_into_an_error_never_reaches_the_result(settings):
+    from cluster_agent.errors import JobFailed
+
+    password = "pw-\"quoted\"/s3cret"
+
+    class EchoingRegistry(FakeExecutor):
+        def prepare_image(self, image, policy="if-not-present", auth=None):
+            raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"cannot pull: registry said bad password {auth and password!r}")
+
+    job = JobRun(
+        {"job_id": "j1", "image": "reg.example.com/x:1", "registry_auth": {"username": "u", "password": password}},
+        settings=settings, executor=EchoingRegistry(), gpu_pool=GpuPool([]),
+    )
+    completion = job.execute()
+    assert completion.failure_reason is FailureReason.IMAGE_UNAVAILABLE
+    assert "s3cret" not in completion.error_message and "[REDACTED]" in completion.error_message
