@@ -53,16 +53,18 @@ class Heartbeat:
             self._wake.clear()
             if self._stop.is_set():
                 return
-            self.beat(self._status)
+            status = self._status
+            self.beat(status)
+            if self._status != status and not self._stop.is_set():
+                # drain() came while this one was in flight and may have landed first: the latest word is draining.
+                self.beat(self._status)
 
     def drain(self) -> None:
         """From now until stop(), heartbeats say `draining`; one goes out at once. A control plane that watches
         heartbeats must not take a host that is finishing its jobs for a lost one."""
         self._status = "draining"
-        if self._thread is not None and self._thread.is_alive():
-            self._wake.set()
-        else:
-            self.beat("draining", attempts=1)
+        # On the caller's thread: an agent with nothing to finish exits at once, before the loop's next turn.
+        self.beat("draining", attempts=1)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
