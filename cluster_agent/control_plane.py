@@ -4,11 +4,19 @@ Transport and retries live here once. Network errors, 5xx, 408 and 429 are retri
 backoff and jitter, honouring Retry-After; 401/403 become TokenRejected; a 2xx body that breaks the contract
 becomes MalformedResponse. Sleeping between retries waits on an event, so shutdown interrupts it.
 The token travels only in a header: it is never part of a URL, a log line or an error.
+
+The control plane is trusted but may be broken, so no answer is taken on faith: every request has an overall
+deadline (a server that trickles its answer cannot hold a thread past it), every answer a size bound (read as a
+stream, so a huge one never sits in memory whole), and each item of a poll answer is checked on its own (one bad
+item is logged and skipped; the others proceed). A request that can never be built (an id no header or URL can
+carry) is an error at once, never retried.
 """
 
 from __future__ import annotations
 
 import email.utils
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -18,15 +26,15 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 import httpx
-from pydantic import ValidationError
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_never, wait_exponential_jitter
 from tenacity.stop import stop_base
 
 from . import __version__
 from .errors import ControlPlaneError, ControlPlaneUnavailable, MalformedResponse, TokenRejected
-from .http_transport import InterruptibleTransport
+from .http_transport import DeadlineTransport, InterruptibleTransport, deadline_passed, request_deadline
 from .metrics import Metrics
-from .models import Capabilities, Completion, PollResult
+from .models import JOB_ID_PATTERN, Capabilities, Completion, PollResult
+from .redaction import Redactor
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +42,39 @@ LONG_POLL_HEADER = "X-Radix-Long-Poll"
 RETRYABLE_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
 # A result the server answers with these no longer wanted: stop retrying it (contract: Delivery).
 RESULT_NOT_WANTED = frozenset({404, 409, 410})
+
+POLL_ANSWER_LIMIT = 64 * 1024 * 1024
+"""Largest poll answer read. A poll answer carries whole job specs, input payloads inline, for every free slot:
+64 MiB leaves room for large payloads while bounding what a broken server can make the agent hold."""
+ANSWER_LIMIT = 1024 * 1024
+"""Largest answer read from any other endpoint: those answers are acknowledgements of a few bytes."""
+ERROR_DETAIL_LIMIT = 4096
+"""Bytes of an error answer read for its log line: it only names the error, and the line shows 200 characters."""
+IDEMPOTENCY_KEY_LIMIT = 200
+"""Longest Idempotency-Key value sent; a longer percent-encoded id is sent as its SHA-256 (see idempotency_key)."""
+MAX_ITEM_FAULTS_LOGGED = 5
+"""Bad items of one answer logged one line each; the rest are counted, so a broken server cannot flood the log."""
+
+
+def path_segment(job_id: str) -> str:
+    """A job id as one URL path segment: percent-encoded (UTF-8), so any id, valid or not, can travel."""
+    # surrogatepass: JSON can carry lone surrogates, which strict UTF-8 cannot encode; the server decodes what it sent.
+    return quote(job_id, safe="", errors="surrogatepass")
+
+
+def idempotency_key(job_id: str) -> str:
+    """The Idempotency-Key of a job's result: a valid header value for any id, the same on every attempt.
+
+    An id that follows the contract is sent as is (a core server knows only that); any other is percent-encoded,
+    and one whose encoding is over IDEMPOTENCY_KEY_LIMIT characters is sent as "sha256:" + the hex digest of the
+    UTF-8 id, so the header stays short and printable whatever the id.
+    """
+    if JOB_ID_PATTERN.match(job_id):
+        return job_id
+    encoded = path_segment(job_id)
+    if len(encoded) <= IDEMPOTENCY_KEY_LIMIT:
+        return encoded
+    return "sha256:" + hashlib.sha256(job_id.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -53,14 +94,113 @@ class ExtensionUnsupported(ControlPlaneError):
     """The server answered 404 on an extension endpoint: it does not have it."""
 
 
+class RequestNotSendable(ControlPlaneError):
+    """The request cannot be built or sent whatever the server does (say, a header no HTTP library accepts).
+
+    Never retried: every attempt would fail the same way, and retrying forever would hide the fault.
+    """
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """How long a request may take in all, and how large its answer may be."""
+
+    seconds: float
+    limit: int
+    # True where the status alone is the outcome (heartbeat, start, logs, complete): a 2xx stands even when its
+    # body is too large or too slow to read, so a delivered result is not sent again forever.
+    body_optional: bool = False
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A read answer: status, headers and the body, whole and within its bound."""
+
+    status: int
+    headers: httpx.Headers
+    content: bytes
+
+
+def _brief(value: Any) -> str:
+    """A value for a log line: its repr (newlines and control characters escaped), cut short, and its type."""
+    text = repr(value)
+    return f"{text[:80]}{'...' if len(text) > 80 else ''} ({type(value).__name__})"
+
+
+class _ItemFaults:
+    """Logs the bad items of one answer: the first few a line each, then how many more."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self.count = 0
+
+    def skip(self, what: str) -> None:
+        self.count += 1
+        if self.count <= MAX_ITEM_FAULTS_LOGGED:
+            log.error("%s: %s: skipped, the rest of the answer is used", self._path, what)
+
+    def summarize(self) -> None:
+        if self.count > MAX_ITEM_FAULTS_LOGGED:
+            log.error("%s: %d more malformed items skipped", self._path, self.count - MAX_ITEM_FAULTS_LOGGED)
+
+
+def _list_field(data: dict[str, Any], name: str, faults: _ItemFaults) -> list[Any]:
+    """The list under `name`; absent or null is empty, anything else that is not a list is skipped and logged."""
+    value = data.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        faults.skip(f"{name} is {_brief(value)}, not a list")
+        return []
+    return value
+
+
+def _poll_result(data: dict[str, Any], long_poll: bool) -> PollResult:
+    """The usable items of a poll answer, each checked on its own so that one bad item cannot lose the others."""
+    faults = _ItemFaults("jobs/poll")
+    jobs: list[dict[str, Any]] = []
+    for index, job in enumerate(_list_field(data, "jobs", faults)):
+        # Only the shape is checked here: the job runner validates each job and reports a bad one as invalid_job.
+        if isinstance(job, dict):
+            jobs.append(job)
+        else:
+            faults.skip(f"jobs[{index}] is {_brief(job)}, not a job object")
+    cancels: list[str] = []
+    for index, job_id in enumerate(_list_field(data, "cancel_job_ids", faults)):
+        if not isinstance(job_id, str) or not job_id:
+            faults.skip(f"cancel_job_ids[{index}] is {_brief(job_id)}, not a non-empty job id string")
+        elif not JOB_ID_PATTERN.match(job_id):
+            # No job with such an id ever runs here (it fails as invalid_job), so there is nothing to cancel.
+            faults.skip(f"cancel_job_ids[{index}] is {_brief(job_id)}, which does not match {JOB_ID_PATTERN.pattern}")
+        else:
+            cancels.append(job_id)
+    faults.summarize()
+    return PollResult(jobs=jobs, cancel_job_ids=cancels, long_poll=long_poll)
+
+
+def _encode_body(body: dict[str, Any]) -> bytes:
+    """The JSON body, as httpx would encode it; lone surrogates (which UTF-8 cannot carry) are sent escaped.
+
+    Raises RequestNotSendable for what JSON cannot carry at all (NaN, infinities, non-JSON types).
+    """
+    try:
+        try:
+            text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(body, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode("ascii")
+    except (TypeError, ValueError) as exc:
+        raise RequestNotSendable(f"the request body cannot be sent as JSON: {exc}") from None
+
+
 class Delivery(Enum):
     DELIVERED = "delivered"
     NOT_WANTED = "not_wanted"  # 404/409/410
     ABANDONED = "abandoned"  # gave up because the agent is exiting
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After")
+def _retry_after(headers: httpx.Headers) -> float | None:
+    value = headers.get("Retry-After")
     if not value:
         return None
     try:
@@ -139,13 +279,18 @@ class ControlPlaneClient:
         self._base = f"{api_base.rstrip('/')}/v1/clusters/{quote(cluster_id, safe='')}"
         self._tenant_id = tenant_id
         self._token = token
+        # Quotes of answers are cut to a few hundred characters: the client's own secrets are redacted before the
+        # cut, which would otherwise leave a prefix of an echoed token that no later redaction recognises.
+        self._secrets = Redactor([token])
         self._retry = retry
         self._timeout = request_timeout
         headers = {"User-Agent": f"radix-cluster-agent/{__version__}"}
+        # Both clients run on deadline transports: a request made inside request_deadline() ends by its deadline
+        # whatever the server does (see http_transport.py).
         self._http = http or httpx.Client(
             timeout=httpx.Timeout(request_timeout),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
             headers=headers,
+            transport=DeadlineTransport(httpx.Limits(max_connections=64, max_keepalive_connections=16)),
         )
         # Polls get a client of their own, whose in-flight request can be broken off (see http_transport.py).
         self._poll_transport: InterruptibleTransport | None = None
@@ -183,6 +328,7 @@ class ControlPlaneClient:
         return self._token
 
     def set_token(self, token: str) -> None:
+        self._secrets.add(token)
         self._token = token
 
     # --- endpoints -----------------------------------------------------------------------------------------
@@ -190,10 +336,11 @@ class ControlPlaneClient:
     def exchange_token(self, one_time_token: str, *, cancel: threading.Event, attempts: int = 5) -> str:
         """`POST /auth/exchange`: trade a one-time token for the cluster token."""
         headers = {"X-Radix-One-Time-Token": one_time_token}
-        response = self._send(
+        self._secrets.add(one_time_token)
+        answer = self._send(
             "auth/exchange", {}, headers=headers, cancel=cancel, attempts=attempts, auth=False, retry_on=_unavailable
         )
-        body = self._json(response, "auth/exchange")
+        body = self._json(answer, "auth/exchange")
         token = body.get("cluster_token") if isinstance(body, dict) else None
         if not isinstance(token, str) or not token:
             raise MalformedResponse("auth/exchange answered without a cluster_token string")
@@ -202,7 +349,7 @@ class ControlPlaneClient:
     def heartbeat(self, status: str, capabilities: Capabilities, *, cancel: threading.Event, attempts: int = 3) -> None:
         """`POST /heartbeat`. Few attempts: the next tick is the real retry."""
         body = {"status": status, "agent_version": __version__, "capabilities": capabilities.model_dump(mode="json")}
-        self._send("heartbeat", body, cancel=cancel, attempts=attempts, retry_on=_unavailable)
+        self._send("heartbeat", body, cancel=cancel, attempts=attempts, retry_on=_unavailable, body_optional=True)
         if self._metrics is not None:
             self._metrics.heartbeat_sent()
 
@@ -219,7 +366,8 @@ class ControlPlaneClient:
         """`POST /jobs/poll` with the long-poll extension; retried until it works or `cancel` is set.
 
         With `interrupt` (only for `max_jobs: 0` polls, which cannot carry jobs), `interrupt_poll()` breaks the
-        request off and this raises PollInterrupted.
+        request off and this raises PollInterrupted. The answer's items are checked one by one: a bad one is
+        logged and left out, the others are returned.
         """
         body = {
             "max_jobs": max_jobs,
@@ -227,8 +375,10 @@ class ControlPlaneClient:
             "running_job_ids": running_job_ids,
             "free_gpus": free_gpus,
         }
-        # The read timeout must outlast the server's hold, or every idle long poll would end as an error.
+        # The read timeout must outlast the server's hold, or every idle long poll would end as an error; the
+        # deadline is the same span for the whole request, so a trickled answer cannot hold the poller longer.
         timeout = httpx.Timeout(self._timeout, read=wait_seconds + self._timeout)
+        budget = _Budget(wait_seconds + self._timeout, POLL_ANSWER_LIMIT)
         stop = cancel
         if interrupt is not None:
             if interrupt.is_set():
@@ -236,24 +386,17 @@ class ControlPlaneClient:
             stop = _AnyEvent(cancel, interrupt)
         asked = time.monotonic()
         try:
-            response = self._send("jobs/poll", body, cancel=stop, timeout=timeout, http=self._poll_http)
+            answer = self._send("jobs/poll", body, cancel=stop, timeout=timeout, budget=budget, http=self._poll_http)
             if self._metrics is not None:
                 self._metrics.poll_latency.observe(time.monotonic() - asked)
         except ControlPlaneError:
             if interrupt is not None and interrupt.is_set():
                 raise PollInterrupted() from None
             raise
-        data = self._json(response, "jobs/poll")
+        data = self._json(answer, "jobs/poll")
         if not isinstance(data, dict):
             raise MalformedResponse(f"jobs/poll answered with a JSON {type(data).__name__}, expected an object")
-        try:
-            result = PollResult.model_validate(
-                {"jobs": data.get("jobs") or [], "cancel_job_ids": data.get("cancel_job_ids") or []}
-            )
-        except ValidationError as exc:
-            raise MalformedResponse(f"jobs/poll answer does not follow the contract: {exc.errors()[0]['msg']}") from None
-        result.long_poll = response.headers.get(LONG_POLL_HEADER) == "1"
-        return result
+        return _poll_result(data, long_poll=answer.headers.get(LONG_POLL_HEADER) == "1")
 
     def start(
         self, job_id: str, *, started_at: str, container_id: str, gpu_ids: list[str], cancel: threading.Event
@@ -263,7 +406,10 @@ class ControlPlaneClient:
             return False
         body = {"started_at": started_at, "container_id": container_id, "gpu_ids": gpu_ids}
         try:
-            self._send(f"jobs/{quote(job_id, safe='')}/start", body, cancel=cancel, attempts=5, retry_on=_unavailable)
+            self._send(
+                f"jobs/{path_segment(job_id)}/start", body, cancel=cancel, attempts=5, retry_on=_unavailable,
+                body_optional=True,
+            )
         except ControlPlaneError as exc:
             if exc.status == 404:
                 self._mark_unsupported("start")
@@ -279,9 +425,10 @@ class ControlPlaneClient:
         if not self.supports("logs"):
             raise ExtensionUnsupported("logs endpoint not supported", status=404)
         try:
-            response = self._send(
-                f"jobs/{quote(job_id, safe='')}/logs", {"offset": offset, "data": data}, cancel=cancel,
+            answer = self._send(
+                f"jobs/{path_segment(job_id)}/logs", {"offset": offset, "data": data}, cancel=cancel,
                 retry_on=lambda exc: isinstance(exc, ControlPlaneError) and exc.status not in (400, 404, 409, 410, 413, 422),
+                body_optional=True,
             )
         except ControlPlaneError as exc:
             if exc.status == 404:
@@ -289,10 +436,10 @@ class ControlPlaneClient:
                 raise ExtensionUnsupported("logs endpoint not supported", status=404) from None
             raise
         try:
-            answer = response.json() if response.content else {}
-        except ValueError:
+            reply = json.loads(answer.content) if answer.content else {}
+        except (ValueError, RecursionError):
             return False
-        return isinstance(answer, dict) and answer.get("cancel") is True
+        return isinstance(reply, dict) and reply.get("cancel") is True
 
     def complete(self, job_id: str, completion: Completion, *, cancel: threading.Event) -> Delivery:
         """`POST /jobs/{id}/complete`, retried until a 2xx or a 404/409/410, or until `cancel` is set.
@@ -300,18 +447,22 @@ class ControlPlaneClient:
         Every attempt carries the same Idempotency-Key, so a retry after a lost answer is not a second result.
         Any other status is retried too (capped backoff): a result is never dropped on a guess.
         """
-        path = f"jobs/{quote(job_id, safe='')}/complete"
+        path = f"jobs/{path_segment(job_id)}/complete"
         try:
             self._send(
                 path,
                 completion.to_wire(),
-                headers={"Idempotency-Key": job_id},
+                headers={"Idempotency-Key": idempotency_key(job_id)},
                 cancel=cancel,
                 retry_on=lambda exc: isinstance(exc, ControlPlaneError) and exc.status not in RESULT_NOT_WANTED,
+                body_optional=True,
             )
         except ControlPlaneError as exc:
             if exc.status in RESULT_NOT_WANTED:
-                log.warning("control plane no longer wants the result of job %s (HTTP %s); dropping it", job_id, exc.status)
+                log.warning(
+                    "control plane no longer wants the result of job %s (HTTP %s); dropping it",
+                    job_id if JOB_ID_PATTERN.match(job_id) else repr(job_id)[:140], exc.status,
+                )
                 return Delivery.NOT_WANTED
             if cancel.is_set():
                 return Delivery.ABANDONED
@@ -329,24 +480,29 @@ class ControlPlaneClient:
         headers: dict[str, str] | None = None,
         attempts: int | None = None,
         timeout: httpx.Timeout | None = None,
+        budget: _Budget | None = None,
+        body_optional: bool = False,
         auth: bool = True,
         retry_on: Callable[[BaseException], bool] | None = None,
         http: httpx.Client | None = None,
-    ) -> httpx.Response:
+    ) -> _Answer:
         url = f"{self._base}/{path}"
         client = http or self._http
+        budget = budget or _Budget(self._timeout, ANSWER_LIMIT, body_optional)
         request_headers = {"X-Radix-Tenant-Id": self._tenant_id, "Content-Type": "application/json"}
         if auth:
             if not self._token:
                 raise TokenRejected("no cluster token: give --cluster-token, or --one-time-token for a first start")
             request_headers["X-Radix-Cluster-Token"] = self._token
         request_headers.update(headers or {})
+        content = _encode_body(body)
+        retryable = retry_on or (lambda exc: isinstance(exc, (ControlPlaneUnavailable, TokenRejected)))
 
-        def once() -> httpx.Response:
-            return self._request_once(client, url, path, body, request_headers, timeout)
+        def once() -> _Answer:
+            return self._request_once(client, url, path, content, request_headers, timeout, budget)
 
         retrying = Retrying(
-            retry=retry_if_exception(retry_on or (lambda exc: isinstance(exc, (ControlPlaneUnavailable, TokenRejected)))),
+            retry=retry_if_exception(lambda exc: not isinstance(exc, RequestNotSendable) and retryable(exc)),
             wait=_BackoffWait(self._retry),
             stop=(stop_after_attempt(attempts) if attempts else stop_never) | _StopOn(cancel),
             sleep=lambda seconds: cancel.wait(seconds),
@@ -360,24 +516,47 @@ class ControlPlaneClient:
         client: httpx.Client,
         url: str,
         path: str,
-        body: dict[str, Any],
+        content: bytes,
         headers: dict[str, str],
         timeout: httpx.Timeout | None,
-    ) -> httpx.Response:
+        budget: _Budget,
+    ) -> _Answer:
         endpoint = path.rsplit("/", 1)[-1]
         try:
-            response = client.post(url, json=body, headers=headers, timeout=timeout or httpx.USE_CLIENT_DEFAULT)
-        except httpx.TransportError as exc:
-            self._count_error(endpoint, "timeout" if isinstance(exc, httpx.TimeoutException) else "network")
-            # str(exc) of httpx errors names the host, never headers; keep the type for diagnosis.
-            raise ControlPlaneUnavailable(f"{path}: cannot reach the control plane ({type(exc).__name__}: {exc})") from None
-        status = response.status_code
+            request = client.build_request(
+                "POST", url, content=content, headers=headers, timeout=timeout or httpx.USE_CLIENT_DEFAULT
+            )
+        except (httpx.InvalidURL, ValueError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
+            self._count_error(endpoint, "unsendable")
+            raise RequestNotSendable(f"{path}: the request cannot be built ({type(exc).__name__}: {exc})") from None
+        with request_deadline(budget.seconds):
+            try:
+                response = client.send(request, stream=True)
+                try:
+                    answer = self._read_answer(response, path, budget)
+                finally:
+                    response.close()
+            except (httpx.LocalProtocolError, httpx.InvalidURL, httpx.UnsupportedProtocol, UnicodeError) as exc:
+                # The request itself is refused (h11 rejects a header, the URL cannot be encoded): it never will be
+                # taken, whatever the server does, so retrying would only loop.
+                self._count_error(endpoint, "unsendable")
+                raise RequestNotSendable(f"{path}: the request cannot be sent ({type(exc).__name__}: {exc})") from None
+            except httpx.TransportError as exc:
+                timed_out = isinstance(exc, httpx.TimeoutException)
+                self._count_error(endpoint, "timeout" if timed_out else "network")
+                if timed_out and deadline_passed():
+                    raise ControlPlaneUnavailable(
+                        f"{path}: no complete answer within the request's deadline of {budget.seconds:.0f} s"
+                    ) from None
+                # str(exc) of httpx errors names the host, never headers; keep the type for diagnosis.
+                raise ControlPlaneUnavailable(f"{path}: cannot reach the control plane ({type(exc).__name__}: {exc})") from None
+        status = answer.status
         if 200 <= status < 300:
             if self._metrics is not None:
                 self._metrics.exchanged()
-            return response
+            return answer
         self._count_error(endpoint, "token_rejected" if status in (401, 403) else f"http_{status // 100}xx")
-        detail = response.text[:200].replace("\n", " ")
+        detail = self._secrets.redact(answer.content.decode("utf-8", errors="replace"))[:200].replace("\n", " ")
         if status in (401, 403):
             raise TokenRejected(
                 f"{path}: token rejected (HTTP {status}); check --cluster-token / the token file, the cluster id "
@@ -388,22 +567,43 @@ class ControlPlaneClient:
             raise ControlPlaneUnavailable(
                 f"{path}: control plane answered HTTP {status} {detail}".rstrip(),
                 status=status,
-                retry_after=_retry_after(response),
+                retry_after=_retry_after(answer.headers),
             )
         raise ControlPlaneError(f"{path}: control plane answered HTTP {status} {detail}".rstrip(), status=status)
+
+    def _read_answer(self, response: httpx.Response, path: str, budget: _Budget) -> _Answer:
+        """Status, headers and body of a streamed answer; the body read within its bound and the deadline.
+
+        An error answer's body only names the error: a little of it is read, and failing to read it changes
+        nothing. Where the status alone is the outcome (`body_optional`), a 2xx whose body cannot be read stands.
+        """
+        status = response.status_code
+        if not 200 <= status < 300:
+            try:
+                content = _read_bounded(response, ERROR_DETAIL_LIMIT, path, truncate=True)
+            except (httpx.TransportError, httpx.DecodingError, MalformedResponse):
+                content = b""
+            return _Answer(status, response.headers, content)
+        try:
+            content = _read_bounded(response, budget.limit, path)
+        except (httpx.TransportError, httpx.DecodingError, MalformedResponse) as exc:
+            if not budget.body_optional:
+                raise
+            log.warning("%s: answered HTTP %d but its body could not be read (%s); the status stands", path, status, exc)
+            content = b""
+        return _Answer(status, response.headers, content)
 
     def _count_error(self, endpoint: str, kind: str) -> None:
         if self._metrics is not None:
             self._metrics.control_plane_errors.labels(endpoint=endpoint, kind=kind).inc()
 
-    @staticmethod
-    def _json(response: httpx.Response, path: str) -> Any:
+    def _json(self, answer: _Answer, path: str) -> Any:
         try:
-            return response.json()
-        except ValueError:
+            return json.loads(answer.content)
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
+            text = self._secrets.redact(answer.content.decode("utf-8", errors="replace"))[:80]
             raise MalformedResponse(
-                f"{path}: answer is not JSON (HTTP {response.status_code}, {len(response.content)} bytes: "
-                f"{response.text[:80]!r})"
+                f"{path}: answer is not JSON (HTTP {answer.status}, {len(answer.content)} bytes: {text!r})"
             ) from None
 
     @staticmethod
@@ -412,3 +612,45 @@ class ControlPlaneClient:
         wait = state.next_action.sleep if state.next_action else 0.0
         level = logging.ERROR if isinstance(exc, TokenRejected) else logging.WARNING
         log.log(level, "%s failed (attempt %d): %s; retrying in %.1f s", path, state.attempt_number, exc, wait)
+
+
+def _read_bounded(response: httpx.Response, limit: int, path: str, *, truncate: bool = False) -> bytes:
+    """The body, read as a stream: at most `limit` bytes are ever held (decoded, as the caller sees them).
+
+    Over the limit: MalformedResponse naming the bound, or with `truncate` the first `limit` bytes. The
+    deadline is checked between chunks too, so a trickled body ends even on a transport without a deadline.
+    A body that does not decode (a broken Content-Encoding) is MalformedResponse.
+    """
+    too_large = MalformedResponse(
+        f"{path}: answer is larger than the {_mib(limit)} bound (HTTP {response.status_code}); not read",
+        status=response.status_code,
+    )
+    announced = response.headers.get("Content-Length", "")
+    if not truncate and announced.isdigit() and int(announced) > limit:
+        raise too_large  # said so up front: not worth downloading
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > limit:
+                if truncate:
+                    chunks.append(chunk[: limit - (size - len(chunk))])
+                    break
+                raise too_large
+            chunks.append(chunk)
+            if deadline_passed() and not _downloaded_whole(response):
+                raise httpx.ReadTimeout("the request's deadline passed while its answer was read", request=response.request)
+    except httpx.DecodingError as exc:
+        raise MalformedResponse(f"{path}: answer body cannot be decoded ({exc})", status=response.status_code) from None
+    return b"".join(chunks)
+
+
+def _downloaded_whole(response: httpx.Response) -> bool:
+    """Whether every byte the answer announced has arrived (so a deadline passing now cuts nothing off)."""
+    length = response.headers.get("Content-Length", "")
+    return length.isdigit() and response.num_bytes_downloaded >= int(length)
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):g} MiB" if size >= 1024 * 1024 else f"{size} bytes"

@@ -230,8 +230,10 @@ class Capabilities(_Lenient):
 
 
 class PollResult(BaseModel):
-    """A poll answer. Jobs stay raw dicts: each is validated on its own, so one bad job cannot hide the others."""
+    """The usable part of a poll answer. The client checks each item on its own and leaves out (and logs) the bad
+    ones, so one bad item cannot lose the others. Jobs stay raw objects: the job runner validates each and
+    reports a bad one as invalid_job."""
 
-    jobs: list[Any] = Field(default_factory=list)
+    jobs: list[dict[str, Any]] = Field(default_factory=list)
     cancel_job_ids: list[str] = Field(default_factory=list)
     long_poll: bool = False

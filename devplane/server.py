@@ -12,6 +12,11 @@ Admin API (no auth; bind it to loopback):
   POST /admin/jobs/{id}/cancel     ask the agent to cancel a job (sent once in a poll answer, and in every logs
                                    answer while it runs)
   POST /admin/config               {"long_poll": bool, "extensions": bool, "cancel_via": "poll"|"logs"}
+  POST /admin/raw_poll             {"body": <any JSON>, "trickle_seconds": S?, "trickle_headers": bool?} the next
+                                   poll is answered with exactly that body (200, marked as usual), whatever it holds;
+                                   each call queues one answer. Jobs in it with a string job_id become assigned
+                                   records, so their results are taken. With trickle_seconds the body (and, with
+                                   trickle_headers, the status line and headers too) goes out one byte every S s
   POST /admin/reset                forget everything
 """
 
@@ -86,6 +91,7 @@ class State:
         self.delays: dict[str, float] = {}
         self.stats: dict[str, int] = {"polls": 0, "heartbeats": 0, "completes": 0, "exchanges": 0}
         self.poll_bodies: deque[dict[str, Any]] = deque(maxlen=50)
+        self.raw_polls: deque[dict[str, Any]] = deque()  # queued by /admin/raw_poll, answered before any job
         self.draining = False
 
     def submit(self, spec: dict[str, Any]) -> str:
@@ -142,6 +148,14 @@ class State:
                 record.cancel_sent_at = now
                 ids.append(record.job_id)
         return ids
+
+    def register_raw_jobs(self, body: Any) -> None:
+        """Jobs in a raw poll answer become assigned records (under the lock), so their results are taken."""
+        jobs = body.get("jobs") if isinstance(body, dict) else None
+        for job in jobs if isinstance(jobs, list) else []:
+            job_id = job.get("job_id") if isinstance(job, dict) else None
+            if isinstance(job_id, str) and job_id not in self.jobs:
+                self.jobs[job_id] = JobRecord(job_id, job, state="assigned", assigned_at=time.time())
 
     def next_fault(self, endpoint: str) -> int | None:
         with self.lock:
@@ -296,6 +310,13 @@ class Handler(BaseHTTPRequestHandler):
         with state.lock:
             state.stats["polls"] += 1
             state.poll_bodies.append({"at": time.time(), **body})
+            raw = state.raw_polls.popleft() if state.raw_polls else None
+            if raw is not None:
+                state.register_raw_jobs(raw["body"])
+        if raw is not None:
+            self._raw_poll(raw)
+            return
+        with state.lock:
             jobs = state.take(max_jobs)
             cancels = state.take_cancellations(running)
             while not jobs and not cancels and not state.draining and not self.server.closing:
@@ -310,6 +331,31 @@ class Handler(BaseHTTPRequestHandler):
         if cancels:
             answer["cancel_job_ids"] = cancels
         self._send(200, answer, headers)
+
+    def _raw_poll(self, raw: dict[str, Any]) -> None:
+        """Answer a poll with exactly the queued body, trickled if asked (a broken or slow control plane)."""
+        data = json.dumps(raw["body"]).encode()
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+        if self.server.state.long_poll:
+            head += "X-Radix-Long-Poll: 1\r\n"
+        head_bytes = (head + "\r\n").encode()
+        every = float(raw.get("trickle_seconds") or 0)
+        self.close_connection = every > 0  # the agent may give up half-way: never reuse this connection
+        try:
+            if every <= 0:
+                self.wfile.write(head_bytes + data)
+                return
+            if not raw.get("trickle_headers"):
+                self.wfile.write(head_bytes)
+                head_bytes = b""
+            for byte in head_bytes + data:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                if self.server.closing:
+                    return
+                time.sleep(every)
+        except OSError:
+            pass  # the agent cut the answer off: what the trickle is for
 
     def _start(self, job_id: str, body: dict[str, Any]) -> None:
         state = self.server.state
@@ -392,6 +438,13 @@ class Handler(BaseHTTPRequestHandler):
                     if key in body:
                         setattr(state, key, body[key])
             self._send(200, {"ok": True})
+        elif method == "POST" and parts == ["admin", "raw_poll"]:
+            if not isinstance(body, dict) or "body" not in body:
+                self._send(400, {"error": 'give {"body": <the poll answer>, "trickle_seconds"?: S}'})
+                return
+            with state.lock:
+                state.raw_polls.append(body)
+            self._send(200, {"ok": True})
         elif method == "GET" and parts == ["admin", "heartbeats"]:
             with state.lock:
                 self._send(200, {"heartbeats": list(state.heartbeats)})
@@ -411,7 +464,7 @@ class Handler(BaseHTTPRequestHandler):
         elif method == "POST" and parts == ["admin", "reset"]:
             with state.lock:
                 state.jobs.clear(); state.queue.clear(); state.heartbeats.clear()  # noqa: E702
-                state.faults.clear(); state.delays.clear()  # noqa: E702
+                state.faults.clear(); state.delays.clear(); state.raw_polls.clear()  # noqa: E702
                 for key in state.stats:
                     state.stats[key] = 0
             self._send(200, {"ok": True})
