@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .job_dir import write_json_atomic
+from .files import write_json_atomic
 
 log = logging.getLogger(__name__)
 GIB = 1024**3

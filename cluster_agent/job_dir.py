@@ -28,38 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .files import read_json, write_json_atomic
 from .safe_fs import remove_tree, write_new_file
 
 TRASH_PREFIX = ".trash-"
 WORKSPACE_DIR = "workspace"
 LAYOUT_FILE = ".radix-layout"
 LAYOUT_VERSION = "2"
-
-
-def write_json_atomic(path: Path, data: Any, mode: int = 0o644, *, durable: bool = True) -> None:
-    """Readers see the old file or the new one, never half of one; `durable` also survives a host crash (fsync).
-
-    Only for the agent's own directories: the temporary file beside `path` is created exclusively and without
-    following links all the same, so a stray link there fails the write instead of redirecting it.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)  # a temporary file an earlier, killed write left
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle)
-        if durable:
-            handle.flush()
-            os.fsync(handle.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Any | None:
-    """The file's JSON, None when it is missing or unreadable (a restart must not trip over a torn file)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 class JobDirectory:

@@ -13,6 +13,7 @@ from .errors import ConfigError, ControlPlaneError, EngineUnavailable, TokenReje
 from .executors.docker import DockerExecutor, connect
 from .executors.slurm import SlurmExecutor
 from .executors.slurm_script import cluster_args
+from .files import write_atomic
 from .gpu_injection import choose_injection
 from .settings import Settings
 from .slurm_cli import SlurmCli, SlurmRefused
@@ -159,10 +160,5 @@ def resolve_token(settings: Settings, client: ControlPlaneClient, cancel: thread
         ) from None
     except ControlPlaneError as exc:
         raise ConfigError(f"token exchange failed: {exc}") from None
-    tmp = token_file.with_name(f".{token_file.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(token + "\n")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, token_file)
+    write_atomic(token_file, (token + "\n").encode(), mode=0o600)
     return token

@@ -2,7 +2,8 @@ import json
 import os
 import stat
 
-from cluster_agent.job_dir import JobDirectory, layout_marked, mark_layout, write_json_atomic
+from cluster_agent.files import write_json_atomic
+from cluster_agent.job_dir import JobDirectory, layout_marked, mark_layout
 
 
 def test_records_live_beside_the_workspace_never_in_it(tmp_path):

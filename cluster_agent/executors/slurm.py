@@ -22,7 +22,6 @@ import base64
 import getpass
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import EngineUnavailable, JobFailed
-from ..job_dir import read_json
+from ..files import read_json, write_private
 from ..models import FailureReason
 from ..settings import Settings
 from ..slurm_cli import QueueView, SlurmCli, SlurmJob, SlurmRefused
@@ -124,9 +123,7 @@ class SlurmExecutor:
         shutil.rmtree(state, ignore_errors=True)
         state.mkdir(parents=True, mode=0o700)
         # The script holds the job's env: readable by the agent's user only (sbatch gets it on stdin).
-        fd = os.open(state / "batch.sh", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(script)
+        write_private(state / "batch.sh", script.encode())
         (state / "labels.json").write_text(json.dumps(spec.labels))
         if spec.registry_auth:
             cls._write_auth(state, spec.image, spec.registry_auth)
@@ -141,9 +138,7 @@ class SlurmExecutor:
         token = base64.b64encode(f"{auth.get('username', '')}:{auth.get('password', '')}".encode()).decode()
         (state / "auth").mkdir(mode=0o700)
         path = state / "auth" / "config.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"auths": {registry: {"auth": token}}}, handle)
+        write_private(path, json.dumps({"auths": {registry: {"auth": token}}}).encode())
 
     def _job(self, slurm_id: str) -> SlurmJob | None:
         return self._queue.jobs().get(slurm_id)
