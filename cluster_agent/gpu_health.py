@@ -8,8 +8,6 @@ from typing import Any
 
 # XIDs caused by applications (illegal address, page faults, ...): not the GPU's fault (device plugin's list).
 APPLICATION_XIDS = frozenset({13, 31, 43, 45, 68, 109})
-# Reasons that clear by themselves when the condition does (the GPU is given back to jobs then).
-TRANSIENT = ("temperature",)
 
 
 def reasons(sample: dict[str, Any], xids: list[int], max_temperature: float) -> list[str]:

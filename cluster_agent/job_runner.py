@@ -20,7 +20,16 @@ from pydantic import ValidationError
 from . import __version__
 from .errors import EngineUnavailable, JobFailed
 from .executors import ContainerSpec, Executor
-from .executors.base import ContainerState
+from .executors.base import (
+    LABEL_AGENT_VERSION,
+    LABEL_CLUSTER_ID,
+    LABEL_GPU_IDS,
+    LABEL_JOB_ID,
+    LABEL_TIMEOUT,
+    STOP_GRACE_SECONDS,
+    ContainerState,
+    container_name,
+)
 from .gpu_pool import GpuAllocator
 from .job_dir import JobDirectory
 from .models import JOB_ID_PATTERN, Completion, FailureReason, GpuInfo, JobMetrics, JobSpec, JobStatus
@@ -31,12 +40,6 @@ from .verdict import Ending, judge
 
 log = logging.getLogger(__name__)
 
-# Grace between SIGTERM and SIGKILL when the agent stops a container (timeout, shutdown, cancel).
-STOP_GRACE_SECONDS = 10.0
-LABEL_JOB_ID = "radix.job_id"
-LABEL_CLUSTER_ID = "radix.cluster_id"
-LABEL_TIMEOUT = "radix.timeout_seconds"
-LABEL_GPU_IDS = "radix.gpu_ids"
 ENGINE_BACKOFF_MAX_SECONDS = 30.0
 # A container that dies of a signal the agent did not send may have been stopped by an engine shutting down
 # (dockerd stops its containers first, then exits): watch the engine this long before judging the job.
@@ -77,11 +80,6 @@ def job_id_of(raw: Any) -> str | None:
     if isinstance(raw, dict) and isinstance(raw.get("job_id"), str) and raw["job_id"]:
         return raw["job_id"]
     return None
-
-
-def container_name(cluster_id: str, job_id: str) -> str:
-    # Names are unique per engine: a second container for the same job cannot be created by accident.
-    return f"radix-{cluster_id}-{job_id}"[:200]
 
 
 def torchrun_command(spec: JobSpec, gpus: int) -> list[str]:
@@ -310,7 +308,7 @@ class JobRun:
             labels={
                 LABEL_JOB_ID: spec.job_id,
                 LABEL_CLUSTER_ID: self._settings.cluster_id or "local",
-                "radix.agent_version": __version__,
+                LABEL_AGENT_VERSION: __version__,
                 LABEL_TIMEOUT: f"{self._timeout(spec):g}",
                 LABEL_GPU_IDS: ",".join(self.gpu_ids),
             },

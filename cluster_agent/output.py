@@ -22,7 +22,6 @@ TAIL_CHARS = 10_000
 # UTF-8 uses at most 4 bytes a character: this many bytes always hold the last TAIL_CHARS characters.
 TAIL_BYTES = TAIL_CHARS * 4
 _JSON_START = frozenset(b'{["-0123456789tfn')
-_WHITESPACE = frozenset(b" \t\r\n")
 
 
 class _Tail:

@@ -1,7 +1,8 @@
 import pytest
 from pydantic import ValidationError
 
-from cluster_agent.job_runner import container_name, gpus_for, torchrun_command
+from cluster_agent.executors.base import container_name
+from cluster_agent.job_runner import gpus_for, torchrun_command
 from cluster_agent.models import JobSpec
 
 

@@ -10,7 +10,21 @@ from typing import Callable, Protocol
 from ..models import FailureReason, GpuInfo
 
 
-WORKSPACE = "/workspace"  # where every executor mounts the job directory, and the job's working directory
+WORKSPACE = "/workspace"  # where every executor mounts the job's workspace, and the job's working directory
+
+# What every executor writes on a job's container (or scheduler job) and a restarted agent reads back.
+LABEL_JOB_ID = "radix.job_id"
+LABEL_CLUSTER_ID = "radix.cluster_id"
+LABEL_AGENT_VERSION = "radix.agent_version"
+LABEL_TIMEOUT = "radix.timeout_seconds"  # the deadline the starting agent promised
+LABEL_GPU_IDS = "radix.gpu_ids"
+# Grace between SIGTERM and SIGKILL when the agent stops a job (timeout, shutdown, cancel).
+STOP_GRACE_SECONDS = 10.0
+
+
+def container_name(cluster_id: str, job_id: str) -> str:
+    """`radix-<cluster>-<job>`: unique per engine, so a second container for one job cannot be made by accident."""
+    return f"radix-{cluster_id}-{job_id}"[:200]
 
 
 @dataclass(frozen=True)
@@ -56,7 +70,7 @@ class ContainerState:
 
     @property
     def job_id(self) -> str | None:
-        return self.labels.get("radix.job_id")
+        return self.labels.get(LABEL_JOB_ID)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from docker.utils import parse_repository_tag
 from ..errors import EngineUnavailable, JobFailed
 from ..gpu_injection import GpuInjection, NvidiaRuntimeInjection
 from ..models import FailureReason
-from .base import WORKSPACE, ContainerSpec, ContainerState, ExitInfo, OutputSink
+from .base import LABEL_CLUSTER_ID, WORKSPACE, ContainerSpec, ContainerState, ExitInfo, OutputSink
 from .reaper import ContainerReaper
 
 log = logging.getLogger(__name__)
@@ -367,7 +367,7 @@ class DockerExecutor:
 
     def list_jobs(self, cluster_id: str) -> list[ContainerState]:
         with _engine("list job containers"):
-            found = self._api.containers(all=True, filters={"label": f"radix.cluster_id={cluster_id}"})
+            found = self._api.containers(all=True, filters={"label": f"{LABEL_CLUSTER_ID}={cluster_id}"})
             states = []
             for item in found:
                 state = self.inspect(item["Id"])

@@ -33,13 +33,12 @@ from ..files import read_json, write_private
 from ..models import FailureReason
 from ..settings import Settings
 from ..slurm_cli import QueueView, SlurmCli, SlurmJob, SlurmRefused
-from .base import ContainerSpec, ContainerState, ExitInfo, OutputSink
+from .base import LABEL_CLUSTER_ID, LABEL_JOB_ID, STOP_GRACE_SECONDS, ContainerSpec, ContainerState, ExitInfo, OutputSink
 from .slurm_script import batch_script, sbatch_args
 
 log = logging.getLogger(__name__)
 
 STATE_DIR_NAME = ".radix-slurm"
-STOP_GRACE_SECONDS = 10.0
 OUTPUT_POLL_SECONDS = 0.25
 # How long after Slurm says "ended" the output files may still grow (NFS attribute caching, slurmstepd's flush).
 OUTPUT_SETTLE_SECONDS = 1.0
@@ -86,7 +85,7 @@ class SlurmExecutor:
         return self.state_root / job_id
 
     def start(self, spec: ContainerSpec) -> str:
-        job_id = spec.labels["radix.job_id"]
+        job_id = spec.labels[LABEL_JOB_ID]
         state = self.state_dir(job_id)
         script = batch_script(spec, self._settings, state, grace=STOP_GRACE_SECONDS, version=__version__)
         try:
@@ -285,7 +284,7 @@ class SlurmExecutor:
                 if not slurm_id or slurm_id in found:
                     continue
                 labels = read_json(state / "labels.json") or {}
-                if labels.get("radix.cluster_id") != cluster_id:
+                if labels.get(LABEL_CLUSTER_ID) != cluster_id:
                     continue
                 job = self.cli.show_job(slurm_id) or SlurmJob(
                     job_id=slurm_id, state="COMPLETED" if (state / "exit.json").exists() else "UNKNOWN", name="")
@@ -305,7 +304,7 @@ class SlurmExecutor:
     def _container_state(self, job: SlurmJob, job_id: str) -> ContainerState:
         state = self.state_dir(job_id) if job_id else None
         labels = (read_json(state / "labels.json") if state else None) or {}
-        labels.setdefault("radix.job_id", job_id)
+        labels.setdefault(LABEL_JOB_ID, job_id)
         if job_id:
             with self._lock:
                 self._job_of[job.job_id] = job_id
