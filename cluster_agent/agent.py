@@ -19,6 +19,7 @@ from . import health, recovery
 from .control_plane import ControlPlaneClient, PollInterrupted
 from .errors import ControlPlaneError, EngineUnavailable, MalformedResponse
 from .executors import Executor
+from .engine_watch import EngineWatch
 from .executors.base import ContainerState
 from .delivery import ResultDelivery
 from .gpu_pool import GpuAllocator
@@ -28,6 +29,7 @@ from .job_runner import JobRun, job_id_of
 from .disk import DiskGuard
 from .live_job import LiveJob
 from .metrics import Metrics
+from .slots import JobSlots
 from .models import Completion, FailureReason, JobMetrics, JobStatus, PollResult
 from .settings import Settings
 
@@ -39,7 +41,6 @@ MALFORMED_BACKOFF_SECONDS = 5.0
 MIN_SECONDS_BETWEEN_EMPTY_LONG_POLLS = 1.0
 # With --on-shutdown leave the agent exits within this (jobs keep running for the next agent).
 LEAVE_EXIT_SECONDS = 9.0
-ENGINE_BACKOFF_MAX_SECONDS = 30.0
 
 
 class Agent:
@@ -66,8 +67,8 @@ class Agent:
         self.stopping = threading.Event()  # graceful: take no new work
         self._abandon = threading.Event()  # exit now: stop retrying deliveries
         self._delivery = ResultDelivery(client, self._abandon, metrics)
-        self._slots = threading.BoundedSemaphore(settings.max_concurrent_jobs)
-        self._runs: dict[str, JobRun] = {}  # running (holding a slot)
+        self._slots = JobSlots(settings.max_concurrent_jobs)
+        self._runs: dict[str, JobRun] = {}  # from accepted until its slot is released
         self._live: dict[str, LiveJob] = {}
         # Every job in this agent, from accepted until its result is delivered and cleaned up: a job id the
         # server sends again meanwhile is a duplicate, never a second run.
@@ -79,13 +80,12 @@ class Agent:
         self._zero_poll_in_flight = False  # guarded by _runs_lock: only such a poll may be broken off
         self._threads: list[threading.Thread] = []
         self._poller: threading.Thread | None = None
-        self._engine_down_since: float | None = None
-        self._engine_backoff = 1.0
+        self._engine = EngineWatch(executor, clock=clock)
         self.jobs_accepted = 0
         self.jobs_finished = 0
         if metrics is not None:
             metrics.running_jobs.set_function(lambda: len(self._active()))
-            metrics.free_slots.set_function(lambda: self._settings.max_concurrent_jobs - len(self._active()))
+            metrics.free_slots.set_function(self._slots.free)
 
     def poller_alive(self) -> bool:
         return self._poller is not None and self._poller.is_alive()
@@ -253,28 +253,12 @@ class Agent:
             self._accept(raw)
         if result.jobs:
             return
-        if self._engine_down_since is not None:
-            self._sleep(self._engine_backoff)
-            self._engine_backoff = min(self._engine_backoff * 2, ENGINE_BACKOFF_MAX_SECONDS)
+        if self._engine.down:
+            self._sleep(self._engine.next_pause())
         elif not result.long_poll:
             self._sleep(self._settings.poll_interval)
         elif self._clock() - asked < MIN_SECONDS_BETWEEN_EMPTY_LONG_POLLS and not result.cancel_job_ids:
             self._sleep(MIN_SECONDS_BETWEEN_EMPTY_LONG_POLLS)
-
-    def _engine_ok(self) -> bool:
-        """Take no job while the engine is away: it would only fail. Said once when it goes and when it returns."""
-        try:
-            self._executor.ping()
-        except EngineUnavailable as exc:
-            if self._engine_down_since is None:
-                self._engine_down_since = self._clock()
-                log.error("%s: taking no jobs until it answers again", exc)
-            return False
-        if self._engine_down_since is not None:
-            log.info("%s answers again after %.0f s: taking jobs", self._executor.engine_name,
-                     self._clock() - self._engine_down_since)
-            self._engine_down_since, self._engine_backoff = None, 1.0
-        return True
 
     def _disk_ok(self) -> bool:
         if self._disk is None:
@@ -286,8 +270,7 @@ class Agent:
             return True
 
     def _free_slots(self) -> int:
-        with self._runs_lock:
-            free = max(0, self._settings.max_concurrent_jobs - len(self._runs))
+        free = self._slots.free()
         if self._settings.max_jobs:
             free = min(free, max(0, self._settings.max_jobs - self.jobs_accepted))
         return free
@@ -297,13 +280,14 @@ class Agent:
         # With every slot busy the poll still goes out, with max_jobs 0, so cancellations arrive at once. When a
         # slot frees, that poll -- and only such a poll, which cannot carry jobs -- is broken off and a new one
         # asks for work.
-        free = self._free_slots() if self._engine_ok() and self._disk_ok() else 0
+        # Take no job while the engine is away (it would only fail) or the disk is low.
+        free = self._free_slots() if self._engine.up() and self._disk_ok() else 0
         with self._runs_lock:
             self._zero_poll_in_flight = free == 0
             self._interrupt.clear()
             self._wake.clear()
         # While the engine is away, ask for no jobs and do not hold the poll long: it is checked again soon.
-        wait = self._settings.long_poll_seconds if self._engine_down_since is None else 0
+        wait = 0 if self._engine.down else self._settings.long_poll_seconds
         try:
             return self._client.poll(
                 free,
@@ -375,9 +359,10 @@ class Agent:
             )
             run = JobRun(
                 raw, settings=self._settings, executor=self._executor, gpu_pool=self._gpus, clock=self._clock,
-                observer=live, adopted=adopted,
+                observer=live, adopted=adopted, engine=self._engine,
             )
             self._runs[job_id] = run
+            self._slots.enter(job_id, adopted=adopted is not None)
             self._live[job_id] = live
             self.jobs_accepted += 1
         if adopted is None:
@@ -394,7 +379,7 @@ class Agent:
         with self._runs_lock:
             live = self._live.get(job_id)
         image = run.raw.get("image") if isinstance(run.raw, dict) else None
-        self._slots.acquire()
+        self._slots.wait_turn(job_id)
         try:
             completion = run.execute()
             if self._disk is not None and isinstance(image, str) and completion.metrics.exit_code is not None:
@@ -441,7 +426,7 @@ class Agent:
         with self._runs_lock:
             self._runs.pop(job_id, None)
             self._live.pop(job_id, None)
-        self._slots.release()
+        self._slots.release(job_id)
         self._wake_poller()
 
     def _log_finished(self, job_id: str, completion: Completion, run: JobRun) -> None:

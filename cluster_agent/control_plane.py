@@ -355,7 +355,7 @@ class ControlPlaneClient:
 
     def poll(
         self,
-        max_jobs: int,
+        capacity: int,
         *,
         wait_seconds: float,
         running_job_ids: list[str],
@@ -370,7 +370,7 @@ class ControlPlaneClient:
         logged and left out, the others are returned.
         """
         body = {
-            "max_jobs": max_jobs,
+            "max_jobs": capacity,  # the contract's name for how many jobs the agent can take now
             "wait_seconds": wait_seconds,
             "running_job_ids": running_job_ids,
             "free_gpus": free_gpus,

@@ -30,6 +30,7 @@ from .executors.base import (
     ContainerState,
     container_name,
 )
+from .engine_watch import EngineWatch
 from .gpu_pool import GpuAllocator
 from .job_dir import JobDirectory
 from .models import JOB_ID_PATTERN, Completion, FailureReason, GpuInfo, JobMetrics, JobSpec, JobStatus
@@ -40,7 +41,6 @@ from .verdict import Ending, judge
 
 log = logging.getLogger(__name__)
 
-ENGINE_BACKOFF_MAX_SECONDS = 30.0
 # A container that dies of a signal the agent did not send may have been stopped by an engine shutting down
 # (dockerd stops its containers first, then exits): watch the engine this long before judging the job.
 ENGINE_PROBE_SECONDS = 3.0
@@ -109,11 +109,13 @@ class JobRun:
         wall_clock: Callable[[], float] = time.time,
         observer: JobObserver | None = None,
         adopted: ContainerState | None = None,
+        engine: EngineWatch | None = None,
     ) -> None:
         self.raw = raw
         self.job_id = job_id_of(raw)
         self._settings = settings
         self._executor = executor
+        self._engine = engine or EngineWatch(executor, clock=clock)
         self._gpus = gpu_pool
         self._clock = clock
         self._wall = wall_clock
@@ -436,27 +438,18 @@ class JobRun:
     def _killed_by_a_departing_engine(self, ending: Ending) -> bool:
         if ending.stop_reason is not None or ending.oom_killed or (ending.exit_code or 0) <= 128:
             return False
-        deadline = self._clock() + ENGINE_PROBE_SECONDS
-        while self._clock() < deadline:
-            try:
-                self._executor.ping()
-            except EngineUnavailable:
-                return True
-            time.sleep(0.25)
-        return False
+        return self._engine.departs_within(ENGINE_PROBE_SECONDS, threading.Event())
 
     def _await_engine(self, container_id: str) -> ContainerState | None:
-        """Back off until the engine answers, then return the container's state (None: it is gone)."""
-        delay = 1.0
+        """Wait until the engine answers, then return the container's state (None: it is gone)."""
         while True:
+            self._engine.wait_until_up(self._stop_requested)
             try:
-                self._executor.ping()
                 state = self._executor.inspect(container_id)
-                log.info("job %s: %s is back", self.job_id, self._executor.engine_name)
-                return state
             except EngineUnavailable:
-                self._stop_requested.wait(delay)
-                delay = min(delay * 2, ENGINE_BACKOFF_MAX_SECONDS)
+                continue  # gone again at once
+            log.info("job %s: %s is back", self.job_id, self._executor.engine_name)
+            return state
 
     # --- results -------------------------------------------------------------------------------------------
 
