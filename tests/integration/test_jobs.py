@@ -108,7 +108,9 @@ def test_bad_job_ids_are_invalid_and_nothing_is_written(cp, agent, docker_client
     assert result["status"] == "failed"
     assert result["failure_reason"] == "invalid_job"
     assert "does not match" in result["error_message"]
-    assert not agent.jobs_dir.exists() or [p.name for p in agent.jobs_dir.iterdir()] == [".radix-layout"]
+    # Only the agent's own files (layout marker, lock): no job directory, nothing written for the job.
+    assert not agent.jobs_dir.exists() or not [p.name for p in agent.jobs_dir.iterdir() if not p.name.startswith(".")]
+    assert not [p for p in agent.jobs_dir.iterdir() if p.name.startswith(".trash-")]
     assert not (agent.jobs_dir.parent / "escape").exists()
     assert docker_client.containers.list(all=True, filters={"label": f"radix.cluster_id={cluster_id}"}) == []
 
