@@ -18,26 +18,20 @@ from typing import Any, Sequence
 
 from . import __version__
 from .agent import Agent
-from .capabilities import host_capabilities
 from .cli import build_parser, load_settings
 from .control_plane import ControlPlaneClient
 from .errors import ConfigError
-from .executors import Executor
-from .gpu_pool import GpuAllocator, GpuPool
-from .gpus import detect_gpus
 from .heartbeat import Heartbeat
 from .job_runner import JobRun
 from .jobs_lock import claim as claim_jobs_workdir
 from .logs import configure, escape_controls
-from .redaction import Redactor
-from .disk import DiskGuard
-from .gpu_telemetry import GpuTelemetry
 from .metrics import Metrics
+from .models import FailureReason
+from .modes import open_mode
 from .ops_server import OpsServer
-from .models import Capabilities, FailureReason, GpuInfo
-from .preflight import check_jobs_mount, check_jobs_workdir, connect_engine, connect_slurm, resolve_token
+from .preflight import check_jobs_workdir, resolve_token
+from .redaction import Redactor
 from .settings import Settings
-from .slurm_cluster import SlurmCluster
 
 log = logging.getLogger("cluster_agent")
 
@@ -74,74 +68,19 @@ def _run_agent(argv: list[str], redactor: Redactor) -> int:
 
     check_jobs_workdir(settings.jobs_workdir)
     jobs_lock = claim_jobs_workdir(settings.jobs_workdir, settings.jobs_lock_wait)
-    slurm = settings.execution_mode == "slurm"
-    executor: Executor
-    if slurm:
-        executor = slurm_executor = connect_slurm(settings)
-    else:
-        executor = docker = connect_engine(settings)
-        check_jobs_mount(docker, settings.jobs_workdir)
+    metrics = Metrics()
+    mode = open_mode(settings, metrics)
 
     stop = threading.Event()
     _install_signal_handlers(stop)
-    metrics = Metrics()
     client = ControlPlaneClient(settings.api_base, settings.cluster_id, settings.tenant_id, metrics=metrics)
     token = resolve_token(settings, client, stop)
     formatter.add_secret(token)
     client.set_token(token)
+    mode.disk.check()
 
-    telemetry: GpuTelemetry | None = None
-    pool: GpuAllocator
-    if slurm:
-        # No engine and no GPUs here: Slurm owns both. The heartbeat describes the cluster instead of this host.
-        cluster = SlurmCluster(slurm_executor.cli, settings.slurm_partition)
-        pool = cluster.gpus()
-        disk = DiskGuard(settings.jobs_workdir, None, min_free_gb=settings.min_free_disk_gb, prune_to_free_gb=0,
-                         engine_api=None)
-        extra = {"execution_mode": "slurm", "max_concurrent_jobs": settings.max_concurrent_jobs}
-        view = cluster.view()
-        if view is not None:
-            log.info("Slurm cluster %s: %d node(s), %d GPU(s) (%d idle)", view.name or "?", view.nodes, view.gpus,
-                     view.idle_gpus)
-
-        def report() -> Capabilities:
-            return cluster.capabilities(disk=disk.state.to_wire(), **extra)
-    else:
-        gpus = detect_gpus()
-        engine = docker.info()
-        capabilities = host_capabilities(
-            gpus,
-            execution_mode=settings.execution_mode,
-            max_concurrent_jobs=settings.max_concurrent_jobs,
-            engine_version=engine.get("ServerVersion"),
-            gpu_injection=docker.gpu_injection.name,
-        )
-        if gpus:
-            log.info("%d GPU(s); they reach containers through: %s", len(gpus), docker.gpu_injection.name)
-            if docker.gpu_injection.name == "none":
-                log.warning("GPU jobs will fail on this host until it can inject GPUs into containers")
-        pool = GpuPool(gpus)
-        telemetry = GpuTelemetry(gpus, pool, max_temperature=settings.gpu_max_temperature)
-        if telemetry.open():
-            telemetry.start(settings.gpu_health_interval)
-            metrics.add_gpu_source(telemetry.latest)
-
-        engine_root = engine.get("DockerRootDir")
-        disk = DiskGuard(
-            settings.jobs_workdir, Path(engine_root) if engine_root else None, min_free_gb=settings.min_free_disk_gb,
-            prune_to_free_gb=settings.prune_to_free_gb, engine_api=docker.client.api,
-        )
-
-        def report() -> Capabilities:
-            update: dict[str, object] = {"disk": disk.state.to_wire()}
-            if gpus and telemetry is not None:
-                update["gpus"] = [GpuInfo(**g) for g in telemetry.report()]
-            return capabilities.model_copy(update=update)
-
-    disk.check()
-
-    heartbeat = Heartbeat(client, report, settings.heartbeat_interval)
-    agent = Agent(settings, client, executor, pool, heartbeat, metrics=metrics, disk=disk)
+    heartbeat = Heartbeat(client, mode.capabilities, settings.heartbeat_interval)
+    agent = Agent(settings, client, mode.executor, mode.gpus, heartbeat, metrics=metrics, disk=mode.disk)
     agent.stopping = stop
     ops = _start_ops_server(settings, metrics, agent)
     try:
@@ -149,8 +88,7 @@ def _run_agent(argv: list[str], redactor: Redactor) -> int:
     finally:
         if ops is not None:
             ops.stop()
-        if telemetry is not None:
-            telemetry.close()
+        mode.close()
         client.close()
         jobs_lock.release()
 
@@ -197,16 +135,8 @@ def _run_job(argv: list[str], redactor: Redactor) -> int:
     check_jobs_workdir(settings.jobs_workdir)
     # An agent on the same directory would take this job's directory for one it must recover.
     jobs_lock = claim_jobs_workdir(settings.jobs_workdir, settings.jobs_lock_wait)
-    executor: Executor
-    pool: GpuAllocator
-    if settings.execution_mode == "slurm":
-        slurm_executor = connect_slurm(settings)
-        executor, pool = slurm_executor, SlurmCluster(slurm_executor.cli, settings.slurm_partition).gpus()
-    else:
-        executor = docker = connect_engine(settings)
-        check_jobs_mount(docker, settings.jobs_workdir)
-        pool = GpuPool(detect_gpus())
-    run = JobRun(raw, settings=settings, executor=executor, gpu_pool=pool, received_at=time.monotonic())
+    mode = open_mode(settings)
+    run = JobRun(raw, settings=settings, executor=mode.executor, gpu_pool=mode.gpus, received_at=time.monotonic())
     stop = threading.Event()
     _install_signal_handlers(stop)
     watcher = threading.Thread(
@@ -217,6 +147,7 @@ def _run_job(argv: list[str], redactor: Redactor) -> int:
     watcher.start()
     completion = run.execute()
     run.cleanup()
+    mode.close()
     jobs_lock.release()
     print(json.dumps(completion.to_wire(), indent=2))
     return 0 if completion.status.value == "succeeded" else 1

@@ -3,7 +3,7 @@
 While the engine is away the poller asks for no work and checks again with a growing pause; a job whose engine
 went away mid-run waits for it with the same policy, then looks at its container again. A container killed by a
 signal the agent did not send may have been stopped by an engine on its way out (dockerd stops its containers
-before it exits): `departs_within` tells that from a job that died by itself.
+before it exits): `took_its_jobs_along` tells that from a job that died by itself.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ __all__ = ["EngineWatch", "BACKOFF_FIRST_SECONDS", "BACKOFF_MAX_SECONDS"]
 
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 30.0
-# How often `departs_within` asks the engine.
+# How often `took_its_jobs_along` asks the engine.
 PROBE_EVERY_SECONDS = 0.25
 
 
@@ -79,8 +79,12 @@ class EngineWatch:
             nudge.wait(pause)
             pause = min(pause * 2, BACKOFF_MAX_SECONDS)
 
-    def departs_within(self, seconds: float, stop: threading.Event) -> bool:
-        """Whether the engine stops answering within `seconds` (it is shutting down)."""
+    def took_its_jobs_along(self, seconds: float, stop: threading.Event | None = None) -> bool:
+        """Whether the engine stops answering within `seconds` (it is shutting down, and its containers die with
+        it); always False for an engine whose jobs outlive it (a Slurm controller's restart ends no job)."""
+        if not self._executor.jobs_die_with_engine:
+            return False
+        stop = stop or threading.Event()
         deadline = self._clock() + seconds
         while self._clock() < deadline:
             try:

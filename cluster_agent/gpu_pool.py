@@ -10,9 +10,13 @@ from .models import FailureReason, GpuInfo
 
 
 class GpuAllocator(Protocol):
-    """What the job runner and the agent ask about GPUs: this host's pool, or a scheduler's (slurm_cluster.py)."""
+    """What the job runner and the agent ask about GPUs: this host's pool, or a scheduler's
+    (executors/slurm/cluster.py)."""
 
-    local: bool
+    @property
+    def host_gpus(self) -> int:
+        """GPUs of this host the agent hands out itself (a job naming no count may get them all); 0 where a
+        scheduler allocates the GPUs."""
 
     @property
     def total(self) -> int: ...
@@ -24,8 +28,6 @@ class GpuAllocator(Protocol):
 
 
 class GpuPool:
-    local = True  # these are this host's GPUs, handed out by the agent (a scheduler's are not: slurm_cluster.py)
-
     def __init__(self, gpus: list[GpuInfo]) -> None:
         self._gpus = list(gpus)
         self._owner: dict[str, str] = {}  # uuid -> job_id
@@ -34,6 +36,10 @@ class GpuPool:
 
     @property
     def total(self) -> int:
+        return len(self._gpus)
+
+    @property
+    def host_gpus(self) -> int:
         return len(self._gpus)
 
     def free_count(self) -> int:

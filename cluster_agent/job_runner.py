@@ -198,9 +198,7 @@ class JobRun:
                 for err in exc.errors()[:5]
             )
             raise JobFailed(FailureReason.INVALID_JOB, f"invalid job spec: {problems}") from None
-        # A scheduler's GPUs are not "this host's": a job that names no count gets none there.
-        host_gpus = self._gpus.total if self._gpus.local else 0
-        self._gpu_count = gpus_for(spec, host_gpus, self._settings.max_concurrent_jobs)
+        self._gpu_count = gpus_for(spec, self._gpus.host_gpus, self._settings.max_concurrent_jobs)
         self._gpus.check_request(spec.job_id, self._gpu_count)
         return spec
 
@@ -355,9 +353,9 @@ class JobRun:
                 ending.failure, ending.failure_message = info.failure_reason, info.error
             if ending.engine_lost and info.exit_code == 0:
                 ending.engine_lost = False  # it finished by itself before the engine went away
-            elif (ending.failure is None and self._executor.jobs_die_with_engine
-                  and self._killed_by_a_departing_engine(ending)):
-                log.warning("job %s: its container died with the Docker engine; waiting for the engine", self.job_id)
+            elif ending.failure is None and self._killed_by_a_departing_engine(ending):
+                log.warning("job %s: its container died with %s; waiting for it to come back", self.job_id,
+                            self._engine.name)
                 ending.engine_lost = True
                 self._await_engine(container_id)
         metrics = JobMetrics(
@@ -396,7 +394,7 @@ class JobRun:
         self, container_id: str, deadline: float, timeout: float, collected: OutputCollector, reader: threading.Thread
     ) -> Ending:
         """Wait for the container until its deadline, riding out an engine that goes away."""
-        ending = Ending(exit_code=None, timeout=timeout)
+        ending = Ending(exit_code=None, timeout=timeout, engine_name=self._executor.engine_name)
         while True:
             remaining = deadline - self._clock()
             if remaining <= 0:
@@ -438,7 +436,7 @@ class JobRun:
     def _killed_by_a_departing_engine(self, ending: Ending) -> bool:
         if ending.stop_reason is not None or ending.oom_killed or (ending.exit_code or 0) <= 128:
             return False
-        return self._engine.departs_within(ENGINE_PROBE_SECONDS, threading.Event())
+        return self._engine.took_its_jobs_along(ENGINE_PROBE_SECONDS)
 
     def _await_engine(self, container_id: str) -> ContainerState | None:
         """Wait until the engine answers, then return the container's state (None: it is gone)."""

@@ -27,7 +27,7 @@ from .executors import Executor
 from .executors.base import ContainerState
 from . import legacy_layout
 from .job_runner import job_id_of
-from .job_dir import LAYOUT_FILE, TRASH_PREFIX, JobDirectory
+from .job_dir import TRASH_PREFIX, JobDirectory
 from .safe_fs import remove_tree
 from .models import JOB_ID_PATTERN
 
@@ -89,8 +89,8 @@ def _classify(entry: Path, containers: dict[str, ContainerState], seen: set[str]
         if problem is not None:
             log.warning("recovery: %s", problem)
         return
-    if name.startswith(".radix-") or name in (".images.json", LAYOUT_FILE):
-        return  # the agent's own files: write probes, Slurm state, the image ledger, the layout marker
+    if name.startswith("."):
+        return  # the agent's and its modes' own files (a job id never starts with a dot)
     if entry.is_symlink() or not entry.is_dir() or not JOB_ID_PATTERN.match(name):
         findings.unexplained.append(f"{entry} is not a job directory")
         return

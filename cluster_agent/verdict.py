@@ -31,6 +31,7 @@ class Ending:
     stop_reason: FailureReason | None = None  # the agent stopped it (canceled, interrupted)
     stop_message: str = ""
     engine_lost: bool = False  # the engine went away while it ran and the container did not survive
+    engine_name: str = "the container engine"  # for messages: the executor's engine_name
     failure: FailureReason | None = None  # the executor's own verdict (Slurm's TIMEOUT, NODE_FAIL, ...)
     failure_message: str = ""
 
@@ -65,8 +66,8 @@ def judge(
     if ending.engine_lost:
         return done(
             JobStatus.FAILED, FailureReason.AGENT_ERROR,
-            f"the Docker engine went away while the job ran and its container ended with exit code {exit_code}; "
-            "the job did not fail by itself: resubmit it (and see why dockerd restarted)",
+            f"{ending.engine_name} went away while the job ran and its container ended with exit code {exit_code}; "
+            f"the job did not fail by itself: resubmit it (and see why {ending.engine_name} restarted)",
         )
     if ending.timed_out:
         return done(

@@ -6,6 +6,7 @@ from cluster_agent.errors import EngineUnavailable
 
 class FlakyEngine:
     engine_name = "the fake engine"
+    jobs_die_with_engine = True
 
     def __init__(self, answers):
         self.answers = list(answers)
@@ -33,5 +34,8 @@ def test_wait_until_up_is_nudged_and_departs_within_sees_an_engine_leaving():
     nudge.set()  # every wait returns at once
     watch.wait_until_up(nudge)
     assert not watch.down
-    assert EngineWatch(FlakyEngine([True, False])).departs_within(5, threading.Event())
-    assert not EngineWatch(FlakyEngine([])).departs_within(0.3, threading.Event())
+    assert EngineWatch(FlakyEngine([True, False])).took_its_jobs_along(5)
+    assert not EngineWatch(FlakyEngine([])).took_its_jobs_along(0.3)
+    survivor = FlakyEngine([False])
+    survivor.jobs_die_with_engine = False
+    assert not EngineWatch(survivor).took_its_jobs_along(5)

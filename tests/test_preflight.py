@@ -2,7 +2,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cluster_agent import preflight
+from cluster_agent.executors.docker import mode as preflight
 from cluster_agent.errors import ConfigError
 
 

@@ -1,7 +1,7 @@
 import threading
 
 from cluster_agent.errors import EngineUnavailable
-from cluster_agent.executors.reaper import ContainerReaper
+from cluster_agent.executors.docker.reaper import ContainerReaper
 
 
 def test_a_removal_the_engine_cannot_take_now_is_retried_until_it_can():

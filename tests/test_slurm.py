@@ -15,12 +15,12 @@ from pydantic import ValidationError
 
 from cluster_agent.errors import ConfigError
 from cluster_agent.executors.base import ContainerSpec
-from cluster_agent.executors.slurm import SlurmExecutor
-from cluster_agent.executors.slurm_script import batch_script, sbatch_args
+from cluster_agent.executors.slurm.executor import SlurmExecutor
+from cluster_agent.executors.slurm.script import batch_script, sbatch_args
 from cluster_agent.models import FailureReason
 from cluster_agent.settings import Settings
-from cluster_agent.slurm_cli import SlurmJob, parse_scontrol_record, parse_squeue
-from cluster_agent.slurm_cluster import check_shared_storage, gpu_count
+from cluster_agent.executors.slurm.cli import SlurmJob, parse_scontrol_record, parse_squeue
+from cluster_agent.executors.slurm.cluster import check_shared_storage, gpu_count
 
 
 def spec(tmp_path: Path, **overrides) -> ContainerSpec:
@@ -233,10 +233,10 @@ class NodesCli:
 
 
 def test_a_local_jobs_directory_with_remote_nodes_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr("cluster_agent.slurm_cluster.filesystem_type", lambda path: "ext4")
+    monkeypatch.setattr("cluster_agent.executors.slurm.cluster.filesystem_type", lambda path: "ext4")
     with pytest.raises(ConfigError, match="local ext4 filesystem but Slurm nodes \\(gpu1.cluster\\)"):
         check_shared_storage(NodesCli(), tmp_path, probe_seconds=0)
-    monkeypatch.setattr("cluster_agent.slurm_cluster.filesystem_type", lambda path: "nfs4")
+    monkeypatch.setattr("cluster_agent.executors.slurm.cluster.filesystem_type", lambda path: "nfs4")
     check_shared_storage(NodesCli(), tmp_path, probe_seconds=0)  # network storage: believed
 
 
@@ -256,7 +256,7 @@ class ClusterCli:
 
 
 def test_capabilities_describe_the_cluster_gpus_per_partition_and_idle_gpus():
-    from cluster_agent.slurm_cluster import SlurmCluster
+    from cluster_agent.executors.slurm.cluster import SlurmCluster
 
     caps = SlurmCluster(ClusterCli()).capabilities(execution_mode="slurm").model_dump()
     assert (caps["cpu_count"], caps["gpu_count"]) == (160, 16)
@@ -271,7 +271,7 @@ def test_capabilities_describe_the_cluster_gpus_per_partition_and_idle_gpus():
 
 
 def test_sacct_gives_the_jobs_own_line_not_its_steps():
-    from cluster_agent.slurm_cli import parse_sacct
+    from cluster_agent.executors.slurm.cli import parse_sacct
 
     text = ("12|NODE_FAIL|0:0|2026-11-23T06:59:05|gpu7|radix-c1-job-1\n"
             "12.batch|CANCELLED|0:15|2026-11-23T06:59:05|gpu7|batch\n")
@@ -281,7 +281,7 @@ def test_sacct_gives_the_jobs_own_line_not_its_steps():
 
 
 def test_without_accounting_sacct_is_no_answer_not_an_error():
-    from cluster_agent.slurm_cli import SlurmCli, SlurmRefused
+    from cluster_agent.executors.slurm.cli import SlurmCli, SlurmRefused
 
     class NoAccounting(SlurmCli):
         def run(self, *args, input_text=None):
@@ -306,7 +306,7 @@ def test_an_sbatch_that_timed_out_after_slurm_took_the_job_is_not_a_lost_job(tmp
 
 def test_a_controller_that_is_down_is_unavailable_not_a_refusal():
     from cluster_agent.errors import EngineUnavailable
-    from cluster_agent.slurm_cli import SlurmCli, SlurmRefused
+    from cluster_agent.executors.slurm.cli import SlurmCli, SlurmRefused
 
     class Down(SlurmCli):
         def run(self, *args, input_text=None):
@@ -336,7 +336,7 @@ def test_a_job_slurm_does_not_list_is_only_gone_after_a_grace(tmp_path, monkeypa
     executor = SlurmExecutor(settings(tmp_path, slurm_poll_interval=0.05), FakeCli(None), user="u")
     assert executor.wait("12", 0.2) is False
     assert executor.inspect("12").running
-    monkeypatch.setattr("cluster_agent.executors.slurm.MISSING_GRACE_SECONDS", 0.0)
+    monkeypatch.setattr("cluster_agent.executors.slurm.executor.MISSING_GRACE_SECONDS", 0.0)
     assert executor.wait("12", 0.2) is True
     assert executor.inspect("12") is None
 
@@ -361,7 +361,7 @@ def test_a_gpu_type_is_a_name_not_a_count():
 
 
 def test_jobs_the_probe_and_the_start_up_check_share_where_jobs_go(tmp_path):
-    from cluster_agent.executors.slurm_script import cluster_args
+    from cluster_agent.executors.slurm.script import cluster_args
 
     agent = settings(tmp_path, slurm_partition="gpu", slurm_account="ml", slurm_sbatch_args="--reservation=r1")
     assert cluster_args(agent) == ["--partition=gpu", "--account=ml", "--reservation=r1"]

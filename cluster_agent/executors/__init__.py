@@ -1,5 +1,6 @@
-"""Ways to run a job's container. The job runner talks to `Executor`; each way is one module (docker.py, slurm.py)."""
+"""Ways to run a job's container. The job runner talks to `Executor` (base.py); each way is one package
+(docker/, slurm/) with a factory that gives the agent loop everything it needs (cluster_agent/runtime.py)."""
 
-from .base import ContainerSpec, Executor, ExitInfo
+from .base import ContainerSpec, ContainerState, Executor, ExitInfo, OutputSink
 
-__all__ = ["ContainerSpec", "Executor", "ExitInfo"]
+__all__ = ["ContainerSpec", "ContainerState", "Executor", "ExitInfo", "OutputSink"]

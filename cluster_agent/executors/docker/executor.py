@@ -22,10 +22,10 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest, Mount
 from docker.utils import parse_repository_tag
 
-from ..errors import EngineUnavailable, JobFailed
-from ..gpu_injection import GpuInjection, NvidiaRuntimeInjection
-from ..models import FailureReason
-from .base import LABEL_CLUSTER_ID, WORKSPACE, ContainerSpec, ContainerState, ExitInfo, OutputSink
+from ...errors import EngineUnavailable, JobFailed
+from ...gpu_injection import GpuInjection, NvidiaRuntimeInjection
+from ...models import FailureReason
+from ..base import LABEL_CLUSTER_ID, WORKSPACE, ContainerSpec, ContainerState, ExitInfo, OutputSink
 from .reaper import ContainerReaper
 
 log = logging.getLogger(__name__)

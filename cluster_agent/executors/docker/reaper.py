@@ -12,7 +12,7 @@ import logging
 import threading
 from typing import Callable
 
-from ..errors import EngineUnavailable
+from ...errors import EngineUnavailable
 
 log = logging.getLogger(__name__)
 

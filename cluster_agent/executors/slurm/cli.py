@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable, Sequence
 
-from .errors import EngineUnavailable
+from ...errors import EngineUnavailable
 
 log = logging.getLogger(__name__)
 

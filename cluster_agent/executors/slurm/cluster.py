@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, EngineUnavailable
-from .models import Capabilities, GpuInfo
-from .slurm_cli import SlurmCli, SlurmRefused
+from ...errors import ConfigError, EngineUnavailable
+from ...models import Capabilities, GpuInfo
+from .cli import SlurmCli, SlurmRefused
 
 log = logging.getLogger(__name__)
 
@@ -146,14 +146,16 @@ class SlurmGpus:
     """What the job runner and agent ask of a GPU pool, answered for a cluster whose GPUs Slurm allocates: the
     agent pins nothing (acquire gives an empty list at once, Slurm queues the job until its GPUs are free)."""
 
-    local = False
-
     def __init__(self, cluster: SlurmCluster) -> None:
         self._cluster = cluster
 
     @property
     def total(self) -> int:
         return self._cluster.total_gpus()
+
+    @property
+    def host_gpus(self) -> int:
+        return 0  # Slurm allocates them: a job that names no count gets none
 
     def free_count(self) -> int:
         return self._cluster.idle_gpus()

@@ -27,14 +27,14 @@ import threading
 import time
 from pathlib import Path
 
-from .. import __version__
-from ..errors import EngineUnavailable, JobFailed
-from ..files import read_json, write_private
-from ..models import FailureReason
-from ..settings import Settings
-from ..slurm_cli import QueueView, SlurmCli, SlurmJob, SlurmRefused
-from .base import LABEL_CLUSTER_ID, LABEL_JOB_ID, STOP_GRACE_SECONDS, ContainerSpec, ContainerState, ExitInfo, OutputSink
-from .slurm_script import batch_script, sbatch_args
+from ... import __version__
+from ...errors import EngineUnavailable, JobFailed
+from ...files import read_json, write_private
+from ...models import FailureReason
+from ...settings import Settings
+from .cli import QueueView, SlurmCli, SlurmJob, SlurmRefused
+from ..base import LABEL_CLUSTER_ID, LABEL_JOB_ID, STOP_GRACE_SECONDS, ContainerSpec, ContainerState, ExitInfo, OutputSink
+from .script import batch_script, sbatch_args
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,130 @@
+"""The Docker mode's factory: connect to the engine, check the jobs directory's mount, find the GPUs and how they
+reach containers, watch their health, and describe the host (capabilities, disk)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+from pathlib import Path
+
+from ...capabilities import host_capabilities
+from ...disk import DiskGuard
+from ...errors import ConfigError, EngineUnavailable
+from ...gpu_injection import choose_injection
+from ...gpu_pool import GpuPool
+from ...gpu_telemetry import GpuTelemetry
+from ...gpus import detect_gpus
+from ...metrics import Metrics
+from ...models import Capabilities, GpuInfo
+from ...settings import Settings
+from ..mode import ExecutionMode
+from .executor import DockerExecutor, connect
+
+log = logging.getLogger(__name__)
+
+ENGINE_FIX = (
+    "start dockerd, or when the agent runs in a container mount the socket with "
+    "-v /var/run/docker.sock:/var/run/docker.sock, or point --docker-host / DOCKER_HOST at the engine"
+)
+
+
+def connect_engine(settings: Settings) -> DockerExecutor:
+    try:
+        executor = DockerExecutor(
+            connect(settings.docker_host), pull_timeout=settings.pull_timeout, pull_stall_seconds=settings.pull_stall_seconds
+        )
+        executor.ping()
+        runtimes = executor.info().get("Runtimes") or {}
+    except EngineUnavailable as exc:
+        raise ConfigError(f"{exc}; {ENGINE_FIX}") from None
+    dirs = [Path(d.strip()) for d in settings.cdi_spec_dirs.split(",") if d.strip()]
+    executor.gpu_injection = choose_injection(settings.gpu_mode, runtimes, dirs)
+    return executor
+
+
+def _own_container_id() -> str | None:
+    """This process's container id, when it runs in a Docker container."""
+    if not Path("/.dockerenv").exists():
+        return None
+    try:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+        match = re.search(r"/containers/([0-9a-f]{64})/", mountinfo)
+        if match:
+            return match.group(1)
+    except OSError:
+        pass
+    return socket.gethostname()
+
+
+def check_jobs_mount(executor: DockerExecutor, jobs_workdir: Path) -> None:
+    """In a container, the jobs directory must be a bind mount at the same path as on the host.
+
+    The engine resolves a job's bind mount on the host, so the path the agent writes input.json to must be the
+    very path the engine mounts into the job.
+    """
+    container_id = _own_container_id()
+    if container_id is None:
+        return
+    try:
+        mounts = executor.client.api.inspect_container(container_id).get("Mounts", [])
+    except Exception:  # not our engine, or a custom hostname: nothing to compare against
+        return
+    target = str(jobs_workdir.resolve())
+    best = None
+    for mount in mounts:
+        dest = mount.get("Destination", "")
+        if target == dest or target.startswith(dest.rstrip("/") + "/"):
+            if best is None or len(dest) > len(best.get("Destination", "")):
+                best = mount
+    fix = f"run the agent with -v {target}:{target} (the same path inside and outside) and --jobs-workdir {target}"
+    if best is None:
+        raise ConfigError(f"--jobs-workdir / RADIX_JOBS_WORKDIR: {target} is not mounted from the host, so jobs would not see their files; {fix}")
+    host_path = best.get("Source", "") + target[len(best["Destination"].rstrip("/")):]
+    if host_path != target:
+        raise ConfigError(
+            f"--jobs-workdir / RADIX_JOBS_WORKDIR: {target} is mounted from host path {host_path}; the engine would "
+            f"mount the host's {target} into jobs instead; {fix}"
+        )
+
+
+
+def open_mode(settings: Settings, metrics: Metrics | None = None) -> ExecutionMode:
+    """Everything the agent (with `metrics`: GPU health is watched and exported) or run-job needs in Docker mode.
+    Raises ConfigError (no engine, a mis-mounted jobs directory)."""
+    executor = connect_engine(settings)
+    check_jobs_mount(executor, settings.jobs_workdir)
+    gpus = detect_gpus()
+    pool = GpuPool(gpus)
+    engine = executor.info()
+    capabilities = host_capabilities(
+        gpus,
+        execution_mode=settings.execution_mode,
+        max_concurrent_jobs=settings.max_concurrent_jobs,
+        engine_version=engine.get("ServerVersion"),
+        gpu_injection=executor.gpu_injection.name,
+    )
+    if gpus:
+        log.info("%d GPU(s); they reach containers through: %s", len(gpus), executor.gpu_injection.name)
+        if executor.gpu_injection.name == "none":
+            log.warning("GPU jobs will fail on this host until it can inject GPUs into containers")
+    telemetry: GpuTelemetry | None = None
+    if metrics is not None:
+        telemetry = GpuTelemetry(gpus, pool, max_temperature=settings.gpu_max_temperature)
+        if telemetry.open():
+            telemetry.start(settings.gpu_health_interval)
+            metrics.add_gpu_source(telemetry.latest)
+    engine_root = engine.get("DockerRootDir")
+    disk = DiskGuard(
+        settings.jobs_workdir, Path(engine_root) if engine_root else None, min_free_gb=settings.min_free_disk_gb,
+        prune_to_free_gb=settings.prune_to_free_gb, engine_api=executor.client.api,
+    )
+
+    def report() -> Capabilities:
+        update: dict[str, object] = {"disk": disk.state.to_wire()}
+        if gpus and telemetry is not None:
+            update["gpus"] = [GpuInfo(**g) for g in telemetry.report()]
+        return capabilities.model_copy(update=update)
+
+    return ExecutionMode(executor=executor, gpus=pool, disk=disk, capabilities=report,
+                         close=telemetry.close if telemetry is not None else lambda: None)
