@@ -16,8 +16,8 @@ import time
 from typing import Any, Callable
 
 from . import health, recovery
-from .control_plane import ControlPlaneClient, PollInterrupted
-from .errors import ControlPlaneError, EngineUnavailable, MalformedResponse
+from .control_plane import ControlPlaneClient
+from .errors import ControlPlaneError, EngineUnavailable, MalformedResponse, PollInterrupted
 from .executors import Executor
 from .engine_watch import EngineWatch
 from .executors.base import ContainerState

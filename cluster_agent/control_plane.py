@@ -30,7 +30,15 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 from tenacity.stop import stop_base
 
 from . import __version__
-from .errors import ControlPlaneError, ControlPlaneUnavailable, MalformedResponse, TokenRejected
+from .errors import (
+    ControlPlaneError,
+    ControlPlaneUnavailable,
+    ExtensionUnsupported,
+    MalformedResponse,
+    PollInterrupted,
+    RequestNotSendable,
+    TokenRejected,
+)
 from .http_transport import DeadlineTransport, InterruptibleTransport, deadline_passed, request_deadline
 from .metrics import Metrics
 from .models import JOB_ID_PATTERN, Capabilities, Completion, PollResult
@@ -84,21 +92,6 @@ class RetryPolicy:
     jitter: float = 1.0
     # Seconds between attempts after a 401/403: slow enough never to hammer a server that rejects us.
     token_rejected: float = 60.0
-
-
-class PollInterrupted(Exception):
-    """The agent broke off its own `max_jobs: 0` poll (a slot freed, or shutdown)."""
-
-
-class ExtensionUnsupported(ControlPlaneError):
-    """The server answered 404 on an extension endpoint: it does not have it."""
-
-
-class RequestNotSendable(ControlPlaneError):
-    """The request cannot be built or sent whatever the server does (say, a header no HTTP library accepts).
-
-    Never retried: every attempt would fail the same way, and retrying forever would hide the fault.
-    """
 
 
 @dataclass(frozen=True)

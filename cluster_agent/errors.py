@@ -3,10 +3,15 @@
     AgentError
      ├── ConfigError            a setting is missing or wrong; start-up prints it and exits 2
      ├── EngineUnavailable      the container engine cannot be reached or refused an operation
+     ├── SlurmRefused           Slurm answered and said no (an invalid request): the caller decides what it means
+     ├── GpuLost                a GPU stopped answering NVML (telemetry marks it lost)
+     ├── PollInterrupted        the agent broke off its own max_jobs-0 poll (a slot freed, or shutdown)
      ├── ControlPlaneError      the control plane did not give a usable answer
      │    ├── ControlPlaneUnavailable   network error, 5xx, 408 or 429 (retryable)
      │    ├── TokenRejected             401 / 403
-     │    └── MalformedResponse         2xx whose body does not follow the contract
+     │    ├── MalformedResponse         2xx whose body does not follow the contract
+     │    ├── ExtensionUnsupported      404 on an extension endpoint: the server does not have it
+     │    └── RequestNotSendable        a request no HTTP library can send (never retried)
      └── JobFailed              a job cannot succeed; carries the failure_reason reported for it
 
 Every message names the cause and, where there is one, the fix.
@@ -59,3 +64,29 @@ class JobFailed(AgentError):
     def __init__(self, reason: FailureReason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class SlurmRefused(AgentError):
+    """Slurm answered and said no (an invalid request); the message is Slurm's own, on one line."""
+
+    def __str__(self) -> str:
+        return "; ".join(line.strip() for line in super().__str__().splitlines() if line.strip())
+
+
+class GpuLost(AgentError):
+    """A GPU stopped answering NVML (fell off the bus, driver reset): its telemetry marks it lost."""
+
+
+class ExtensionUnsupported(ControlPlaneError):
+    """The server answered 404 on an extension endpoint: it does not have it."""
+
+
+class RequestNotSendable(ControlPlaneError):
+    """The request cannot be built or sent whatever the server does (say, a header no HTTP library accepts).
+
+    Never retried: every attempt would fail the same way, and retrying forever would hide the fault.
+    """
+
+
+class PollInterrupted(AgentError):
+    """The agent broke off its own `max_jobs: 0` poll (a slot freed, or shutdown)."""

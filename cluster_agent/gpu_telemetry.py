@@ -18,6 +18,7 @@ from typing import Any, Callable
 import pynvml
 
 from . import gpu_health
+from .errors import GpuLost
 from .gpu_pool import GpuPool
 from .models import GpuInfo
 
@@ -29,10 +30,6 @@ CLOCK_EVENT_REASONS = {
     0x100: "display_clock_setting",
 }
 RECOVERY_ACTIONS = {0: "none", 1: "gpu_reset", 2: "node_reboot", 3: "drain_p2p", 4: "drain_and_reset", 5: "gpu_reset_bus"}
-
-
-class _Lost(Exception):
-    pass
 
 
 class GpuTelemetry:
@@ -117,13 +114,13 @@ class GpuTelemetry:
     # --- reading -------------------------------------------------------------------------------------------
 
     def _get(self, fn: str, *args: Any) -> Any:
-        """One getter; None when not supported. Raises _Lost when the GPU cannot be reached."""
+        """One getter; None when not supported. Raises GpuLost when the GPU cannot be reached."""
         try:
             return getattr(self._nvml, fn)(*args)
         except pynvml.NVMLError_NotSupported:
             return None
         except pynvml.NVMLError_GpuIsLost as exc:
-            raise _Lost(str(exc)) from None
+            raise GpuLost(str(exc)) from None
         except (pynvml.NVMLError_FunctionNotFound, AttributeError):
             return None
         except pynvml.NVMLError as exc:
@@ -140,7 +137,7 @@ class GpuTelemetry:
             except pynvml.NVMLError_NotSupported:
                 return None
             except pynvml.NVMLError_GpuIsLost as exc:
-                raise _Lost(str(exc)) from None
+                raise GpuLost(str(exc)) from None
             except pynvml.NVMLError:
                 return None
         return None
@@ -158,7 +155,7 @@ class GpuTelemetry:
             if pci is not None:
                 bus = pci.busId
                 static["pci_bus_id"] = bus.decode() if isinstance(bus, bytes) else str(bus)
-        except _Lost:
+        except GpuLost:
             pass
         return static
 
@@ -230,7 +227,7 @@ class GpuTelemetry:
                 data["processes"] = [
                     {"pid": p.pid, "used_memory_mb": (p.usedGpuMemory or 0) // 2**20} for p in processes
                 ]
-        except _Lost as exc:
+        except GpuLost as exc:
             data.update(lost=True, lost_detail=str(exc))
         return data
 
@@ -241,7 +238,7 @@ class GpuTelemetry:
             try:
                 return self._nvml.nvmlDeviceGetMemoryInfo(handle, version=version)
             except pynvml.NVMLError_GpuIsLost as exc:
-                raise _Lost(str(exc)) from None
+                raise GpuLost(str(exc)) from None
             except (pynvml.NVMLError, TypeError):
                 pass
         return self._get("nvmlDeviceGetMemoryInfo", handle)

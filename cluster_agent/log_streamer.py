@@ -14,8 +14,8 @@ import logging
 import threading
 from typing import Callable
 
-from .control_plane import ControlPlaneClient, ExtensionUnsupported
-from .errors import ControlPlaneError
+from .control_plane import ControlPlaneClient
+from .errors import ControlPlaneError, ExtensionUnsupported
 
 log = logging.getLogger(__name__)
 

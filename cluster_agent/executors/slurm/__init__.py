@@ -7,7 +7,8 @@
     runtime.py    the mode's factory: everything the agent loop needs (see cluster_agent/runtime.py)
 """
 
-from .cli import SlurmCli, SlurmRefused
+from ...errors import SlurmRefused
+from .cli import SlurmCli
 from .cluster import SlurmCluster
 from .executor import SlurmExecutor
 

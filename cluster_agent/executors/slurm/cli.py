@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable, Sequence
 
-from ...errors import EngineUnavailable
+from ...errors import EngineUnavailable, SlurmRefused
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,6 @@ TERMINAL_STATES = frozenset({
 })
 QUEUED_STATES = frozenset({"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"})
 UNREACHABLE_HINTS = ("Unable to contact slurm controller", "Socket timed out", "Connection refused", "Zero Bytes were transmitted")
-
-
-class SlurmRefused(Exception):
-    """Slurm answered and said no (an invalid request); the message is Slurm's own, on one line."""
-
-    def __str__(self) -> str:
-        return "; ".join(line.strip() for line in super().__str__().splitlines() if line.strip())
 
 
 @dataclass(frozen=True)

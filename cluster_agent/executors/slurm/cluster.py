@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...errors import ConfigError, EngineUnavailable
+from ...errors import ConfigError, EngineUnavailable, SlurmRefused
 from ...models import Capabilities, GpuInfo
-from .cli import SlurmCli, SlurmRefused
+from .cli import SlurmCli
 
 log = logging.getLogger(__name__)
 

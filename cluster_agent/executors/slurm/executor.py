@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 
 from ... import __version__
-from ...errors import EngineUnavailable, JobFailed
+from ...errors import EngineUnavailable, JobFailed, SlurmRefused
 from ...files import read_json, write_private
 from ...models import FailureReason
 from ...settings import Settings
-from .cli import QueueView, SlurmCli, SlurmJob, SlurmRefused
+from .cli import QueueView, SlurmCli, SlurmJob
 from ..base import LABEL_CLUSTER_ID, LABEL_JOB_ID, STOP_GRACE_SECONDS, ContainerSpec, ContainerState, ExitInfo, OutputSink
 from .script import batch_script, sbatch_args
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 
 from ...disk import DiskGuard
-from ...errors import ConfigError, EngineUnavailable
+from ...errors import ConfigError, EngineUnavailable, SlurmRefused
 from ...metrics import Metrics
 from ...models import Capabilities
 from ...settings import Settings
 from ..mode import ExecutionMode
-from .cli import SlurmCli, SlurmRefused
+from .cli import SlurmCli
 from .cluster import SlurmCluster, check_shared_storage
 from .executor import SlurmExecutor
 from .script import cluster_args
