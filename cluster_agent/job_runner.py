@@ -249,7 +249,8 @@ class JobRun:
                 # The previous agent died between create and start: the job never ran, so start it now.
                 self._executor.start_created(state.id)
                 log.info("job %s: started its created container %s", spec.job_id, state.id[:12])
-                self._observer.started(state.id, datetime.now(timezone.utc).isoformat(), self.gpu_ids)
+                self._observer.started(state.id, datetime.fromtimestamp(self._wall(), timezone.utc).isoformat(),
+                                       self.gpu_ids)
                 return self._watch(spec, state.id, started_wall=self._wall(), replay=False)
             log.info("job %s: adopted container %s (%s)", spec.job_id, state.id[:12], state.status,
                      extra={"job_id": spec.job_id, "event": "adopted", "container_id": state.id})

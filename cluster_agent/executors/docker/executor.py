@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Iterator
@@ -22,6 +21,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest, Mount
 from docker.utils import parse_repository_tag
 
+from ...clock import SYSTEM_CLOCK, Clock
 from ...errors import EngineUnavailable, JobFailed
 from ...gpu_injection import GpuInjection, NvidiaRuntimeInjection
 from ...models import FailureReason
@@ -111,8 +111,10 @@ class DockerExecutor:
         pull_lock: threading.Lock | None = None,
         pull_timeout: float = 1800.0,
         pull_stall_seconds: float = 120.0,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._client = client
+        self._clock = clock
         self._pull_timeout = pull_timeout
         self._pull_stall = pull_stall_seconds
         self.gpu_injection: GpuInjection = gpu_injection or NvidiaRuntimeInjection()
@@ -164,7 +166,7 @@ class DockerExecutor:
     def _pull(self, image: str, auth: dict[str, str] | None) -> None:
         log.info("pulling image %s", image)
         repository, tag = parse_repository_tag(image)
-        started = last_report = time.monotonic()
+        started = last_report = self._clock.monotonic()
         layers: dict[str, str] = {}
         # docker-py streams pulls with no read timeout, so a stalled registry would hang the job: the stream is
         # read on a worker thread, and this thread waits for each item with the stall limit.
@@ -181,7 +183,7 @@ class DockerExecutor:
 
         threading.Thread(target=read, name=f"pull-{repository}", daemon=True).start()
         while True:
-            remaining = self._pull_timeout - (time.monotonic() - started)
+            remaining = self._pull_timeout - (self._clock.monotonic() - started)
             if remaining <= 0:
                 raise JobFailed(
                     FailureReason.IMAGE_UNAVAILABLE, f"pulling image {image} took longer than --pull-timeout {self._pull_timeout:g} s"
@@ -208,12 +210,12 @@ class DockerExecutor:
                 raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"cannot pull image {image}: {item['error']}")
             if item.get("id") and item.get("status"):
                 layers[item["id"]] = item["status"]
-            if time.monotonic() - last_report >= 10:
+            if self._clock.monotonic() - last_report >= 10:
                 complete = sum(1 for status in layers.values() if status in ("Pull complete", "Already exists"))
                 log.info("pulling image %s: %d of %d layer(s) done after %.0f s",
-                         image, complete, len(layers), time.monotonic() - started)
-                last_report = time.monotonic()
-        log.info("pulled image %s in %.1f s", image, time.monotonic() - started)
+                         image, complete, len(layers), self._clock.monotonic() - started)
+                last_report = self._clock.monotonic()
+        log.info("pulled image %s in %.1f s", image, self._clock.monotonic() - started)
 
     # --- containers ----------------------------------------------------------------------------------------
 
@@ -315,7 +317,7 @@ class DockerExecutor:
             return self._attached.pop(container_id, None)
 
     def wait_started(self, container_id: str, stop: threading.Event) -> float | None:
-        return time.time()  # start() returns once the container runs
+        return self._clock.wall()  # start() returns once the container runs
 
     def stream_output(self, container_id: str, on_stdout: OutputSink, on_stderr: OutputSink) -> None:
         stream = self._forget(container_id)

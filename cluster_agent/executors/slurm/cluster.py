@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...clock import SYSTEM_CLOCK, Clock
 from ...errors import ConfigError, EngineUnavailable, SlurmRefused
 from ...models import Capabilities, GpuInfo
 from .cli import SlurmCli
@@ -96,8 +97,9 @@ def describe(cli: SlurmCli) -> ClusterView:
 class SlurmCluster:
     """The cluster's description, refreshed at most every `max_age` seconds (heartbeats and polls both ask)."""
 
-    def __init__(self, cli: SlurmCli, partition: str = "", max_age: float = 10.0) -> None:
+    def __init__(self, cli: SlurmCli, partition: str = "", max_age: float = 10.0, clock: Clock = SYSTEM_CLOCK) -> None:
         self._cli = cli
+        self._clock = clock
         self._partition = partition
         self._max_age = max_age
         self._view: ClusterView | None = None
@@ -106,10 +108,10 @@ class SlurmCluster:
 
     def view(self) -> ClusterView | None:
         with self._lock:
-            if self._view is None or time.monotonic() - self._at >= self._max_age:
+            if self._view is None or self._clock.monotonic() - self._at >= self._max_age:
                 try:
                     self._view = describe(self._cli)
-                    self._at = time.monotonic()
+                    self._at = self._clock.monotonic()
                 except (EngineUnavailable, SlurmRefused) as exc:
                     log.warning("cannot describe the Slurm cluster: %s", exc)
             return self._view
@@ -202,7 +204,8 @@ def _is_this_host(name: str) -> bool:
     return name in mine or name.split(".")[0] in mine
 
 
-def check_shared_storage(cli: SlurmCli, jobs_workdir: Path, probe_seconds: float, sbatch_args: list[str] = ()) -> None:
+def check_shared_storage(cli: SlurmCli, jobs_workdir: Path, probe_seconds: float, sbatch_args: list[str] = (),
+                         clock: Clock = SYSTEM_CLOCK) -> None:
     """Start-up check: nodes must see --jobs-workdir at the same path. A probe job proves it; without one (or when
     the queue is too busy to run it in time) the filesystem type decides. ConfigError names the fix."""
     fstype = filesystem_type(jobs_workdir)
@@ -214,7 +217,7 @@ def check_shared_storage(cli: SlurmCli, jobs_workdir: Path, probe_seconds: float
         log.info("jobs directory %s was shown shared with the Slurm nodes earlier (%s)", jobs_workdir, verified)
         return
     if probe_seconds > 0:
-        verdict = _probe(cli, jobs_workdir, probe_seconds, list(sbatch_args))
+        verdict = _probe(cli, jobs_workdir, probe_seconds, list(sbatch_args), clock)
         if verdict is True:
             log.info("jobs directory %s is shared with the Slurm nodes (probe job read it)", jobs_workdir)
             verified.parent.mkdir(parents=True, exist_ok=True)
@@ -232,7 +235,7 @@ def check_shared_storage(cli: SlurmCli, jobs_workdir: Path, probe_seconds: float
                 jobs_workdir, fstype)
 
 
-def _probe(cli: SlurmCli, jobs_workdir: Path, seconds: float, sbatch_args: list[str]) -> bool | None:
+def _probe(cli: SlurmCli, jobs_workdir: Path, seconds: float, sbatch_args: list[str], clock: Clock) -> bool | None:
     """True: a job on a node read the token and wrote the answer; False: it ran and could not; None: no answer."""
     token = uuid.uuid4().hex
     probe = jobs_workdir / f"{PROBE_FILE}-{token[:8]}"
@@ -249,15 +252,15 @@ def _probe(cli: SlurmCli, jobs_workdir: Path, seconds: float, sbatch_args: list[
         probe.unlink(missing_ok=True)
         return None
     try:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        deadline = clock.monotonic() + seconds
+        while clock.monotonic() < deadline:
             if answer.exists() and answer.read_text().strip() == token:
                 return True
             job = cli.show_job(slurm_id)
             if job is not None and job.terminal:
-                time.sleep(1.0)  # the answer may trail the job's end on network storage
+                clock.sleep(1.0)  # the answer may trail the job's end on network storage
                 return answer.exists() and answer.read_text().strip() == token
-            time.sleep(0.5)
+            clock.sleep(0.5)
         log.warning("storage probe job %s did not run within %.0f s (busy queue?)", slurm_id, seconds)
         return None
     finally:

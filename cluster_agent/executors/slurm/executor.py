@@ -24,10 +24,10 @@ import json
 import logging
 import shutil
 import threading
-import time
 from pathlib import Path
 
 from ... import __version__
+from ...clock import SYSTEM_CLOCK, Clock
 from ...errors import EngineUnavailable, JobFailed, SlurmRefused
 from ...files import read_json, write_private
 from ...models import FailureReason
@@ -61,8 +61,11 @@ class SlurmExecutor:
     jobs_die_with_engine = False  # slurmctld restarting does not end jobs
     engine_name = "the Slurm controller"
 
-    def __init__(self, settings: Settings, cli: SlurmCli | None = None, *, user: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, cli: SlurmCli | None = None, *, user: str | None = None, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self._settings = settings
+        self._clock = clock
         self.cli = cli or SlurmCli()
         self._user = user or getpass.getuser()
         self._queue = QueueView(self.cli, self._user, settings.slurm_poll_interval)
@@ -149,7 +152,7 @@ class SlurmExecutor:
             if job is None or job.terminal:
                 return job.start_time if job is not None and job.start_time else None
             if not job.queued and job.state != "UNKNOWN":
-                return job.start_time or time.time()
+                return job.start_time or self._clock.wall()
             if not logged:
                 why = job.reason if job.reason not in ("", "None") else job.state
                 log.info("Slurm job %s is queued (%s)", container_id, why)
@@ -175,8 +178,8 @@ class SlurmExecutor:
         # Unknown to Slurm. A controller that has just restarted may answer before it has reloaded its jobs:
         # only a job missing for a while is taken as gone (it ended longer ago than MinJobAge, or never existed).
         with self._lock:
-            since = self._missing_since.setdefault(slurm_id, time.monotonic())
-        if time.monotonic() - since < MISSING_GRACE_SECONDS:
+            since = self._missing_since.setdefault(slurm_id, self._clock.monotonic())
+        if self._clock.monotonic() - since < MISSING_GRACE_SECONDS:
             return SlurmJob(job_id=slurm_id, state="UNKNOWN", name="")
         return None
 
@@ -200,30 +203,30 @@ class SlurmExecutor:
                 offsets[name], more = _read_new(state / name, offsets[name], sink)
                 grew = grew or more
             if ended_at is not None:
-                if not grew and time.monotonic() - ended_at >= OUTPUT_SETTLE_SECONDS:
+                if not grew and self._clock.monotonic() - ended_at >= OUTPUT_SETTLE_SECONDS:
                     return
-            elif time.monotonic() - asked >= self._settings.slurm_poll_interval:
+            elif self._clock.monotonic() - asked >= self._settings.slurm_poll_interval:
                 # The files are read often (live logs); Slurm is asked at its own pace.
-                asked = time.monotonic()
+                asked = self._clock.monotonic()
                 try:
                     job = self._job_or_ended(container_id)
                 except EngineUnavailable:
                     job = SlurmJob(job_id=container_id, state="UNKNOWN", name="")
                 if job is None or job.terminal:
-                    ended_at = time.monotonic()
+                    ended_at = self._clock.monotonic()
             if not grew:
-                time.sleep(OUTPUT_POLL_SECONDS)
+                self._clock.sleep(OUTPUT_POLL_SECONDS)
 
     def wait(self, container_id: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
+        deadline = self._clock.monotonic() + timeout
         while True:
             job = self._job_or_ended(container_id)
             if job is None or job.terminal:
                 return True
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self._clock.monotonic()
             if remaining <= 0:
                 return False
-            time.sleep(min(remaining, self._settings.slurm_poll_interval))
+            self._clock.sleep(min(remaining, self._settings.slurm_poll_interval))
 
     def stop(self, container_id: str, grace: float) -> None:
         """scancel: Slurm signals the batch script, which stops the container with its grace; wait for the end."""
