@@ -115,8 +115,10 @@ def test_pull_with_credentials_from_the_docker_config(cp, start_agent, not_cache
 
 def test_credentials_never_reach_the_jobs_workspace(cp, start_agent, registry, docker_client):
     start_agent()
-    result = cp.run(image=registry["image"], command=["cat", "job.json"],
+    # The spooled spec (which keeps the credentials for a re-run) sits beside the workspace, out of the job's reach.
+    result = cp.run(image=registry["image"], command=["sh", "-c", "cat job.json ../job.json; ls -la . ..; cat * ; true"],
                     registry_auth={"username": USER, "password": PASSWORD})
     assert result["status"] == "succeeded"
     seen = json.dumps(result["output_payload"])
+    assert "input.json" in seen and "No such file" in seen
     assert "registry_auth" not in seen and PASSWORD not in seen
