@@ -23,9 +23,9 @@ from cluster_agent.control_plane import (
     PollInterrupted,
     RequestNotSendable,
     RetryPolicy,
-    _BackoffWait,
     idempotency_key,
 )
+from cluster_agent._transport import _BackoffWait
 from cluster_agent.errors import ControlPlaneError, ControlPlaneUnavailable, MalformedResponse, TokenRejected
 from cluster_agent.models import Capabilities, Completion, JobMetrics, JobStatus
 
@@ -412,7 +412,7 @@ def test_a_body_json_cannot_carry_is_not_retried(client):
     # under anything else.
     route = respx.post(f"{CLUSTER}/jobs/poll").respond(200, json={"jobs": []})
     with pytest.raises(RequestNotSendable, match="cannot be sent as JSON"):
-        client._send("jobs/poll", {"x": float("nan")}, cancel=threading.Event())
+        client._transport.send("jobs/poll", {"x": float("nan")}, cancel=threading.Event())
     assert route.call_count == 0
 
 
