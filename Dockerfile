@@ -23,5 +23,5 @@ STOPSIGNAL SIGTERM
 # /healthz on the metrics port (or, with --metrics-port 0, the liveness file the poll loop touches).
 EXPOSE 9464
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
-  CMD ["python3", "-m", "cluster_agent.health"]
+  CMD ["python3", "-m", "cluster_agent.healthcheck"]
 ENTRYPOINT ["python3", "/app/main.py"]

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import health, recovery
+from . import healthcheck, recovery
 from .control_plane import ControlPlaneClient
 from .errors import ControlPlaneError, EngineUnavailable, MalformedResponse, PollInterrupted
 from .executors import Executor
@@ -106,8 +106,8 @@ class Agent:
         while not self.stopping.is_set():
             # A dead poller stops the touches, so the image's HEALTHCHECK turns unhealthy.
             if self._poller.is_alive():
-                health.touch(self._settings.health_file)
-            self.stopping.wait(health.TOUCH_EVERY_SECONDS / 2)
+                healthcheck.touch(self._settings.health_file)
+            self.stopping.wait(healthcheck.TOUCH_EVERY_SECONDS / 2)
         return self._shutdown()
 
     def _shutdown(self) -> int:

@@ -52,7 +52,7 @@ def test_agent_runs_in_its_image_with_the_documented_docker_run(agent_image, doc
         result = cp.run(command=["sh", "-c", "cat input.json > output.json"], input_payload={"from": "image"}, wait=120)
         assert result["status"] == "succeeded", container.logs().decode()[-3000:]
         assert result["output_payload"] == {"from": "image"}
-        health = container.exec_run(["python3", "-m", "cluster_agent.health"])
+        health = container.exec_run(["python3", "-m", "cluster_agent.healthcheck"])
         assert health.exit_code == 0, health.output
         started = time.monotonic()
         container.stop(timeout=30)  # SIGTERM reaches the agent (PID 1)
@@ -61,7 +61,7 @@ def test_agent_runs_in_its_image_with_the_documented_docker_run(agent_image, doc
         assert container.attrs["State"]["ExitCode"] == 0, container.logs().decode()[-3000:]
         assert [h["status"] for h in cp.heartbeats()][-1] == "draining"
         assert "HEALTHCHECK" not in container.logs().decode()
-        assert docker_client.images.get(agent_image).attrs["Config"]["Healthcheck"]["Test"][-1] == "cluster_agent.health"
+        assert docker_client.images.get(agent_image).attrs["Config"]["Healthcheck"]["Test"][-1] == "cluster_agent.healthcheck"
     finally:
         container.remove(force=True)
 

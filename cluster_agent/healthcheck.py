@@ -1,6 +1,6 @@
 """Liveness for the image's HEALTHCHECK: the agent's main thread touches a file while its poll loop runs.
 
-`python -m cluster_agent.health` exits 0 when the file was touched recently, 1 otherwise.
+`python -m cluster_agent.healthcheck` exits 0 when the file was touched recently, 1 otherwise.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 import os
 import time
 
-from cluster_agent import health
+from cluster_agent import healthcheck as health
 
 
 def test_fresh_file_is_healthy(tmp_path):
