@@ -18,9 +18,8 @@ from typing import Any, Callable
 from . import healthcheck, recovery
 from .control_plane import ControlPlaneClient
 from .errors import ControlPlaneError, EngineUnavailable, MalformedResponse, PollInterrupted
-from .executors import Executor
 from .engine_watch import EngineWatch
-from .executors.base import ContainerState
+from .executors import ContainerState, Executor
 from .delivery import ResultDelivery
 from .gpu_pool import GpuAllocator
 from .heartbeat import Heartbeat
@@ -32,6 +31,8 @@ from .metrics import Metrics
 from .slots import JobSlots
 from .models import Completion, FailureReason, JobMetrics, JobStatus, PollResult
 from .settings import Settings
+
+__all__ = ["Agent"]
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,8 @@ import os
 
 from .models import Capabilities, GpuInfo
 
+__all__ = ["cpu_count", "host_capabilities", "memory_gb"]
+
 
 def cpu_count() -> int:
     # The CPUs this process may use (cgroup/cpuset aware), not the machine's total.

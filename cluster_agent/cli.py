@@ -12,6 +12,8 @@ from . import __version__
 from .errors import ConfigError
 from .settings import Settings, env_name, flag_name
 
+__all__ = ["build_parser", "describe_validation_error", "load_settings"]
+
 USAGE = """\
 %(prog)s [SETTINGS...]                 run the agent against a control plane
 %(prog)s run-job JOB.json [SETTINGS...]  run one job spec on the local engine and print its completion"""

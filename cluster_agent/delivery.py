@@ -18,6 +18,8 @@ from .job_dir import JobDirectory
 from .metrics import Metrics
 from .models import Completion
 
+__all__ = ["ResultDelivery"]
+
 log = logging.getLogger(__name__)
 
 

@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 from .files import write_json_atomic
 
+__all__ = ["DiskGuard", "DiskState", "free_bytes"]
+
 log = logging.getLogger(__name__)
 GIB = 1024**3
 

@@ -14,7 +14,7 @@ import time
 from typing import Callable
 
 from .errors import EngineUnavailable
-from .executors.base import Executor
+from .executors import Executor
 
 log = logging.getLogger(__name__)
 

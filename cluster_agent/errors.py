@@ -21,6 +21,22 @@ from __future__ import annotations
 
 from .models import FailureReason
 
+__all__ = [
+    "AgentError",
+    "ConfigError",
+    "ControlPlaneError",
+    "ControlPlaneUnavailable",
+    "EngineUnavailable",
+    "ExtensionUnsupported",
+    "GpuLost",
+    "JobFailed",
+    "MalformedResponse",
+    "PollInterrupted",
+    "RequestNotSendable",
+    "SlurmRefused",
+    "TokenRejected",
+]
+
 
 class AgentError(Exception):
     """Base of every error the agent raises on purpose."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = ["reasons"]
+
 # XIDs caused by applications (illegal address, page faults, ...): not the GPU's fault (device plugin's list).
 APPLICATION_XIDS = frozenset({13, 31, 43, 45, 68, 109})
 

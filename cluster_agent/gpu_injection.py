@@ -24,6 +24,16 @@ import yaml
 from .errors import ConfigError, JobFailed
 from .models import FailureReason, GpuInfo
 
+__all__ = [
+    "CdiInjection",
+    "GpuAccess",
+    "GpuInjection",
+    "NoInjection",
+    "NvidiaRuntimeInjection",
+    "choose_injection",
+    "find_cdi_specs",
+]
+
 log = logging.getLogger(__name__)
 
 CDI_KIND = "nvidia.com/gpu"

@@ -8,6 +8,8 @@ from typing import Protocol
 from .errors import JobFailed
 from .models import FailureReason, GpuInfo
 
+__all__ = ["GpuAllocator", "GpuPool"]
+
 
 class GpuAllocator(Protocol):
     """What the job runner and the agent ask about GPUs: this host's pool, or a scheduler's

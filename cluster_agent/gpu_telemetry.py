@@ -22,6 +22,8 @@ from .errors import GpuLost
 from .gpu_pool import GpuPool
 from .models import GpuInfo
 
+__all__ = ["GpuTelemetry"]
+
 log = logging.getLogger(__name__)
 
 CLOCK_EVENT_REASONS = {

@@ -15,6 +15,8 @@ import pynvml
 
 from .models import GpuInfo
 
+__all__ = ["detect_gpus", "detect_with_nvidia_smi", "detect_with_nvml"]
+
 log = logging.getLogger(__name__)
 
 

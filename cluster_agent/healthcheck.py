@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+__all__ = ["is_fresh", "main", "touch"]
+
 TOUCH_EVERY_SECONDS = 5.0
 STALE_AFTER_SECONDS = 30.0
 

@@ -10,6 +10,8 @@ from .control_plane import ControlPlaneClient
 from .errors import ControlPlaneError, TokenRejected
 from .models import Capabilities
 
+__all__ = ["Heartbeat"]
+
 log = logging.getLogger(__name__)
 
 

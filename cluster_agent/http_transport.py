@@ -25,6 +25,8 @@ from typing import Any, Iterable, Iterator
 import httpcore
 import httpx
 
+__all__ = ["DeadlineBackend", "DeadlineTransport", "InterruptibleTransport", "deadline_passed", "request_deadline"]
+
 # Writes are cut into pieces this size so that a server reading slowly cannot stretch one write past the deadline
 # (the socket timeout bounds each send, and a send that makes a little progress each time never times out).
 _WRITE_PIECE = 64 * 1024

@@ -31,6 +31,8 @@ from . import __version__
 from .files import read_json, write_json_atomic
 from .safe_fs import remove_tree, write_new_file
 
+__all__ = ["JobDirectory", "layout_marked", "mark_layout"]
+
 TRASH_PREFIX = ".trash-"
 WORKSPACE_DIR = "workspace"
 LAYOUT_FILE = ".radix-layout"

@@ -19,18 +19,19 @@ from pydantic import ValidationError
 
 from . import __version__
 from .errors import EngineUnavailable, JobFailed
-from .executors import ContainerSpec, Executor
-from .executors.base import (
+from .engine_watch import EngineWatch
+from .executors import (
     LABEL_AGENT_VERSION,
     LABEL_CLUSTER_ID,
     LABEL_GPU_IDS,
     LABEL_JOB_ID,
     LABEL_TIMEOUT,
     STOP_GRACE_SECONDS,
+    ContainerSpec,
     ContainerState,
+    Executor,
     container_name,
 )
-from .engine_watch import EngineWatch
 from .gpu_pool import GpuAllocator
 from .job_dir import JobDirectory
 from .models import JOB_ID_PATTERN, Completion, FailureReason, GpuInfo, JobMetrics, JobSpec, JobStatus
@@ -38,6 +39,8 @@ from .output import OutputCollector
 from .redaction import Redactor
 from .settings import Settings
 from .verdict import Ending, judge
+
+__all__ = ["JobObserver", "JobRun", "gpus_for", "job_id_of", "torchrun_command"]
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,8 @@ from typing import Callable
 from . import __version__
 from .errors import ConfigError
 
+__all__ = ["JobsDirectoryLock", "claim"]
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".radix-agent.lock"

@@ -34,10 +34,12 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from .executors.base import ContainerState
+from .executors import ContainerState
 from .job_dir import JobDirectory, layout_marked, mark_layout
 from .models import JOB_ID_PATTERN, Completion, FailureReason, JobMetrics, JobStatus
 from .safe_fs import read_file_nofollow, remove_tree
+
+__all__ = ["migrate"]
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,8 @@ from .control_plane import ControlPlaneClient
 from .errors import ControlPlaneError
 from .log_streamer import LogStreamer
 
+__all__ = ["LiveJob"]
+
 log = logging.getLogger(__name__)
 
 # How long a completion waits for the last log chunks when the control plane is not taking them.

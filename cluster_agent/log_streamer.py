@@ -17,6 +17,8 @@ from typing import Callable
 from .control_plane import ControlPlaneClient
 from .errors import ControlPlaneError, ExtensionUnsupported
 
+__all__ = ["LogBuffer", "LogStreamer"]
+
 log = logging.getLogger(__name__)
 
 MAX_CHUNK_BYTES = 1024 * 1024  # contract: at most 1 MiB a request

@@ -23,6 +23,8 @@ from datetime import datetime, timezone
 
 from .redaction import REPLACEMENT, Redactor
 
+__all__ = ["JsonFormatter", "RedactingFormatter", "configure", "escape_controls"]
+
 _FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 # Fields the agent attaches with `extra=` on job events.
 EVENT_FIELDS = ("job_id", "event", "duration_s", "status", "failure_reason", "container_id")

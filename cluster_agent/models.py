@@ -11,6 +11,21 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
+__all__ = [
+    "Capabilities",
+    "Completion",
+    "FailureReason",
+    "GpuInfo",
+    "JobMetrics",
+    "JobSpec",
+    "JobStatus",
+    "Orchestration",
+    "OutputSource",
+    "PollResult",
+    "RegistryAuth",
+    "Resources",
+]
+
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Names the agent sets itself; a job spec may not override them.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .executors.docker.mode import open_mode as open_docker
-from .executors.mode import ExecutionMode
+from .executors import ExecutionMode
 from .executors.slurm.mode import open_mode as open_slurm
 from .metrics import Metrics
 from .settings import Settings

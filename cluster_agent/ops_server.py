@@ -16,6 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .metrics import Metrics
 
+__all__ = ["OpsServer"]
+
 log = logging.getLogger(__name__)
 
 

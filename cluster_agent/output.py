@@ -18,6 +18,8 @@ from typing import Any
 from .errors import JobFailed
 from .models import FailureReason, OutputSource
 
+__all__ = ["OutputCollector", "read_output_json", "resolve_output", "wrapped_output"]
+
 TAIL_CHARS = 10_000
 # UTF-8 uses at most 4 bytes a character: this many bytes always hold the last TAIL_CHARS characters.
 TAIL_BYTES = TAIL_CHARS * 4

@@ -12,6 +12,8 @@ from .errors import ConfigError, ControlPlaneError, TokenRejected
 from .files import write_atomic
 from .settings import Settings
 
+__all__ = ["check_jobs_workdir", "resolve_token"]
+
 
 def check_jobs_workdir(path: Path) -> None:
     where = "--jobs-workdir / RADIX_JOBS_WORKDIR"

@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .executors import Executor
-from .executors.base import ContainerState
+from .executors import ContainerState, Executor
 from . import legacy_layout
 from .job_runner import job_id_of
 from .job_dir import TRASH_PREFIX, JobDirectory
 from .safe_fs import remove_tree
 from .models import JOB_ID_PATTERN
+
+__all__ = ["Findings", "scan"]
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,8 @@ import re
 import threading
 from typing import Callable, Iterable
 
+__all__ = ["Redactor"]
+
 REPLACEMENT = "[REDACTED]"
 MIN_SECRET_LENGTH = 4
 MIN_ENCODED_LENGTH = 6

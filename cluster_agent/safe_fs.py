@@ -18,6 +18,8 @@ import os
 import stat
 from pathlib import Path
 
+__all__ = ["read_file_nofollow", "remove_tree", "write_new_file"]
+
 # Directory descriptors held open at once while removing; deeper subtrees are moved up (see module docstring).
 MAX_OPEN_DEPTH = 64
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -19,6 +19,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .models import JOB_ID_PATTERN
 
+__all__ = ["Settings", "env_name", "flag_name", "is_loopback"]
+
 DEFAULT_MAX_OUTPUT_BYTES = 10 * 1024 * 1024
 # capabilities(7), Linux 6.x: what --cap-drop may name (with or without CAP_).
 LINUX_CAPABILITIES = frozenset("""

@@ -13,6 +13,8 @@ from .errors import JobFailed
 from .models import Completion, FailureReason, JobMetrics, JobSpec, JobStatus, OutputSource
 from .output import OutputCollector, resolve_output, wrapped_output
 
+__all__ = ["Ending", "judge"]
+
 STDERR_IN_MESSAGE = 2000
 EXIT_CODE_HINTS = {
     126: " (the command is not executable in the image)",

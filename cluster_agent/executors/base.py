@@ -9,6 +9,8 @@ from typing import Callable, Protocol
 
 from ..models import FailureReason, GpuInfo
 
+__all__ = ["ContainerSpec", "ContainerState", "Executor", "ExitInfo", "container_name"]
+
 
 WORKSPACE = "/workspace"  # where every executor mounts the job's workspace, and the job's working directory
 

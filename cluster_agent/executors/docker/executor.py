@@ -28,6 +28,8 @@ from ...models import FailureReason
 from ..base import LABEL_CLUSTER_ID, WORKSPACE, ContainerSpec, ContainerState, ExitInfo, OutputSink
 from .reaper import ContainerReaper
 
+__all__ = ["DockerExecutor", "connect"]
+
 log = logging.getLogger(__name__)
 
 NVIDIA_RUNTIME_FIX = (

@@ -21,6 +21,8 @@ from ...settings import Settings
 from ..mode import ExecutionMode
 from .executor import DockerExecutor, connect
 
+__all__ = ["check_jobs_mount", "connect_engine", "open_mode"]
+
 log = logging.getLogger(__name__)
 
 ENGINE_FIX = (

@@ -14,6 +14,8 @@ from typing import Callable
 
 from ...errors import EngineUnavailable
 
+__all__ = ["ContainerReaper"]
+
 log = logging.getLogger(__name__)
 
 RETRY_FIRST_SECONDS = 1.0

@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 
 from ...errors import EngineUnavailable, SlurmRefused
 
+__all__ = ["QueueView", "SlurmCli", "SlurmJob", "parse_sacct", "parse_scontrol_record", "parse_squeue", "parse_time"]
+
 log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT_SECONDS = 30.0

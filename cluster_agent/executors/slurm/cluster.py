@@ -19,6 +19,17 @@ from ...errors import ConfigError, EngineUnavailable, SlurmRefused
 from ...models import Capabilities, GpuInfo
 from .cli import SlurmCli
 
+__all__ = [
+    "ClusterView",
+    "PartitionView",
+    "SlurmCluster",
+    "SlurmGpus",
+    "check_shared_storage",
+    "describe",
+    "filesystem_type",
+    "gpu_count",
+]
+
 log = logging.getLogger(__name__)
 
 # Filesystems that are one machine's own: a jobs directory on one of them is not seen by other nodes.

@@ -36,6 +36,8 @@ from .cli import QueueView, SlurmCli, SlurmJob
 from ..base import LABEL_CLUSTER_ID, LABEL_JOB_ID, STOP_GRACE_SECONDS, ContainerSpec, ContainerState, ExitInfo, OutputSink
 from .script import batch_script, sbatch_args
 
+__all__ = ["SlurmExecutor"]
+
 log = logging.getLogger(__name__)
 
 STATE_DIR_NAME = ".radix-slurm"

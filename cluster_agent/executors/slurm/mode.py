@@ -16,6 +16,8 @@ from .cluster import SlurmCluster, check_shared_storage
 from .executor import SlurmExecutor
 from .script import cluster_args
 
+__all__ = ["connect_slurm", "open_mode"]
+
 log = logging.getLogger(__name__)
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from ...settings import Settings
 from ..base import LABEL_CLUSTER_ID, LABEL_JOB_ID, WORKSPACE, ContainerSpec
 
+__all__ = ["batch_script", "cluster_args", "engine_run_args", "sbatch_args"]
+
 # Slurm's --time is in minutes: the agent's own timeout (to the second) acts first, Slurm's limit is the backstop
 # for when no agent is watching.
 TIME_LIMIT_SLACK_SECONDS = 120
