@@ -316,9 +316,10 @@ class Transport:
         if self._metrics is not None:
             self._metrics.control_plane_errors.labels(endpoint=endpoint, kind=kind).inc()
 
-    def json(self, answer: Answer, path: str) -> Any:
+    def json(self, answer: Answer, path: str, content: bytes | None = None) -> Any:
+        """The answer's JSON (or `content`, a version of it); MalformedResponse quoting its start when it is not."""
         try:
-            return json.loads(answer.content)
+            return json.loads(answer.content if content is None else content)
         except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
             text = self.secrets.redact(answer.content.decode("utf-8", errors="replace"))[:80]
             raise MalformedResponse(

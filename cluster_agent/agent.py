@@ -28,6 +28,7 @@ from .job_runner import JobRun, job_id_of
 from .disk import DiskGuard
 from .live_job import LiveJob
 from .metrics import Metrics
+from .redaction import Redactor
 from .slots import JobSlots
 from .models import Completion, FailureReason, JobMetrics, JobStatus, PollResult
 from .settings import Settings
@@ -56,8 +57,10 @@ class Agent:
         clock: Callable[[], float] = time.monotonic,
         metrics: Metrics | None = None,
         disk: DiskGuard | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         self._settings = settings
+        self._redactor = redactor or Redactor()  # the agent's secrets, kept out of every job's result too
         self._metrics = metrics
         self._disk = disk
         self._client = client
@@ -345,7 +348,10 @@ class Agent:
     def _accept(self, raw: Any, adopted: ContainerState | None = None) -> None:
         job_id = job_id_of(raw)
         if job_id is None:
-            log.error("poll returned a job without a job_id (%s); it cannot be run or reported", str(raw)[:200])
+            # Never the job itself: it may carry credentials (registry_auth) and anything a broken server put in it.
+            what = (f"an object with {len(raw)} key(s), its job_id a JSON {type(raw.get('job_id')).__name__}"
+                    if isinstance(raw, dict) else f"a JSON {type(raw).__name__}")
+            log.error("poll returned a job without a string job_id (%s); it cannot be run or reported", what)
             return
         directory = JobDirectory(self._settings.jobs_workdir, job_id)
         with self._runs_lock:
@@ -360,7 +366,7 @@ class Agent:
             )
             run = JobRun(
                 raw, settings=self._settings, executor=self._executor, gpu_pool=self._gpus, clock=self._clock,
-                observer=live, adopted=adopted, engine=self._engine,
+                observer=live, adopted=adopted, engine=self._engine, redactor=self._redactor,
             )
             self._runs[job_id] = run
             self._slots.enter(job_id, adopted=adopted is not None)
@@ -389,6 +395,7 @@ class Agent:
             self._free_slot(job_id)
             raise
         self._log_finished(job_id, completion, run)
+        released = False
         try:
             # The slot frees once the job's workspace and container are gone (the next job needs their disk),
             # while the result is being delivered.
@@ -397,11 +404,13 @@ class Agent:
             )
             if run.directory is not None and not self._delivery.spool(job_id, completion, run.directory):
                 # Most often a job that filled the disk: its workspace goes first, then the spool is tried again.
+                released = True
                 self._release(run, job_id)
                 if self._delivery.spool(job_id, completion, run.directory):
                     log.info("job %s: result spooled once its workspace was removed", job_id)
             else:
                 release.start()
+                released = True
             if live is not None:
                 live.finish()  # the last of the live log goes before the result
             delivered = self._delivery.deliver(job_id, completion, run.directory, spooled=True)
@@ -410,6 +419,8 @@ class Agent:
             if delivered:
                 run.forget()
         finally:
+            if not released:  # a bug above must never keep the slot, the workspace or the container
+                self._release(run, job_id)
             with self._runs_lock:
                 self._in_agent.discard(job_id)
         self.jobs_finished += 1

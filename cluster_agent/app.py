@@ -80,7 +80,8 @@ def _run_agent(argv: list[str], redactor: Redactor) -> int:
     mode.disk.check()
 
     heartbeat = Heartbeat(client, mode.capabilities, settings.heartbeat_interval)
-    agent = Agent(settings, client, mode.executor, mode.gpus, heartbeat, metrics=metrics, disk=mode.disk)
+    agent = Agent(settings, client, mode.executor, mode.gpus, heartbeat, metrics=metrics, disk=mode.disk,
+                  redactor=redactor)
     agent.stopping = stop
     ops = _start_ops_server(settings, metrics, agent)
     try:
@@ -136,7 +137,8 @@ def _run_job(argv: list[str], redactor: Redactor) -> int:
     # An agent on the same directory would take this job's directory for one it must recover.
     jobs_lock = claim_jobs_workdir(settings.jobs_workdir, settings.jobs_lock_wait)
     mode = open_mode(settings)
-    run = JobRun(raw, settings=settings, executor=mode.executor, gpu_pool=mode.gpus, received_at=time.monotonic())
+    run = JobRun(raw, settings=settings, executor=mode.executor, gpu_pool=mode.gpus, received_at=time.monotonic(),
+                 redactor=redactor)
     stop = threading.Event()
     _install_signal_handlers(stop)
     watcher = threading.Thread(

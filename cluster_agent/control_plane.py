@@ -36,7 +36,9 @@ from .errors import (
     TokenRejected,
 )
 from .metrics import Metrics
-from .models import JOB_ID_PATTERN, Capabilities, Completion, PollResult
+from .models import JOB_ID_PATTERN, REFUSED_KEY, Capabilities, Completion, PollResult
+from .json_depth import cut_deep, holds_too_deep
+from .redaction import Redactor
 
 __all__ = [
     "ANSWER_LIMIT", "ControlPlaneClient", "Delivery", "POLL_ANSWER_LIMIT", "PollInterrupted", "RequestNotSendable",
@@ -54,6 +56,10 @@ POLL_ANSWER_LIMIT = 64 * 1024 * 1024
 64 MiB leaves room for large payloads while bounding what a broken server can make the agent hold."""
 IDEMPOTENCY_KEY_LIMIT = 200
 """Longest Idempotency-Key value sent; a longer percent-encoded id is sent as its SHA-256 (see idempotency_key)."""
+POLL_ITEM_MAX_DEPTH = 200
+"""Nesting kept of a poll answer that Python's parser cannot take whole (it stops near 1000 levels); a job holding
+anything deeper is refused as invalid_job. 200 also keeps every later encoding of the job (job.json, its result)
+within pydantic's and json's limits."""
 MAX_ITEM_FAULTS_LOGGED = 5
 """Bad items of one answer logged one line each; the rest are counted, so a broken server cannot flood the log."""
 
@@ -71,7 +77,7 @@ def idempotency_key(job_id: str) -> str:
     and one whose encoding is over IDEMPOTENCY_KEY_LIMIT characters is sent as "sha256:" + the hex digest of the
     UTF-8 id, so the header stays short and printable whatever the id.
     """
-    if JOB_ID_PATTERN.match(job_id):
+    if JOB_ID_PATTERN.fullmatch(job_id):
         return job_id
     encoded = path_segment(job_id)
     if len(encoded) <= IDEMPOTENCY_KEY_LIMIT:
@@ -79,17 +85,24 @@ def idempotency_key(job_id: str) -> str:
     return "sha256:" + hashlib.sha256(job_id.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
-def _brief(value: Any) -> str:
-    """A value for a log line: its repr (newlines and control characters escaped), cut short, and its type."""
-    text = repr(value)
+def _brief(value: Any, secrets: Redactor) -> str:
+    """A value for a log line: a scalar's repr (control characters escaped; the client's secrets redacted *before*
+    it is cut, so no prefix of one is left), a container's type and size only (its repr could be huge, nested past
+    any recursion limit, or carry a job's credentials)."""
+    if isinstance(value, dict):
+        return f"an object with {len(value)} key(s)"
+    if isinstance(value, list):
+        return f"a list of {len(value)} item(s)"
+    text = secrets.redact(repr(value))
     return f"{text[:80]}{'...' if len(text) > 80 else ''} ({type(value).__name__})"
 
 
 class _ItemFaults:
     """Logs the bad items of one answer: the first few a line each, then how many more."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, secrets: Redactor) -> None:
         self._path = path
+        self.secrets = secrets
         self.count = 0
 
     def skip(self, what: str) -> None:
@@ -108,28 +121,32 @@ def _list_field(data: dict[str, Any], name: str, faults: _ItemFaults) -> list[An
     if value is None:
         return []
     if not isinstance(value, list):
-        faults.skip(f"{name} is {_brief(value)}, not a list")
+        faults.skip(f"{name} is {_brief(value, faults.secrets)}, not a list")
         return []
     return value
 
 
-def _poll_result(data: dict[str, Any], long_poll: bool) -> PollResult:
+def _poll_result(data: dict[str, Any], long_poll: bool, secrets: Redactor) -> PollResult:
     """The usable items of a poll answer, each checked on its own so that one bad item cannot lose the others."""
-    faults = _ItemFaults("jobs/poll")
+    faults = _ItemFaults("jobs/poll", secrets)
     jobs: list[dict[str, Any]] = []
     for index, job in enumerate(_list_field(data, "jobs", faults)):
         # Only the shape is checked here: the job runner validates each job and reports a bad one as invalid_job.
         if isinstance(job, dict):
+            if holds_too_deep(job):
+                job[REFUSED_KEY] = f"the job nests deeper than {POLL_ITEM_MAX_DEPTH} levels, which the agent cannot read"
             jobs.append(job)
         else:
-            faults.skip(f"jobs[{index}] is {_brief(job)}, not a job object")
+            faults.skip(f"jobs[{index}] is {_brief(job, secrets)}, not a job object")
     cancels: list[str] = []
     for index, job_id in enumerate(_list_field(data, "cancel_job_ids", faults)):
         if not isinstance(job_id, str) or not job_id:
-            faults.skip(f"cancel_job_ids[{index}] is {_brief(job_id)}, not a non-empty job id string")
-        elif not JOB_ID_PATTERN.match(job_id):
+            faults.skip(f"cancel_job_ids[{index}] is {_brief(job_id, secrets)}, not a non-empty job id string")
+        elif not JOB_ID_PATTERN.fullmatch(job_id):
             # No job with such an id ever runs here (it fails as invalid_job), so there is nothing to cancel.
-            faults.skip(f"cancel_job_ids[{index}] is {_brief(job_id)}, which does not match {JOB_ID_PATTERN.pattern}")
+            faults.skip(
+                f"cancel_job_ids[{index}] is {_brief(job_id, secrets)}, which does not match {JOB_ID_PATTERN.pattern}"
+            )
         else:
             cancels.append(job_id)
     faults.summarize()
@@ -257,10 +274,16 @@ class ControlPlaneClient:
             if interrupt is not None and interrupt.is_set():
                 raise PollInterrupted() from None
             raise
-        data = self._transport.json(answer, "jobs/poll")
+        try:
+            data = json.loads(answer.content)
+        except RecursionError:
+            # One item nested past the parser's depth must not lose the others: cut it short, refuse just it.
+            data = self._transport.json(answer, "jobs/poll", content=cut_deep(answer.content, POLL_ITEM_MAX_DEPTH))
+        except ValueError:
+            data = self._transport.json(answer, "jobs/poll")  # raises MalformedResponse with a quote
         if not isinstance(data, dict):
             raise MalformedResponse(f"jobs/poll answered with a JSON {type(data).__name__}, expected an object")
-        return _poll_result(data, long_poll=answer.headers.get(LONG_POLL_HEADER) == "1")
+        return _poll_result(data, long_poll=answer.headers.get(LONG_POLL_HEADER) == "1", secrets=self._transport.secrets)
 
     def start(
         self, job_id: str, *, started_at: str, container_id: str, gpu_ids: list[str], cancel: threading.Event
@@ -325,7 +348,8 @@ class ControlPlaneClient:
             if exc.status in RESULT_NOT_WANTED:
                 log.warning(
                     "control plane no longer wants the result of job %s (HTTP %s); dropping it",
-                    job_id if JOB_ID_PATTERN.match(job_id) else repr(job_id)[:140], exc.status,
+                    job_id if JOB_ID_PATTERN.fullmatch(job_id) else self._transport.secrets.redact(repr(job_id))[:140],
+                    exc.status,
                 )
                 return Delivery.NOT_WANTED
             if cancel.is_set():

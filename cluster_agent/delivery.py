@@ -39,7 +39,7 @@ class ResultDelivery:
         try:
             directory.write_result(completion.to_wire())
             return True
-        except OSError as exc:
+        except (OSError, ValueError, TypeError) as exc:
             log.error("job %s: result not spooled (%s): it is kept in memory only until delivered", job_id, exc)
             return False
 

@@ -49,12 +49,15 @@ class JobDirectory:
         return self.path.is_dir()
 
     def prepare(self, spec: Any, input_payload: Any) -> None:
-        """Create it with job.json and a fresh workspace holding input.json. Raises OSError (full disk, permissions).
+        """Create it with job.json, then a fresh workspace holding input.json. Raises OSError (full disk,
+        permissions).
 
         A workspace left from before (a job re-run after a restart) is removed first: whatever a container wrote
         there is not carried into the new run."""
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path.chmod(0o700)
+        # job.json first: an agent killed at any later step leaves a job the next one can run again.
+        self.write_spec(spec)
         if os.path.lexists(self.workspace):
             problem = remove_tree(self.workspace)
             if problem is not None:
@@ -64,7 +67,6 @@ class JobDirectory:
         self.workspace.chmod(0o777)
         # No fsync for input.json: a host crash ends the container too, and a re-run rewrites it from job.json.
         write_new_file(self.workspace / "input.json", json.dumps(input_payload).encode())
-        self.write_spec(spec)
 
     def write_spec(self, spec: Any) -> None:
         write_json_atomic(

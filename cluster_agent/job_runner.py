@@ -34,8 +34,8 @@ from .executors import (
 )
 from .gpu_pool import GpuAllocator
 from .job_dir import JobDirectory
-from .models import JOB_ID_PATTERN, Completion, FailureReason, GpuInfo, JobMetrics, JobSpec, JobStatus
-from .output import OutputCollector
+from .models import JOB_ID_PATTERN, REFUSED_KEY, Completion, FailureReason, GpuInfo, JobMetrics, JobSpec, JobStatus
+from .output import MAX_OUTPUT_DEPTH, OutputCollector
 from .redaction import Redactor
 from .settings import Settings
 from .verdict import Ending, judge
@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 # A container that dies of a signal the agent did not send may have been stopped by an engine shutting down
 # (dockerd stops its containers first, then exits): watch the engine this long before judging the job.
 ENGINE_PROBE_SECONDS = 3.0
+# An adopted container that ended by itself within this much of its timeout (by the engine's own clock) ended in
+# time: the engine's start and finish stamps are taken a little apart from the process's real run.
+TIMEOUT_SLACK_SECONDS = 1.0
 
 
 class JobObserver(Protocol):
@@ -113,7 +116,9 @@ class JobRun:
         observer: JobObserver | None = None,
         adopted: ContainerState | None = None,
         engine: EngineWatch | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
+        self._redactor = redactor or Redactor()
         self.raw = raw
         self.job_id = job_id_of(raw)
         self._settings = settings
@@ -159,15 +164,29 @@ class JobRun:
 
     def execute(self) -> Completion:
         """Run the job and judge it. Always returns a Completion: every job gets exactly one result."""
-        return self._without_job_secrets(self._execute())
+        completion = self._without_job_secrets(self._execute())
+        try:
+            completion.to_wire()
+        except Exception as exc:  # noqa: BLE001 - a result that cannot be encoded is no result
+            log.error("job %s: its result cannot be encoded (%s); reporting that instead", self.job_id, exc)
+            completion = self._result(
+                JobStatus.FAILED, FailureReason.INVALID_OUTPUT,
+                f"the job's output cannot be sent as a result ({type(exc).__name__}: {exc}); write plain JSON, at most "
+                f"{MAX_OUTPUT_DEPTH} levels deep",
+            )
+        return completion
 
     def _without_job_secrets(self, completion: Completion) -> Completion:
-        """A registry that echoes the job's password into an error must not put it into the job's result."""
+        """Neither the agent's secrets nor the job's registry password (a registry may echo it into an error)
+        reach the job's result."""
+        if not completion.error_message:
+            return completion
+        message = self._redactor.redact(completion.error_message)
         auth = self.raw.get("registry_auth") if isinstance(self.raw, dict) else None
         password = auth.get("password") if isinstance(auth, dict) else None
-        if not isinstance(password, str) or not completion.error_message:
-            return completion
-        return completion.model_copy(update={"error_message": Redactor([password]).redact(completion.error_message)})
+        if isinstance(password, str):
+            message = Redactor([password]).redact(message)
+        return completion.model_copy(update={"error_message": message})
 
     def _execute(self) -> Completion:
         started = self._clock()
@@ -188,10 +207,15 @@ class JobRun:
     def _validate(self) -> JobSpec:
         if not isinstance(self.raw, dict):
             raise JobFailed(FailureReason.INVALID_JOB, f"job is a JSON {type(self.raw).__name__}, not an object")
-        if self.job_id is None or not JOB_ID_PATTERN.match(self.job_id):
+        refused = self.raw.get(REFUSED_KEY)
+        if isinstance(refused, str):
+            raise JobFailed(FailureReason.INVALID_JOB, refused)
+        if self.job_id is None or not JOB_ID_PATTERN.fullmatch(self.job_id):
             raise JobFailed(
                 FailureReason.INVALID_JOB,
-                f"job_id {str(self.raw.get('job_id'))[:140]!r} does not match {JOB_ID_PATTERN.pattern}",
+                # Redacted before it is cut: a cut secret would leave a prefix no redaction recognises.
+                f"job_id {self._redactor.redact(str(self.raw.get('job_id')))[:140]!r} does not match "
+                f"{JOB_ID_PATTERN.pattern}",
             )
         try:
             spec = JobSpec.model_validate(self.raw)
@@ -427,6 +451,17 @@ class JobRun:
             if self._stop_reason is not None:  # already being stopped for another reason
                 self._executor.wait(container_id, STOP_GRACE_SECONDS + 30)
                 return self._with_stop(ending)
+        state = self._executor.inspect(container_id)
+        if state is not None and state.status not in ("created", "pending") and not state.running:
+            # It ended while no agent watched (an adopted job whose deadline passed meanwhile): its own times say
+            # whether it ran past its timeout; it was not stopped.
+            if state.started_at is None or state.finished_at is None or \
+                    state.finished_at - state.started_at <= timeout + TIMEOUT_SLACK_SECONDS:
+                return self._with_stop(ending)
+            log.info("job %s: ran past its timeout of %.0f s while no agent watched it", self.job_id, timeout)
+            ending.timed_out = True
+            ending.exit_code = self._executor.exit_info(container_id).exit_code
+            return ending
         log.info("job %s: timed out after %.0f s; stopping it", self.job_id, timeout)
         self._executor.stop(container_id, STOP_GRACE_SECONDS)
         ending.timed_out = True

@@ -70,7 +70,7 @@ def migrate(
     """Bring every job directory of `root` into layout 2. Raises OSError when `root` itself cannot be changed."""
     if not layout_marked(root):
         for entry in sorted(root.iterdir()):
-            if entry.name.startswith(".") or not JOB_ID_PATTERN.match(entry.name):
+            if entry.name.startswith(".") or not JOB_ID_PATTERN.fullmatch(entry.name):
                 continue
             if entry.is_symlink() or not entry.is_dir():
                 continue
@@ -83,7 +83,7 @@ def migrate(
         if not entry.name.startswith(LEGACY_PREFIX):
             continue
         job_id = entry.name[len(LEGACY_PREFIX):]
-        if not JOB_ID_PATTERN.match(job_id) or entry.is_symlink() or not entry.is_dir():
+        if not JOB_ID_PATTERN.fullmatch(job_id) or entry.is_symlink() or not entry.is_dir():
             continue
         try:
             if _convert(root, entry, job_id, containers.get(job_id), tenant_id, remove_container):

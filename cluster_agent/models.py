@@ -26,8 +26,12 @@ __all__ = [
     "Resources",
 ]
 
+# Use with fullmatch(): `$` alone would also accept an id that ends in a newline.
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Set by the control-plane client on a job it could read only in part (nested past the parser's depth): the job
+# runner fails that job as invalid_job with this key's text, so the job still gets its one result.
+REFUSED_KEY = "x-radix-refused"
 # Names the agent sets itself; a job spec may not override them.
 RESERVED_ENV = frozenset({"RADIX_JOB_ID"})
 
@@ -129,7 +133,7 @@ class JobSpec(_Lenient):
     @field_validator("job_id")
     @classmethod
     def _job_id(cls, value: str) -> str:
-        if not JOB_ID_PATTERN.match(value):
+        if not JOB_ID_PATTERN.fullmatch(value):
             raise ValueError(f"job_id {value[:140]!r} does not match {JOB_ID_PATTERN.pattern}")
         return value
 
@@ -176,7 +180,7 @@ class JobSpec(_Lenient):
             return value  # pydantic reports the type error
         out: dict[str, Any] = {}
         for name, item in value.items():
-            if not isinstance(name, str) or not ENV_NAME_PATTERN.match(name):
+            if not isinstance(name, str) or not ENV_NAME_PATTERN.fullmatch(name):
                 raise ValueError(f"env name {name!r} is not a valid variable name (letters, digits, _; not starting with a digit)")
             if name in RESERVED_ENV:
                 raise ValueError(f"env name {name} is set by the agent and cannot be overridden")

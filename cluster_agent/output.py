@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import stat
 from pathlib import Path
@@ -20,6 +21,10 @@ from .models import FailureReason, OutputSource
 
 __all__ = ["OutputCollector", "read_output_json", "resolve_output", "wrapped_output"]
 
+# pydantic-core refuses to serialize a value nested deeper than 255 levels (its recursion guard: "Circular
+# reference detected (depth exceeded)"), and the completion carries the payload: an output nested deeper than this
+# is refused as invalid_output, with room to spare for the completion's own nesting.
+MAX_OUTPUT_DEPTH = 200
 TAIL_CHARS = 10_000
 # UTF-8 uses at most 4 bytes a character: this many bytes always hold the last TAIL_CHARS characters.
 TAIL_BYTES = TAIL_CHARS * 4
@@ -83,6 +88,49 @@ class OutputCollector:
         return self._stderr_tail.text(chars)
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:40]} is out of range for JSON")
+    return value
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def nesting_depth(value: Any) -> int:
+    """How deep lists and objects nest in `value` (a scalar is 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def parse_output(data: bytes) -> Any:
+    """A job's output document. ValueError names why it cannot be a result: not JSON (NaN, Infinity and numbers
+    out of range are not JSON either: they would travel as null), or nested deeper than MAX_OUTPUT_DEPTH."""
+    try:
+        value = json.loads(data, parse_constant=_not_json, parse_float=_finite)
+    except RecursionError:
+        raise ValueError("it nests deeper than any JSON parser here goes") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(str(exc)) from None
+    depth = nesting_depth(value)
+    if depth > MAX_OUTPUT_DEPTH:
+        raise ValueError(f"it nests {depth} levels deep, over the {MAX_OUTPUT_DEPTH} a result may have")
+    return value
+
+
 def read_output_json(workspace: Path, limit: int) -> Any | None:
     """The parsed `output.json`, None when there is none; JobFailed(invalid_output) when it is unusable.
 
@@ -113,8 +161,8 @@ def read_output_json(workspace: Path, limit: int) -> Any | None:
     if len(data) > limit:  # grew after fstat
         raise JobFailed(FailureReason.INVALID_OUTPUT, f"output.json is over the output limit of {limit} bytes")
     try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return parse_output(data)
+    except ValueError as exc:
         raise JobFailed(FailureReason.INVALID_OUTPUT, f"output.json is not valid JSON: {exc}") from None
 
 
@@ -125,8 +173,8 @@ def resolve_output(workspace: Path, collected: OutputCollector, limit: int) -> t
     document = collected.stdout_document()
     if document is not None and document.strip():
         try:
-            return json.loads(document), OutputSource.STDOUT_JSON
-        except (ValueError, UnicodeDecodeError):
+            return parse_output(document), OutputSource.STDOUT_JSON
+        except ValueError:
             pass
     return wrapped_output(collected), OutputSource.WRAPPED
 

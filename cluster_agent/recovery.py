@@ -92,7 +92,7 @@ def _classify(entry: Path, containers: dict[str, ContainerState], seen: set[str]
         return
     if name.startswith("."):
         return  # the agent's and its modes' own files (a job id never starts with a dot)
-    if entry.is_symlink() or not entry.is_dir() or not JOB_ID_PATTERN.match(name):
+    if entry.is_symlink() or not entry.is_dir() or not JOB_ID_PATTERN.fullmatch(name):
         findings.unexplained.append(f"{entry} is not a job directory")
         return
     directory = JobDirectory(entry.parent, name)

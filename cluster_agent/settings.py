@@ -306,7 +306,7 @@ class Settings(BaseSettings):
     @field_validator("cluster_id")
     @classmethod
     def _cluster_id(cls, value: str | None) -> str | None:
-        if value is not None and not JOB_ID_PATTERN.match(value):
+        if value is not None and not JOB_ID_PATTERN.fullmatch(value):
             raise ValueError(f"{value!r} is not a valid cluster id (letters, digits, '.', '_', '-'; up to 128)")
         return value
 

@@ -283,16 +283,16 @@ def test_a_bad_cancel_id_does_not_lose_the_job(client, caplog):
     "answer, jobs, cancels, complaint",
     [
         ({"jobs": "not-a-list", "cancel_job_ids": ["c1"]}, [], ["c1"], "jobs is 'not-a-list' (str), not a list"),
-        ({"jobs": {"job_id": "x"}, "cancel_job_ids": ["c1"]}, [], ["c1"], "jobs is {'job_id': 'x'} (dict), not a list"),
+        ({"jobs": {"job_id": "x"}, "cancel_job_ids": ["c1"]}, [], ["c1"], "jobs is an object with 1 key(s), not a list"),
         ({"jobs": [GOOD_JOB], "cancel_job_ids": "c1"}, [GOOD_JOB], [], "cancel_job_ids is 'c1' (str), not a list"),
-        ({"jobs": [GOOD_JOB], "cancel_job_ids": {"c1": 1}}, [GOOD_JOB], [], "cancel_job_ids is {'c1': 1} (dict)"),
+        ({"jobs": [GOOD_JOB], "cancel_job_ids": {"c1": 1}}, [GOOD_JOB], [], "cancel_job_ids is an object with 1 key(s)"),
         ({"jobs": ["junk", GOOD_JOB], "cancel_job_ids": ["c1"]}, [GOOD_JOB], ["c1"], "jobs[0] is 'junk' (str), not a job object"),
         ({"jobs": [GOOD_JOB, 7]}, [GOOD_JOB], [], "jobs[1] is 7 (int)"),
         ({"jobs": [None, GOOD_JOB]}, [GOOD_JOB], [], "jobs[0] is None (NoneType)"),
-        ({"jobs": [[GOOD_JOB]]}, [], [], "jobs[0] is [{"),
+        ({"jobs": [[GOOD_JOB]]}, [], [], "jobs[0] is a list of 1 item(s)"),
         ({"jobs": [GOOD_JOB], "cancel_job_ids": ["", "c1"]}, [GOOD_JOB], ["c1"], "cancel_job_ids[0] is '' (str)"),
         ({"jobs": [GOOD_JOB], "cancel_job_ids": [None, "c1"]}, [GOOD_JOB], ["c1"], "cancel_job_ids[0] is None"),
-        ({"jobs": [GOOD_JOB], "cancel_job_ids": ["c1", {"id": 1}]}, [GOOD_JOB], ["c1"], "cancel_job_ids[1] is {'id': 1}"),
+        ({"jobs": [GOOD_JOB], "cancel_job_ids": ["c1", {"id": 1}]}, [GOOD_JOB], ["c1"], "cancel_job_ids[1] is an object with 1 key(s)"),
         ({"jobs": [GOOD_JOB], "cancel_job_ids": ["c1", True]}, [GOOD_JOB], ["c1"], "cancel_job_ids[1] is True (bool)"),
         # An id no job here can have (it would fail as invalid_job): nothing to cancel, and kept out of log lines raw.
         ({"jobs": [GOOD_JOB], "cancel_job_ids": ["x\nforged"]}, [GOOD_JOB], [], r"cancel_job_ids[0] is 'x\nforged' (str)"),
@@ -747,3 +747,42 @@ def test_a_token_echoed_at_the_cut_of_an_error_quote_leaves_no_prefix_behind(ech
         _poll(client)
     assert token[:6] not in str(caught.value) and "[REDACTED]" in str(caught.value)
     client.close()
+
+
+def test_bad_items_are_quoted_without_a_cut_secret_or_their_contents():
+    """A quote is redacted before it is cut (a cut token leaves a prefix no redaction knows); containers are
+    described by size only (their contents may be credentials, or nest past any recursion limit)."""
+    token = "tok-0123456789abcdefghijklmnop"
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    answer = {
+        "jobs": ["A" * 53 + token, {"job_id": 7, "registry_auth": {"password": "Reg1stryPassw0rd-XYZ"}}, deep],
+        "cancel_job_ids": ["C" * 53 + token + "!"],
+    }
+    from cluster_agent.control_plane import _poll_result
+    from cluster_agent.redaction import Redactor
+
+    import logging
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("cluster_agent.control_plane").addHandler(handler)
+    try:
+        result = _poll_result(answer, long_poll=True, secrets=Redactor([token]))
+    finally:
+        logging.getLogger("cluster_agent.control_plane").removeHandler(handler)
+    text = "\n".join(r.getMessage() for r in records)
+    assert token[:8] not in text and "Reg1stry" not in text
+    assert result.jobs == [answer["jobs"][1]] and result.cancel_job_ids == []
+
+
+@respx.mock
+def test_a_job_nested_past_the_parsers_depth_loses_only_itself(client):
+    deep = b"[" * 3000 + b"]" * 3000
+    body = b'{"jobs": [{"job_id": "good", "image": "x"}, {"job_id": "deep", "image": "x", "input_payload": ' + deep + b"}]}"
+    respx.post(f"{CLUSTER}/jobs/poll").respond(200, content=body, headers={"Content-Type": "application/json"})
+    result = _poll(client)
+    assert [job["job_id"] for job in result.jobs] == ["good", "deep"]
+    assert "x-radix-refused" not in result.jobs[0]
+    assert "nests deeper than 200 levels" in result.jobs[1]["x-radix-refused"]

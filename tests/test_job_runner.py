@@ -179,3 +179,23 @@ def test_a_registry_password_echoed_into_an_error_never_reaches_the_result(setti
     completion = job.execute()
     assert completion.failure_reason is FailureReason.IMAGE_UNAVAILABLE
     assert "s3cret" not in completion.error_message and "[REDACTED]" in completion.error_message
+
+
+def test_a_job_the_client_could_read_only_in_part_is_invalid(settings):
+    completion = JobRun(
+        {"job_id": "deep", "image": "img:1", "x-radix-refused": "the job nests deeper than 200 levels"},
+        settings=settings, executor=FakeExecutor(), gpu_pool=GpuPool([]),
+    ).execute()
+    assert completion.failure_reason is FailureReason.INVALID_JOB and "200 levels" in completion.error_message
+
+
+def test_an_output_nested_past_what_a_result_can_carry_is_invalid_output(settings, tmp_path):
+    class DeepStdout(FakeExecutor):
+        def stream_output(self, cid, on_stdout, on_stderr):
+            on_stdout(b"[" * 300 + b"]" * 300)
+
+    completion = JobRun({"job_id": "j1", "image": "img:1"}, settings=settings, executor=DeepStdout(),
+                        gpu_pool=GpuPool([])).execute()
+    assert completion.status is JobStatus.SUCCEEDED  # stdout that cannot be a document is wrapped
+    assert completion.output_payload["stdout"].startswith("[[[")
+    completion.to_wire()

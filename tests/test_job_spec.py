@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from cluster_agent.executors.base import container_name
+from cluster_agent.executors import container_name
 from cluster_agent.job_runner import gpus_for, torchrun_command
 from cluster_agent.models import JobSpec
 
@@ -122,3 +122,12 @@ def test_specs_no_program_could_be_started_with_name_the_field(fields, named):
 
 def test_common_but_large_specs_are_fine():
     assert spec(args=["x" * 131071], env={"B": "y" * 100_000}).args
+
+
+@pytest.mark.parametrize("job_id", ["nl1\n", "ok\r\n", "a\nb"])
+def test_an_id_ending_in_a_newline_is_not_a_valid_id(job_id):
+    from cluster_agent.control_plane import idempotency_key
+
+    with pytest.raises(ValidationError):
+        spec(job_id=job_id)
+    assert "\n" not in idempotency_key(job_id)

@@ -1,7 +1,7 @@
 import json
 import os
 
-from cluster_agent.executors.base import ContainerState
+from cluster_agent.executors import ContainerState
 from cluster_agent.job_dir import JobDirectory, mark_layout
 from cluster_agent.legacy_layout import LEGACY_PREFIX, migrate
 

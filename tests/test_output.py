@@ -101,3 +101,26 @@ def test_output_json_directory_is_invalid_output(tmp_path):
     with pytest.raises(JobFailed) as caught:
         resolve_output(tmp_path, collector(), LIMIT)
     assert caught.value.reason is FailureReason.INVALID_OUTPUT
+
+
+import pytest  # noqa: E402
+
+from cluster_agent.output import MAX_OUTPUT_DEPTH, parse_output  # noqa: E402
+
+
+@pytest.mark.parametrize("data, why", [
+    (b"[1, NaN]", "NaN is not JSON"),
+    (b'{"a": -Infinity}', "-Infinity is not JSON"),
+    (b"[1e999]", "out of range"),
+    (b"[" * 300 + b"]" * 300, f"over the {MAX_OUTPUT_DEPTH}"),
+    (b"[" * 5000 + b"]" * 5000, "deeper than any JSON parser"),
+    (b"[" * 5000, "deeper than any JSON parser"),
+])
+def test_outputs_that_cannot_be_a_result_name_why(data, why):
+    with pytest.raises(ValueError) as caught:
+        parse_output(data)
+    assert why in str(caught.value)
+
+
+def test_a_deep_but_carryable_output_is_fine():
+    assert parse_output(b"[" * MAX_OUTPUT_DEPTH + b"]" * MAX_OUTPUT_DEPTH)

@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from cluster_agent.errors import ConfigError
-from cluster_agent.executors.base import ContainerSpec
+from cluster_agent.executors import ContainerSpec
 from cluster_agent.executors.slurm.executor import SlurmExecutor
 from cluster_agent.executors.slurm.script import batch_script, sbatch_args
 from cluster_agent.models import FailureReason

@@ -64,6 +64,7 @@ class ContainerState:
     labels: dict[str, str]
     started_at: float | None  # wall-clock epoch seconds; None if it never started
     image: str = ""  # the image it was created from, as the engine reports it
+    finished_at: float | None = None  # wall-clock epoch seconds; None while it runs, or when the engine cannot say
 
     @property
     def running(self) -> bool:

@@ -79,3 +79,54 @@ def test_a_trickling_poll_answer_does_not_hold_the_agent(cp, start_agent, busybo
     assert waited < POLL_DEADLINE_SECONDS + 20, f"the job was taken {waited:.0f} s after the trickle began"
     assert "deadline" in agent.log
     assert agent.proc.poll() is None
+
+
+def test_a_job_nested_past_the_parsers_depth_loses_only_itself(cp, start_agent, busybox):
+    """One job whose input nests 3000 levels deep (the whole answer is beyond Python's JSON parser): it gets its
+    invalid_job, and the good job beside it runs."""
+    good, deep = f"beside-{uuid.uuid4().hex[:8]}", f"deep-{uuid.uuid4().hex[:8]}"
+    nested: object = []
+    for _ in range(3000):
+        nested = [nested]
+    import sys
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20000)  # for this process (the test and the dev plane) only; the agent must cope without
+    try:
+        raw_poll(cp, {"jobs": [job_spec(good), job_spec(deep, input_payload=nested)]})
+        start_agent()
+        assert cp.result(good, wait=90)["result"]["output_payload"] == {"ok": 1}
+        result = cp.result(deep, wait=30)["result"]
+    finally:
+        sys.setrecursionlimit(limit)
+    assert result["failure_reason"] == "invalid_job" and "deeper than 200 levels" in result["error_message"]
+
+
+def test_an_id_ending_in_a_newline_gets_its_one_result(cp, start_agent, busybox):
+    job_id = f"nl-{uuid.uuid4().hex[:8]}\n"
+    raw_poll(cp, {"jobs": [job_spec(job_id)]})
+    agent = start_agent()
+    record = cp.result(job_id, wait=90)
+    assert record["result"]["failure_reason"] == "invalid_job" and record["deliveries"] == 1
+    assert record["idempotency_keys"] == [job_id.replace("\n", "%0A")]
+    assert cp.run(command=["true"])["status"] == "succeeded"
+    assert agent.proc.poll() is None
+
+
+def test_a_token_echoed_into_bad_items_and_ids_leaves_no_prefix_in_the_log_or_a_result(cp, start_agent, busybox):
+    from tests.integration.conftest import TOKEN
+
+    password = "Reg1stryPassw0rd-XYZ"
+    echoed_id = "x" * 113 + TOKEN + "!!"
+    raw_poll(cp, {
+        "jobs": ["A" * 53 + TOKEN, {"job_id": 12345, "image": BUSYBOX_IMAGE,
+                                    "registry_auth": {"username": "bob", "password": password}},
+                 job_spec(echoed_id)],
+        "cancel_job_ids": ["C" * 53 + TOKEN + "!"],
+    })
+    agent = start_agent()
+    result = cp.result(echoed_id, wait=90)["result"]
+    assert result["failure_reason"] == "invalid_job"
+    assert TOKEN[:8] not in result["error_message"] and "[REDACTED]" in result["error_message"]
+    assert cp.run(command=["true"])["status"] == "succeeded"
+    assert TOKEN[:8] not in agent.log and password not in agent.log

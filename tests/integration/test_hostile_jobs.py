@@ -258,3 +258,27 @@ def test_heartbeats_go_on_while_the_agent_drains(cp, start_agent):
     last = max(h["at"] for h in draining)
     assert last > signalled + (exited - signalled) / 2
     assert cp.result(job_id, wait=30)["result"]["failure_reason"] == "interrupted"
+
+
+def test_outputs_nested_too_deep_or_not_json_get_one_true_result_and_free_the_slot(cp, start_agent):
+    start_agent()  # one slot: a job that kept it would stop every later job
+    deep_file = cp.run(command=["sh", "-c", "i=0; s=; e=; while [ $i -lt 300 ]; do s=\"$s[\"; e=\"$e]\"; "
+                                            "i=$((i+1)); done; echo \"$s$e\" > output.json"])
+    assert deep_file["failure_reason"] == "invalid_output" and "300 levels deep" in deep_file["error_message"]
+    very_deep = cp.run(command=["sh", "-c", "i=0; while [ $i -lt 3000 ]; do printf '['; i=$((i+1)); done"])
+    assert very_deep["status"] == "succeeded" and very_deep["output_payload"]["stdout"].startswith("[[[")
+    nan = cp.run(command=["sh", "-c", "echo '{\"loss\": NaN}' > output.json"])
+    assert nan["failure_reason"] == "invalid_output" and "NaN is not JSON" in nan["error_message"]
+    assert cp.run(command=["echo", '{"after": 1}'])["output_payload"] == {"after": 1}
+
+
+def test_a_job_that_ended_in_time_while_no_agent_ran_is_not_a_timeout(cp, start_agent):
+    first = start_agent()
+    job_id = cp.submit(command=["sh", "-c", "sleep 3; echo '{\"ok\": true}'"], timeout_seconds=6)
+    first.wait_for_log(f"job {job_id}: started container")
+    assert first.terminate() == 0  # --on-shutdown leave: the container runs on
+    time.sleep(9)  # it ends at 3 s; its deadline passes at 6 s, before any agent looks again
+    start_agent()
+    result = cp.result(job_id, wait=60)["result"]
+    assert result["status"] == "succeeded", result
+    assert result["output_payload"] == {"ok": True}

@@ -66,6 +66,7 @@ def _state(container_id: str, attrs: dict[str, Any]) -> ContainerState:
         labels=(attrs.get("Config") or {}).get("Labels") or {},
         started_at=_epoch(state.get("StartedAt")),
         image=(attrs.get("Config") or {}).get("Image") or "",
+        finished_at=_epoch(state.get("FinishedAt")),
     )
 
 
