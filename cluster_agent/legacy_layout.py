@@ -74,6 +74,8 @@ def migrate(
                 continue
             if entry.is_symlink() or not entry.is_dir():
                 continue
+            if not any(os.path.lexists(entry / name) for name in (*LEGACY_RECORDS, "input.json")):
+                continue  # no older agent made this: recovery reports it and leaves it alone
             try:
                 os.rename(entry, root / f"{LEGACY_PREFIX}{entry.name}")
             except OSError as exc:

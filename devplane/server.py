@@ -15,8 +15,11 @@ Admin API (no auth; bind it to loopback):
   POST /admin/raw_poll             {"body": <any JSON>, "trickle_seconds": S?, "trickle_headers": bool?} the next
                                    poll is answered with exactly that body (200, marked as usual), whatever it holds;
                                    each call queues one answer. Jobs in it with a string job_id become assigned
-                                   records, so their results are taken. With trickle_seconds the body (and, with
-                                   trickle_headers, the status line and headers too) goes out one byte every S s
+                                   records at once, so their results are taken. With trickle_seconds the body (and, with
+                                   trickle_headers, the status line and headers too) goes out one byte every S s.
+                                   {"body_text": "...", "job_ids": [...]} sends that exact text instead (JSON no
+                                   encoder here would produce: nested past any recursion limit) and takes results
+                                   for the listed job ids
   POST /admin/reset                forget everything
 """
 
@@ -311,8 +314,6 @@ class Handler(BaseHTTPRequestHandler):
             state.stats["polls"] += 1
             state.poll_bodies.append({"at": time.time(), **body})
             raw = state.raw_polls.popleft() if state.raw_polls else None
-            if raw is not None:
-                state.register_raw_jobs(raw["body"])
         if raw is not None:
             self._raw_poll(raw)
             return
@@ -334,7 +335,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _raw_poll(self, raw: dict[str, Any]) -> None:
         """Answer a poll with exactly the queued body, trickled if asked (a broken or slow control plane)."""
-        data = json.dumps(raw["body"]).encode()
+        text = raw.get("body_text")
+        data = text.encode() if isinstance(text, str) else json.dumps(raw["body"]).encode()
         head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
         if self.server.state.long_poll:
             head += "X-Radix-Long-Poll: 1\r\n"
@@ -439,10 +441,14 @@ class Handler(BaseHTTPRequestHandler):
                         setattr(state, key, body[key])
             self._send(200, {"ok": True})
         elif method == "POST" and parts == ["admin", "raw_poll"]:
-            if not isinstance(body, dict) or "body" not in body:
-                self._send(400, {"error": 'give {"body": <the poll answer>, "trickle_seconds"?: S}'})
+            if not isinstance(body, dict) or ("body" not in body and not isinstance(body.get("body_text"), str)):
+                self._send(400, {"error": 'give {"body": <the poll answer>, "trickle_seconds"?: S} or {"body_text": ...}'})
                 return
             with state.lock:
+                # Known at once (not when the poll is answered): a test may ask for the result right away.
+                state.register_raw_jobs(body.get("body"))
+                for job_id in body.get("job_ids") or []:
+                    state.register_raw_jobs({"jobs": [{"job_id": job_id}]})
                 state.raw_polls.append(body)
             self._send(200, {"ok": True})
         elif method == "GET" and parts == ["admin", "heartbeats"]:

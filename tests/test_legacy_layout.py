@@ -87,3 +87,11 @@ def test_an_interrupted_migration_is_finished_and_a_marked_root_is_left_alone(tm
     JobDirectory(other, "j2").prepare({"job_id": "j2"}, {})
     migrate(other, {}, tenant_id="t", remove_container=lambda cid: None)
     assert JobDirectory(other, "j2").read_spec() == {"job_id": "j2"}
+
+
+def test_a_directory_no_older_agent_made_is_left_alone(tmp_path):
+    stray = tmp_path / "stray-dir"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine")
+    migrate(tmp_path, {}, tenant_id="t", remove_container=lambda cid: None)
+    assert (stray / "notes.txt").read_text() == "mine" and not (stray / "workspace").exists()

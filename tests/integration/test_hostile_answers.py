@@ -84,21 +84,16 @@ def test_a_trickling_poll_answer_does_not_hold_the_agent(cp, start_agent, busybo
 def test_a_job_nested_past_the_parsers_depth_loses_only_itself(cp, start_agent, busybox):
     """One job whose input nests 3000 levels deep (the whole answer is beyond Python's JSON parser): it gets its
     invalid_job, and the good job beside it runs."""
-    good, deep = f"beside-{uuid.uuid4().hex[:8]}", f"deep-{uuid.uuid4().hex[:8]}"
-    nested: object = []
-    for _ in range(3000):
-        nested = [nested]
-    import sys
+    import json
 
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(20000)  # for this process (the test and the dev plane) only; the agent must cope without
-    try:
-        raw_poll(cp, {"jobs": [job_spec(good), job_spec(deep, input_payload=nested)]})
-        start_agent()
-        assert cp.result(good, wait=90)["result"]["output_payload"] == {"ok": 1}
-        result = cp.result(deep, wait=30)["result"]
-    finally:
-        sys.setrecursionlimit(limit)
+    good, deep = f"beside-{uuid.uuid4().hex[:8]}", f"deep-{uuid.uuid4().hex[:8]}"
+    deep_job = json.dumps(job_spec(deep, input_payload=None)).replace('"input_payload": null',
+                                                                       '"input_payload": ' + "[" * 3000 + "]" * 3000)
+    text = '{"jobs": [' + json.dumps(job_spec(good)) + ", " + deep_job + "]}"
+    cp._call("/admin/raw_poll", {"body_text": text, "job_ids": [good, deep]})
+    start_agent()
+    assert cp.result(good, wait=90)["result"]["output_payload"] == {"ok": 1}
+    result = cp.result(deep, wait=30)["result"]
     assert result["failure_reason"] == "invalid_job" and "deeper than 200 levels" in result["error_message"]
 
 

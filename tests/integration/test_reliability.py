@@ -235,7 +235,7 @@ def test_start_up_cleans_leftovers_and_leaves_what_it_cannot_explain(cp, start_a
     stranger = docker_client.containers.create(busybox, ["true"], labels={"radix.cluster_id": "another-cluster", "radix.job_id": "x"})
     try:
         agent = start_agent()
-        eventually(lambda: "recovery:" in agent.log, what="recovery summary")
+        eventually(lambda: "leftover(s) removed" in agent.log, what="recovery summary")
         assert not containers(docker_client, "radix.job_id=delivered-1")
         assert docker_client.containers.get(stranger.id)  # another agent's: never touched
         assert (jobs / "not a job").exists() and (jobs / "stray-dir").exists()
