@@ -58,6 +58,18 @@ def _is_dir(parent_fd: int, name: str) -> bool:
         return False
 
 
+def _rmdir(parent_fd: int, name: str, removal: _Removal, what: str) -> bool:
+    """Remove the (emptied) directory; False, with the failure counted, when it stays."""
+    try:
+        os.rmdir(name, dir_fd=parent_fd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        removal.fail(what, exc)
+        return False
+    return True
+
+
 def _open_dir(parent_fd: int, name: str) -> int:
     try:
         return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
@@ -130,12 +142,7 @@ def _empty_directory(top_fd: int, removal: _Removal) -> None:
             stack.pop()
             os.close(fd)
             parent_fd = stack[-1][0]
-            try:
-                os.rmdir(name, dir_fd=parent_fd)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                removal.fail(f"cannot remove directory {name!r}", exc)
+            if not _rmdir(parent_fd, name, removal, f"cannot remove directory {name!r}"):
                 ident = _ident(parent_fd, name)
                 if ident is not None:
                     skipped.add(ident)
@@ -179,12 +186,7 @@ def remove_tree(path: Path) -> str | None:
             removal.fail("unexpected error", OSError(str(exc)))
         finally:
             os.close(top_fd)
-        try:
-            os.rmdir(name, dir_fd=parent_fd)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            removal.fail(f"cannot remove {path}", exc)
+        _rmdir(parent_fd, name, removal, f"cannot remove {path}")
     finally:
         os.close(parent_fd)
     if removal.first_error is None:

@@ -6,6 +6,7 @@ Each test gets its own cluster id; teardown force-removes every container labell
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -141,6 +142,18 @@ class AgentProcess:
                 return
             time.sleep(0.1)
         raise AssertionError(f"{text!r} not logged within {timeout} s:\n{self.log[-3000:]}")
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str):
+    """A tmpfs of `size` (e.g. "2m") mounted at `path` for the block: a jobs filesystem a job can fill."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    assert mounted.returncode == 0, f"the test needs root to mount a small tmpfs: {mounted.stderr}"
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def eventually(check, timeout: float = 15, what: str = "condition"):

@@ -12,7 +12,7 @@ import subprocess
 import time
 import urllib.request
 
-from tests.integration.conftest import TOKEN, eventually
+from tests.integration.conftest import TOKEN, eventually, small_disk
 
 # The agent's records and the temporary files it renames into place, today and in the layout before it.
 AGENT_FILE_NAMES = [
@@ -205,11 +205,7 @@ def test_recovery_never_crashes_on_a_jobs_leftovers(cp, start_agent, tmp_path):
 
 
 def test_a_slot_frees_only_once_the_previous_jobs_disk_is_free(cp, start_agent, tmp_path):
-    jobs = tmp_path / "small-disk"
-    jobs.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(jobs)], capture_output=True, text=True)
-    assert mounted.returncode == 0, f"the test needs root to mount a small tmpfs: {mounted.stderr}"
-    try:
+    with small_disk(tmp_path / "small-disk", "4m") as jobs:
         start_agent("--min-free-disk-gb", "0", jobs_dir=jobs)  # the watermark is off: only the slot protects
         filler = cp.submit(command=["sh", "-c", "head -c 8000000 /dev/zero > fill; echo '{\"filled\": 1}'"])
         following = [cp.submit(command=["echo", '{"after": %d}' % i], input_payload={"blob": "x" * 500_000})
@@ -219,8 +215,6 @@ def test_a_slot_frees_only_once_the_previous_jobs_disk_is_free(cp, start_agent, 
             result = cp.result(job_id, wait=60)["result"]
             assert result["status"] == "succeeded", result
             assert result["output_payload"] == {"after": i}
-    finally:
-        subprocess.run(["umount", "-l", str(jobs)], capture_output=True)
 
 
 def test_a_spec_the_engine_cannot_start_is_invalid_job_naming_the_field(cp, start_agent):

@@ -6,10 +6,9 @@ The job scripts count their own runs in their workspace (`runs`), which survives
 
 import json
 import signal
-import subprocess
 import time
 
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, small_disk
 
 # Counts its runs, prints a line, takes a while, then writes output.json with the run count.
 COUNTED_JOB = 'echo run >> runs; echo started; sleep {sleep}; echo "{{\\"runs\\": $(wc -l < runs)}}" > output.json'
@@ -245,11 +244,7 @@ def test_start_up_cleans_leftovers_and_leaves_what_it_cannot_explain(cp, start_a
 
 
 def test_full_jobs_disk_fails_the_job_clearly_and_the_agent_keeps_going(cp, start_agent, tmp_path):
-    jobs = tmp_path / "small-disk"
-    jobs.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(jobs)], capture_output=True, text=True)
-    assert mounted.returncode == 0, f"the test needs root to mount a small tmpfs: {mounted.stderr}"
-    try:
+    with small_disk(tmp_path / "small-disk", "2m") as jobs:
         agent = start_agent("--min-free-disk-gb", "0", jobs_dir=jobs)
         big = cp.run(command=["true"], input_payload={"blob": "x" * 3_000_000})
         assert big["failure_reason"] == "agent_error"
@@ -261,5 +256,3 @@ def test_full_jobs_disk_fails_the_job_clearly_and_the_agent_keeps_going(cp, star
         eventually(lambda: not [p for p in jobs.iterdir() if not p.name.startswith(".")], what="the filler cleaned up")
         assert cp.run(command=["echo", '{"after": true}'])["output_payload"] == {"after": True}
         assert agent.proc.poll() is None
-    finally:
-        subprocess.run(["umount", "-l", str(jobs)], capture_output=True)
