@@ -2,6 +2,7 @@
 
     {jobs_workdir}/
         .radix-layout          "2": every job directory below has this layout (older agents: see legacy_layout.py)
+        .radix-agent.lock      one agent per jobs directory (jobs_lock.py)
         {job_id}/              the agent's, mode 0700, never mounted into a container
             job.json           the spec as received (0600: it may hold registry credentials); rebuilds the job
             container.json     the container's id, once created: a missing container is then known to have vanished

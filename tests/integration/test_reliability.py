@@ -256,3 +256,14 @@ def test_full_jobs_disk_fails_the_job_clearly_and_the_agent_keeps_going(cp, star
         eventually(lambda: not [p for p in jobs.iterdir() if not p.name.startswith(".")], what="the filler cleaned up")
         assert cp.run(command=["echo", '{"after": true}'])["output_payload"] == {"after": True}
         assert agent.proc.poll() is None
+
+
+def test_an_adopted_jobs_live_log_resumes_where_it_stopped_with_nothing_lost_or_repeated(cp, start_agent):
+    first = start_agent()
+    job_id = cp.submit(command=["sh", "-c", "i=1; while [ $i -le 12 ]; do echo tick $i; i=$((i+1)); sleep 1; done"])
+    eventually(lambda: "tick 4" in cp.result_now(job_id)["log"], timeout=30, what="four ticks streamed")
+    kill(first)
+    start_agent()
+    record = cp.result(job_id, wait=60)
+    assert record["log"] == "".join(f"tick {i}\n" for i in range(1, 13)), record["log"]
+    assert record["log_gaps"] == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import struct
 import threading
 from contextlib import contextmanager
 from datetime import datetime
@@ -31,6 +32,10 @@ from .reaper import ContainerReaper
 __all__ = ["DockerExecutor", "connect"]
 
 log = logging.getLogger(__name__)
+
+# The stream byte of a frame in the engine's multiplexed output (Docker Engine API: "Stream format").
+STDOUT_FRAME = 1
+STDERR_FRAME = 2
 
 NVIDIA_RUNTIME_FIX = (
     "the Docker engine has no NVIDIA runtime, so it cannot give GPUs to containers: install the NVIDIA Container "
@@ -407,28 +412,47 @@ class DockerExecutor:
     ) -> None:
         if self._forget(container_id) is not None:
             raise EngineUnavailable("replay_output on a container whose output is already attached")
-        out, err = _Skip(skip_stdout, on_stdout), _Skip(skip_stderr, on_stderr)
+        sinks = {STDOUT_FRAME: _Skip(skip_stdout, on_stdout), STDERR_FRAME: _Skip(skip_stderr, on_stderr)}
         state = self.inspect(container_id)
         try:
-            if state is not None and state.running:
-                # Past output, then live output, in order. (attach with logs on an exited container never ends.)
-                stream = self._api.attach(container_id, stdout=True, stderr=True, stream=True, logs=True, demux=True)
-                for chunk_out, chunk_err in stream:
-                    if chunk_out:
-                        out(chunk_out)
-                    if chunk_err:
-                        err(chunk_err)
-                return
-            # Exited: each stream on its own (the order between them is lost; each stream's own order is kept).
-            for sink, which in ((out, "stdout"), (err, "stderr")):
-                for chunk in self._api.logs(
-                    container_id, stdout=which == "stdout", stderr=which == "stderr", stream=True, follow=False
-                ):
-                    sink(chunk)
+            for stream, data in self._log_frames(container_id, follow=state is not None and state.running):
+                sink = sinks.get(stream)
+                if sink is not None:
+                    sink(data)
         except NotFound:
             return
         except (requests.exceptions.RequestException, OSError) as exc:
             log.warning("output replay of container %s broke off: %s", container_id[:12], exc)
+
+    def _log_frames(self, container_id: str, *, follow: bool) -> Iterator[tuple[int, bytes]]:
+        """The container's output from the engine's log driver as (stream, data) frames in the order written:
+        all of it, then (with `follow`) what comes next, until the container exits.
+
+        Not attach(logs=True): while the engine still holds the attach of an agent that was killed (it notices
+        only when it next writes to it), such an attach replays nothing, and the output written meanwhile would be
+        lost. The SDK's public logs() drops the stream of each frame, so the frames are read here, with the SDK's
+        own request helpers (docker-py 5-7), from the same multiplexed stream (8-byte header: stream, size)."""
+        response = self._api._get(
+            self._api._url("/containers/{0}/logs", container_id),
+            params={"stdout": 1, "stderr": 1, "follow": 1 if follow else 0, "timestamps": 0, "tail": "all"},
+            stream=True,
+        )
+        try:
+            self._api._raise_for_status(response)
+            self._api._disable_socket_timeout(self._api._get_raw_response_socket(response))
+            while True:
+                header = response.raw.read(8)
+                if len(header) < 8:
+                    return
+                stream, length = struct.unpack(">BxxxL", header)
+                if not length:
+                    continue
+                data = response.raw.read(length)
+                if not data:
+                    return
+                yield stream, data
+        finally:
+            response.close()
 
     def remove(self, container_id: str) -> None:
         with _engine("remove a container"):
