@@ -30,7 +30,7 @@ from .live_job import LiveJob
 from .metrics import Metrics
 from .redaction import Redactor
 from .slots import JobSlots
-from .models import Completion, FailureReason, JobMetrics, JobStatus, PollResult
+from .models import Completion, FailureReason, PollResult
 from .settings import Settings
 
 __all__ = ["Agent"]
@@ -213,12 +213,10 @@ class Agent:
 
     def _report_vanished(self, spec: Any, container_id: str) -> None:
         job_id = job_id_of(spec) or "?"
-        completion = Completion(
-            tenant_id=self._settings.tenant_id, status=JobStatus.FAILED, output_payload={},
-            metrics=JobMetrics(runtime_seconds=0.0),
-            failure_reason=FailureReason.AGENT_ERROR,
-            error_message=f"the job's container {container_id[:12]} vanished while no agent watched it (engine "
-            "restarted or someone removed it); whether the job finished is unknown: resubmit it",
+        completion = Completion.not_run(
+            self._settings.tenant_id, FailureReason.AGENT_ERROR,
+            f"the job's container {container_id[:12]} vanished while no agent watched it (engine restarted or "
+            "someone removed it); whether the job finished is unknown: resubmit it",
         )
         directory = JobDirectory(self._settings.jobs_workdir, job_id)
         try:

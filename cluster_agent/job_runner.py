@@ -499,14 +499,7 @@ class JobRun:
         self, status: JobStatus, reason: FailureReason, message: str, *, started: float | None = None
     ) -> Completion:
         runtime = self._clock() - started if started is not None else 0.0
-        return Completion(
-            tenant_id=self._settings.tenant_id,
-            status=status,
-            output_payload={},
-            metrics=JobMetrics(runtime_seconds=round(runtime, 3), exit_code=None),
-            error_message=message,
-            failure_reason=reason,
-        )
+        return Completion.not_run(self._settings.tenant_id, reason, message, runtime_seconds=runtime)
 
     def release(self) -> None:
         """Once the result is spooled: remove the job's workspace and its container, which free the disk and the

@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from .executors import ContainerState
 from .job_dir import JobDirectory, layout_marked, mark_layout
-from .models import JOB_ID_PATTERN, Completion, FailureReason, JobMetrics, JobStatus
+from .models import JOB_ID_PATTERN, Completion, FailureReason
 from .safe_fs import read_file_nofollow, remove_tree
 
 __all__ = ["migrate"]
@@ -131,11 +131,10 @@ def _convert(
         directory.write_container(container.id)
     elif had_result:
         directory.write_spec(spec or {"job_id": job_id, "image": "unknown"})
-        directory.write_result(Completion(
-            tenant_id=tenant_id, status=JobStatus.FAILED, output_payload={},
-            metrics=JobMetrics(runtime_seconds=0.0), failure_reason=FailureReason.AGENT_ERROR,
-            error_message="an older agent spooled this job's result inside the job's own workspace and its container "
-            "is gone, so the result cannot be told from one the job wrote itself; resubmit the job",
+        directory.write_result(Completion.not_run(
+            tenant_id, FailureReason.AGENT_ERROR,
+            "an older agent spooled this job's result inside the job's own workspace and its container is gone, so "
+            "the result cannot be told from one the job wrote itself; resubmit the job",
         ).to_wire())
     elif spec is not None:
         directory.write_spec(spec)

@@ -225,6 +225,21 @@ class Completion(BaseModel):
     error_message: str | None = None
     failure_reason: FailureReason | None = None
 
+    @classmethod
+    def not_run(
+        cls, tenant_id: str, reason: FailureReason, message: str, *, runtime_seconds: float = 0.0
+    ) -> Completion:
+        """A job that ended without a container result to judge: `canceled` for a cancel, else `failed`; no
+        output, no exit code, the message naming the cause and the fix."""
+        return cls(
+            tenant_id=tenant_id,
+            status=JobStatus.CANCELED if reason is FailureReason.CANCELED else JobStatus.FAILED,
+            output_payload={},
+            metrics=JobMetrics(runtime_seconds=round(runtime_seconds, 3), exit_code=None),
+            error_message=message,
+            failure_reason=reason,
+        )
+
     def to_wire(self) -> dict[str, Any]:
         body = self.model_dump(mode="json")
         body["metrics"] = self.metrics.to_wire()
