@@ -134,8 +134,9 @@ def _run_job(argv: list[str], redactor: Redactor) -> int:
     except ValueError as exc:
         raise ConfigError(f"job file {path} is not valid JSON: {exc}") from None
     check_jobs_workdir(settings.jobs_workdir)
-    # An agent on the same directory would take this job's directory for one it must recover.
-    jobs_lock = claim_jobs_workdir(settings.jobs_workdir, settings.jobs_lock_wait)
+    # An agent on the same directory would take this job's directory for one it must recover. A one-shot command
+    # does not wait for a running agent to go: it says so at once.
+    jobs_lock = claim_jobs_workdir(settings.jobs_workdir, 0)
     mode = open_mode(settings)
     run = JobRun(raw, settings=settings, executor=mode.executor, gpu_pool=mode.gpus, received_at=time.monotonic(),
                  redactor=redactor)

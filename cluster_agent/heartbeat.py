@@ -36,7 +36,7 @@ class Heartbeat:
         try:
             self._client.heartbeat(status, self._capabilities(), cancel=self._stop, attempts=attempts)
         except TokenRejected as exc:
-            log.error("heartbeat: %s", exc)
+            log.error("%s", exc)  # the message names the endpoint already
             return False
         except ControlPlaneError as exc:
             log.warning("heartbeat failed: %s", exc)

@@ -95,9 +95,10 @@ def claim(
         holder = _holder(fd)
         if clock() >= deadline:
             os.close(fd)
+            waited = f" (waited {wait_seconds:g} s, --jobs-lock-wait)" if wait_seconds else ""
             raise ConfigError(
                 f"{where}: {jobs_workdir} is in use by {holder} (lock {path}); stop that agent first, or give this one "
-                f"its own jobs directory (waited {wait_seconds:g} s, --jobs-lock-wait)"
+                f"its own jobs directory{waited}"
             )
         if not said:
             log.warning("jobs directory %s is in use by %s; waiting up to %g s for it to exit (--jobs-lock-wait)",

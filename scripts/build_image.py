@@ -30,7 +30,7 @@ def main() -> int:
     build_args = {"BASE_IMAGE": args.base_image} if args.base_image else {}
     client = docker.from_env(timeout=900)
     try:
-        for item in client.api.build(path=str(ROOT), tag=args.tag, buildargs=build_args, rm=True, decode=True):
+        for item in client.api.build(path=str(ROOT), tag=args.tag, buildargs=build_args, rm=True, forcerm=True, decode=True):
             if "stream" in item:
                 sys.stdout.write(item["stream"])
             if "error" in item:
