@@ -37,7 +37,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .models import JOB_ID_PATTERN, REFUSED_KEY, Capabilities, Completion, PollResult
-from .json_depth import cut_deep, holds_too_deep
+from .json_depth import cut_deep, holds_too_deep, nesting_depth
 from .redaction import Redactor
 
 __all__ = [
@@ -126,14 +126,16 @@ def _list_field(data: dict[str, Any], name: str, faults: _ItemFaults) -> list[An
     return value
 
 
-def _poll_result(data: dict[str, Any], long_poll: bool, secrets: Redactor) -> PollResult:
+def _poll_result(data: dict[str, Any], long_poll: bool, secrets: Redactor, *, was_cut: bool = False) -> PollResult:
     """The usable items of a poll answer, each checked on its own so that one bad item cannot lose the others."""
     faults = _ItemFaults("jobs/poll", secrets)
     jobs: list[dict[str, Any]] = []
     for index, job in enumerate(_list_field(data, "jobs", faults)):
         # Only the shape is checked here: the job runner validates each job and reports a bad one as invalid_job.
         if isinstance(job, dict):
-            if holds_too_deep(job):
+            # Deeper than POLL_ITEM_MAX_DEPTH: cut short by the fallback parse, or still parseable but near the
+            # recursion limit, where writing the job's records would fail.
+            if nesting_depth(job) > POLL_ITEM_MAX_DEPTH or (was_cut and holds_too_deep(job)):
                 job[REFUSED_KEY] = f"the job nests deeper than {POLL_ITEM_MAX_DEPTH} levels, which the agent cannot read"
             jobs.append(job)
         else:
@@ -274,16 +276,19 @@ class ControlPlaneClient:
             if interrupt is not None and interrupt.is_set():
                 raise PollInterrupted() from None
             raise
+        was_cut = False
         try:
             data = json.loads(answer.content)
         except RecursionError:
             # One item nested past the parser's depth must not lose the others: cut it short, refuse just it.
             data = self._transport.json(answer, "jobs/poll", content=cut_deep(answer.content, POLL_ITEM_MAX_DEPTH))
+            was_cut = True
         except ValueError:
             data = self._transport.json(answer, "jobs/poll")  # raises MalformedResponse with a quote
         if not isinstance(data, dict):
             raise MalformedResponse(f"jobs/poll answered with a JSON {type(data).__name__}, expected an object")
-        return _poll_result(data, long_poll=answer.headers.get(LONG_POLL_HEADER) == "1", secrets=self._transport.secrets)
+        return _poll_result(data, long_poll=answer.headers.get(LONG_POLL_HEADER) == "1", secrets=self._transport.secrets,
+                            was_cut=was_cut)
 
     def start(
         self, job_id: str, *, started_at: str, container_id: str, gpu_ids: list[str], cancel: threading.Event

@@ -69,11 +69,18 @@ class _DeadlineStream(httpcore.NetworkStream):
     def __init__(self, inner: httpcore.NetworkStream, backend: DeadlineBackend) -> None:
         self._inner = inner
         self._backend = backend
+        # The server has begun to answer the request in flight: an interrupt no longer breaks it off, since an
+        # answer under way may carry jobs it has handed out (a broken server can answer max_jobs 0 with jobs).
+        self.answering = False
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._inner.read(max_bytes, _capped(timeout, httpcore.ReadTimeout))
+        data = self._inner.read(max_bytes, _capped(timeout, httpcore.ReadTimeout))
+        if data:
+            self.answering = True
+        return data
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self.answering = False  # a new request on this connection: no answer to it yet
         view = memoryview(buffer)
         while view:
             self._inner.write(bytes(view[:_WRITE_PIECE]), _capped(timeout, httpcore.WriteTimeout))
@@ -134,6 +141,8 @@ class _TrackingBackend(DeadlineBackend):
         with self._lock:
             streams = list(self._streams)
         for stream in streams:
+            if getattr(stream, "answering", False):
+                continue
             sock = stream.get_extra_info("socket")
             if sock is None:
                 continue

@@ -217,6 +217,9 @@ class JobRun:
                 f"job_id {self._redactor.redact(str(self.raw.get('job_id')))[:140]!r} does not match "
                 f"{JOB_ID_PATTERN.pattern}",
             )
+        if self._adopted is not None:
+            # Its directory and container exist whatever the spec says: they go with its one result.
+            self.directory = JobDirectory(self._settings.jobs_workdir, self.job_id)
         try:
             spec = JobSpec.model_validate(self.raw)
         except ValidationError as exc:
@@ -226,7 +229,8 @@ class JobRun:
             )
             raise JobFailed(FailureReason.INVALID_JOB, f"invalid job spec: {problems}") from None
         self._gpu_count = gpus_for(spec, self._gpus.host_gpus, self._settings.max_concurrent_jobs)
-        self._gpus.check_request(spec.job_id, self._gpu_count)
+        if self._adopted is None:  # an adopted container runs already, with the GPUs it was given
+            self._gpus.check_request(spec.job_id, self._gpu_count)
         return spec
 
     def _run(self, spec: JobSpec) -> Completion:

@@ -12,7 +12,7 @@ import json
 import re
 from typing import Any
 
-__all__ = ["TOO_DEEP", "cut_deep", "holds_too_deep"]
+__all__ = ["TOO_DEEP", "cut_deep", "holds_too_deep", "nesting_depth"]
 
 TOO_DEEP = "\u0000radix: nested too deep"
 _TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
@@ -48,3 +48,20 @@ def cut_deep(data: bytes, max_depth: int) -> bytes:
 def holds_too_deep(value: Any) -> bool:
     """Whether TOO_DEEP is anywhere in `value` (a parsed item; at most `max_depth` deep by then)."""
     return _MARKER in json.dumps(value).encode()
+
+
+def nesting_depth(value: Any) -> int:
+    """How deep lists and objects nest in `value` (a scalar is 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest

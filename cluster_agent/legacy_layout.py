@@ -37,6 +37,7 @@ from typing import Any, Callable
 from .executors import ContainerState
 from .job_dir import JobDirectory, layout_marked, mark_layout
 from .models import JOB_ID_PATTERN, Completion, FailureReason
+from .json_depth import nesting_depth
 from .safe_fs import read_file_nofollow, remove_tree
 
 __all__ = ["migrate"]
@@ -47,6 +48,7 @@ LEGACY_PREFIX = ".radix-legacy-"
 # The records an older agent kept in the workspace, and their temporary files: removed from the new workspace.
 LEGACY_RECORDS = ("job.json", "container.json", "result.json", "log_offset")
 SPEC_LIMIT = 64 * 1024 * 1024
+SPEC_MAX_DEPTH = 200  # as a poll item may nest (control_plane.POLL_ITEM_MAX_DEPTH): deeper cannot be written back
 RECORD_LIMIT = 1024 * 1024
 
 
@@ -56,7 +58,7 @@ def _legacy_json(directory: Path, name: str, limit: int) -> Any | None:
         return None
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # anything the job wrote there: unreadable is all it can be
         return None
 
 
@@ -110,7 +112,7 @@ def _convert(
             raise OSError(problem)
     raw = _legacy_json(legacy, "job.json", SPEC_LIMIT)
     spec = raw.get("spec") if isinstance(raw, dict) else None
-    if not (isinstance(spec, dict) and spec.get("job_id") == job_id):
+    if not (isinstance(spec, dict) and spec.get("job_id") == job_id) or nesting_depth(spec) > SPEC_MAX_DEPTH:
         spec = None
     container_record = _legacy_json(legacy, "container.json", RECORD_LIMIT)
     had_result = read_file_nofollow(legacy / "result.json", RECORD_LIMIT) is not None
@@ -140,6 +142,15 @@ def _convert(
         directory.write_spec(spec)
         if isinstance(container_record, dict) and isinstance(container_record.get("container_id"), str):
             directory.write_container(container_record["container_id"])
+    else:
+        # The older agent wrote input.json before job.json: one killed in between left a job known only by its
+        # directory's name. It cannot be run again, but it gets its one result.
+        directory.write_spec({"job_id": job_id, "image": "unknown"})
+        directory.write_result(Completion.not_run(
+            tenant_id, FailureReason.AGENT_ERROR,
+            "an older agent was stopped before it recorded this job's spec, so the job cannot be run again; "
+            "resubmit it",
+        ).to_wire())
     for name in LEGACY_RECORDS:
         for candidate in (name, f".{name}.tmp"):
             try:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import JobFailed
+from .json_depth import nesting_depth
 from .models import FailureReason, OutputSource
 
 __all__ = ["OutputCollector", "read_output_json", "resolve_output", "wrapped_output"]
@@ -97,23 +98,6 @@ def _finite(text: str) -> float:
 
 def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
-
-
-def nesting_depth(value: Any) -> int:
-    """How deep lists and objects nest in `value` (a scalar is 0), without recursion."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        deepest = max(deepest, depth + 1)
-        stack.extend((child, depth + 1) for child in children)
-    return deepest
 
 
 def parse_output(data: bytes) -> Any:

@@ -38,6 +38,10 @@ class _Removal:
         if self.first_error is None:
             self.first_error = f"{what}: {exc.strerror or exc}"
 
+    @property
+    def moved(self) -> int:
+        return self._moved
+
     def moved_name(self) -> str:
         self._moved += 1
         return f".radix-flatten-{os.getpid()}-{self._moved}"
@@ -79,65 +83,81 @@ def _open_dir(parent_fd: int, name: str) -> int:
         return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
 
 
-def _next_subdirectory(fd: int, top_fd: int, depth: int, skipped: set[tuple[int, int]], removal: _Removal) -> str | None:
-    """Remove every non-directory and empty directory in `fd`; return a non-empty subdirectory to descend into."""
+def _clear_entry(
+    fd: int, name: str, top_fd: int, depth: int, skipped: set[tuple[int, int]], removal: _Removal
+) -> str | None:
+    """Remove `name` in `fd` if it is not a directory, or an empty one; return it when it is a directory with
+    something in it, to descend into (a too deep one is moved up to the top instead)."""
     try:
-        names = os.listdir(fd)
+        os.unlink(name, dir_fd=fd)
+        return None
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if not _is_dir(fd, name):
+            removal.fail(f"cannot remove {name!r}", exc)
+            return None
+    try:
+        os.rmdir(name, dir_fd=fd)
+        return None
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            removal.fail(f"cannot remove directory {name!r}", exc)
+            return None
+    ident = _ident(fd, name)
+    if ident is None or ident in skipped:
+        return None
+    if depth >= MAX_OPEN_DEPTH:
+        # Too deep to hold another descriptor: move the subtree up to the top, where it is emptied later.
+        try:
+            os.rename(name, removal.moved_name(), src_dir_fd=fd, dst_dir_fd=top_fd)
+        except OSError as exc:
+            removal.fail(f"cannot move deep directory {name!r} up", exc)
+            skipped.add(ident)
+        return None
+    return name
+
+
+def _list(fd: int, removal: _Removal) -> list[str]:
+    try:
+        return os.listdir(fd)
     except OSError as exc:
         removal.fail("cannot list a directory", exc)
-        return None
-    for name in names:
-        try:
-            os.unlink(name, dir_fd=fd)
-            continue
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            if not _is_dir(fd, name):
-                removal.fail(f"cannot remove {name!r}", exc)
-                continue
-        try:
-            os.rmdir(name, dir_fd=fd)
-            continue
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                removal.fail(f"cannot remove directory {name!r}", exc)
-                continue
-        ident = _ident(fd, name)
-        if ident is None or ident in skipped:
-            continue
-        if depth >= MAX_OPEN_DEPTH:
-            # Too deep to hold another descriptor: move the subtree up to the top, where it is emptied later.
-            try:
-                os.rename(name, removal.moved_name(), src_dir_fd=fd, dst_dir_fd=top_fd)
-            except OSError as exc:
-                removal.fail(f"cannot move deep directory {name!r} up", exc)
-                skipped.add(ident)
-            continue
-        return name
-    return None
+        return []
 
 
 def _empty_directory(top_fd: int, removal: _Removal) -> None:
-    """Remove everything inside the directory open as `top_fd`, depth-first with an explicit stack."""
-    stack: list[tuple[int, str]] = [(top_fd, "")]  # (directory fd, its name in the directory below it)
+    """Remove everything inside the directory open as `top_fd`, depth-first with an explicit stack. Each directory
+    is listed once (a wide one costs no more than its entries); the top is listed again only while subtrees were
+    moved up into it."""
+    # Each frame: (directory fd, its name in the directory below it, names in it not looked at yet).
+    stack: list[tuple[int, str, list[str]]] = [(top_fd, "", _list(top_fd, removal))]
     skipped: set[tuple[int, int]] = set()  # directories that could not be emptied: not entered again
+    moved_seen = 0
     try:
         while stack:
-            fd, name = stack[-1]
-            child = _next_subdirectory(fd, top_fd, len(stack), skipped, removal)
+            fd, name, names = stack[-1]
+            child = None
+            while names and child is None:
+                child = _clear_entry(fd, names.pop(), top_fd, len(stack), skipped, removal)
             if child is not None:
                 try:
-                    stack.append((_open_dir(fd, child), child))
+                    child_fd = _open_dir(fd, child)
                 except OSError as exc:
                     removal.fail(f"cannot open directory {child!r}", exc)
                     ident = _ident(fd, child)
                     if ident is not None:
                         skipped.add(ident)
+                    continue
+                stack.append((child_fd, child, _list(child_fd, removal)))
                 continue
             if len(stack) == 1:
+                if removal.moved > moved_seen:  # deep subtrees were moved up here meanwhile
+                    moved_seen = removal.moved
+                    names.extend(_list(top_fd, removal))
+                    continue
                 return  # the top itself is removed by the caller
             stack.pop()
             os.close(fd)
@@ -147,7 +167,7 @@ def _empty_directory(top_fd: int, removal: _Removal) -> None:
                 if ident is not None:
                     skipped.add(ident)
     finally:
-        for fd, _name in stack[1:]:
+        for fd, _name, _names in stack[1:]:
             os.close(fd)
 
 

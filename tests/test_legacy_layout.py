@@ -68,7 +68,8 @@ def test_links_in_a_legacy_directory_are_never_followed(tmp_path):
     os.symlink(outside, legacy / "result.json")
     migrate(root, {}, tenant_id="t", remove_container=lambda cid: None)
     directory = JobDirectory(root, "j1")
-    assert directory.read_spec() is None and directory.read_result() is None
+    assert directory.read_spec() == {"job_id": "j1", "image": "unknown"}  # the host file's spec was not read
+    assert directory.read_result()["failure_reason"] == "agent_error"  # the job's one result: it cannot run again
     assert outside.exists()
 
 
@@ -95,3 +96,23 @@ def test_a_directory_no_older_agent_made_is_left_alone(tmp_path):
     (stray / "notes.txt").write_text("mine")
     migrate(tmp_path, {}, tenant_id="t", remove_container=lambda cid: None)
     assert (stray / "notes.txt").read_text() == "mine" and not (stray / "workspace").exists()
+
+
+def test_a_job_known_only_by_its_directory_gets_its_one_result(tmp_path):
+    """An older agent wrote input.json before job.json: killed in between, it left only the job's name."""
+    _legacy(tmp_path, "j1", input_json={})
+    migrate(tmp_path, {}, tenant_id="t", remove_container=lambda cid: None)
+    result = JobDirectory(tmp_path, "j1").read_result()
+    assert result["failure_reason"] == "agent_error" and "resubmit" in result["error_message"]
+
+
+def test_a_spec_nested_too_deep_or_past_the_parser_is_replaced_by_the_engines_word(tmp_path):
+    for depth in (300, 5000):
+        job_id = f"d{depth}"
+        directory = tmp_path / job_id
+        directory.mkdir()
+        (directory / "job.json").write_text('{"spec": {"job_id": "%s", "x": %s}}' % (job_id, "[" * depth + "]" * depth))
+    containers = {"d300": _state("d300"), "d5000": _state("d5000")}
+    migrate(tmp_path, containers, tenant_id="t", remove_container=lambda cid: None)
+    for job_id in containers:
+        assert JobDirectory(tmp_path, job_id).read_spec() == {"job_id": job_id, "image": "img:1"}

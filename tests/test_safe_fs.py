@@ -127,3 +127,22 @@ def test_write_new_file_never_writes_through_what_is_there(tmp_path):
     assert target.read_text() == "host"
     write_new_file(tmp_path / "fresh.json", b"{}", mode=0o644)
     assert stat.S_IMODE((tmp_path / "fresh.json").stat().st_mode) == 0o644
+
+
+def test_each_directory_is_listed_once_however_wide(tmp_path, monkeypatch):
+    """A workspace of many directories must not cost quadratic time (the slot waits for its removal)."""
+    top = tmp_path / "job"
+    top.mkdir()
+    for i in range(500):
+        (top / f"d{i}").mkdir()
+        (top / f"d{i}" / "f").write_text("x")
+    calls = []
+    real_listdir = os.listdir
+
+    def listdir(fd):
+        calls.append(fd)
+        return real_listdir(fd)
+
+    monkeypatch.setattr(safe_fs.os, "listdir", listdir)
+    assert remove_tree(top) is None
+    assert len(calls) <= 501

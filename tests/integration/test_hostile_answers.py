@@ -125,3 +125,16 @@ def test_a_token_echoed_into_bad_items_and_ids_leaves_no_prefix_in_the_log_or_a_
     assert TOKEN[:8] not in result["error_message"] and "[REDACTED]" in result["error_message"]
     assert cp.run(command=["true"])["status"] == "succeeded"
     assert TOKEN[:8] not in agent.log and password not in agent.log
+
+
+def test_jobs_in_an_answer_under_way_are_never_dropped_when_a_slot_frees(cp, start_agent, busybox):
+    """A broken server answers a max_jobs-0 poll with a job, slowly; meanwhile a slot frees, which breaks off
+    such polls. An answer under way is read to its end: the job runs and gets its one result."""
+    first, second = f"x-{uuid.uuid4().hex[:8]}", f"y-{uuid.uuid4().hex[:8]}"
+    raw_poll(cp, {"jobs": [job_spec(first, command=["sleep", "3"])]})
+    # The next poll asks for nothing (the one slot is busy): this answer trickles past the first job's end.
+    raw_poll(cp, {"jobs": [job_spec(second)]}, trickle_seconds=0.03)
+    start_agent("--max-concurrent-jobs", "1")
+    assert cp.result(first, wait=60)["result"]["status"] == "succeeded"
+    record = cp.result(second, wait=90)
+    assert record["result"]["output_payload"] == {"ok": 1} and record["deliveries"] == 1

@@ -131,7 +131,7 @@ class DockerExecutor:
         self._attached_lock = threading.Lock()
         # Two jobs asking for one missing image pull it once.
         self._pull_lock = pull_lock or threading.Lock()
-        self._reaper = ContainerReaper(self.remove)
+        self._reaper = ContainerReaper(self._remove_for_sure)
 
     @property
     def client(self) -> docker.DockerClient:
@@ -453,6 +453,17 @@ class DockerExecutor:
                 yield stream, data
         finally:
             response.close()
+
+    def _remove_for_sure(self, container_id: str) -> None:
+        """Remove, or raise EngineUnavailable (the reaper tries again): an engine error is not a removal."""
+        with _engine("remove a container"):
+            try:
+                self._api.remove_container(container_id, force=True, v=True)
+            except NotFound:
+                pass
+            except APIError as exc:
+                if exc.status_code != 409:  # 409: its removal is already under way
+                    raise EngineUnavailable(f"the engine did not remove container {container_id[:12]}: {_explain(exc)}") from None
 
     def remove(self, container_id: str) -> None:
         with _engine("remove a container"):
