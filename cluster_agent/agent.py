@@ -58,7 +58,9 @@ class Agent:
         metrics: Metrics | None = None,
         disk: DiskGuard | None = None,
         redactor: Redactor | None = None,
+        jobs_dir_held: Callable[[], bool] | None = None,
     ) -> None:
+        self._jobs_dir_held = jobs_dir_held  # the jobs directory's lock (jobs_lock.py) still this agent's
         self._settings = settings
         self._redactor = redactor or Redactor()  # the agent's secrets, kept out of every job's result too
         self._metrics = metrics
@@ -111,6 +113,11 @@ class Agent:
             # A dead poller stops the touches, so the image's HEALTHCHECK turns unhealthy.
             if self._poller.is_alive():
                 healthcheck.touch(self._settings.health_file)
+            if self._jobs_dir_held is not None and not self._jobs_dir_held():
+                log.error("another agent took this jobs directory: taking no more jobs and shutting down "
+                          "(--on-shutdown decides what becomes of the running ones)")
+                self.stopping.set()
+                break
             self.stopping.wait(healthcheck.TOUCH_EVERY_SECONDS / 2)
         return self._shutdown()
 

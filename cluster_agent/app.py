@@ -81,7 +81,7 @@ def _run_agent(argv: list[str], redactor: Redactor) -> int:
 
     heartbeat = Heartbeat(client, mode.capabilities, settings.heartbeat_interval)
     agent = Agent(settings, client, mode.executor, mode.gpus, heartbeat, metrics=metrics, disk=mode.disk,
-                  redactor=redactor)
+                  redactor=redactor, jobs_dir_held=jobs_lock.still_held)
     agent.stopping = stop
     ops = _start_ops_server(settings, metrics, agent)
     try:

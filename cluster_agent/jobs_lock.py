@@ -43,10 +43,56 @@ class JobsDirectoryLock:
         self.path = path
         self._fd: int | None = fd
 
+    def still_held(self) -> bool:
+        """Whether the lock file at `path` is still the one this agent locked. A file removed or replaced (by hand,
+        by a /tmp cleaner) would let a second agent in: it is locked again at once; False when another agent was
+        quicker (this one must then stop)."""
+        if self._fd is None:
+            return False
+        try:
+            mine = os.fstat(self._fd)
+            there = os.stat(self.path, follow_symlinks=False)
+            if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+                return True
+        except FileNotFoundError:
+            pass
+        try:
+            fd = _lock_now(self.path)
+        except OSError as exc:
+            log.error("the lock file %s was removed or replaced, and another agent holds the new one (%s)",
+                      self.path, exc.strerror or exc)
+            return False
+        os.close(self._fd)
+        self._fd = fd
+        log.warning("the lock file %s was removed or replaced; this agent locked the jobs directory again", self.path)
+        return True
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+
+def _lock_now(path: Path) -> int:
+    """A new lock file at `path`, locked and noted, or OSError (EWOULDBLOCK: another agent holds it)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    _note(fd)
+    return fd
+
+
+def _note(fd: int) -> None:
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                         "agent_version": __version__}).encode()
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record, 0)
+    except OSError:
+        pass  # the lock holds without the note; only a second agent's message is poorer
 
 
 def _holder(fd: int) -> str:
@@ -107,11 +153,5 @@ def claim(
         sleep(RETRY_SECONDS)
     if said:
         log.info("jobs directory %s is free: taking it over", jobs_workdir)
-    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-                         "agent_version": __version__}).encode()
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record, 0)
-    except OSError:
-        pass  # the lock holds without the note; only a second agent's message is poorer
+    _note(fd)
     return JobsDirectoryLock(path, fd)

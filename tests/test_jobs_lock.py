@@ -50,3 +50,19 @@ def test_a_link_in_place_of_the_lock_file_is_refused(tmp_path):
     with pytest.raises(ConfigError):
         claim(tmp_path, 0)
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_lock_file_removed_or_replaced_is_locked_again_or_given_up(tmp_path):
+    from cluster_agent.jobs_lock import _lock_now
+
+    lock = claim(tmp_path, 0)
+    assert lock.still_held()
+    os.unlink(tmp_path / LOCK_FILE)  # a /tmp cleaner, or a hand
+    assert lock.still_held()  # locked again at once
+    with pytest.raises(ConfigError):
+        claim(tmp_path, 0)  # so a second agent is still refused
+    os.unlink(tmp_path / LOCK_FILE)
+    other = _lock_now(tmp_path / LOCK_FILE)  # another agent was quicker
+    assert not lock.still_held()
+    os.close(other)
+    lock.release()

@@ -67,3 +67,17 @@ def test_a_successor_started_during_the_drain_takes_over_once_the_old_agent_exit
     record = cp.result(long_job, wait=60)
     assert _runs(record) == 1 and record["deliveries"] == 1
     assert f"job {long_job}: adopted container" in second.log
+
+
+def test_a_lock_file_removed_under_a_running_agent_is_locked_again(plane, cp, cluster_id, start_agent):
+    first = start_agent()
+    (first.jobs_dir / ".radix-agent.lock").unlink()  # a /tmp cleaner, or a hand
+    first.wait_for_log("locked the jobs directory again", timeout=15)
+    second = subprocess.run(
+        agent_command("--api-base", plane.url, "--cluster-id", cluster_id, "--cluster-token", TOKEN,
+                      "--jobs-workdir", str(first.jobs_dir), "--metrics-port", "0", "--jobs-lock-wait", "0"),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert second.returncode == 2 and "is in use by" in second.stderr
+    assert cp.run(command=["true"])["status"] == "succeeded"
+    assert first.proc.poll() is None
