@@ -98,6 +98,10 @@ def _explain(exc: APIError) -> str:
     return str(explanation or exc)
 
 
+class _RemovalRefused(EngineUnavailable):
+    """The engine answered a removal with an error: the reaper retries, a plain remove() logs it."""
+
+
 @contextmanager
 def _engine(what: str) -> Iterator[None]:
     """Turn transport failures into EngineUnavailable; let API errors through for the caller to classify."""
@@ -463,15 +467,12 @@ class DockerExecutor:
                 pass
             except APIError as exc:
                 if exc.status_code != 409:  # 409: its removal is already under way
-                    raise EngineUnavailable(f"the engine did not remove container {container_id[:12]}: {_explain(exc)}") from None
+                    raise _RemovalRefused(f"could not remove container {container_id[:12]}: {_explain(exc)}") from None
 
     def remove(self, container_id: str) -> None:
-        with _engine("remove a container"):
-            try:
-                self._api.remove_container(container_id, force=True, v=True)
-            except NotFound:
-                pass
-            except APIError as exc:
-                if exc.status_code == 409:  # removal already in progress
-                    return
-                log.warning("could not remove container %s: %s", container_id[:12], _explain(exc))
+        """Remove the container; one already gone is not an error, one the engine refuses to remove is logged.
+        Raises EngineUnavailable when the engine does not answer."""
+        try:
+            self._remove_for_sure(container_id)
+        except _RemovalRefused as exc:
+            log.warning("%s", exc)
