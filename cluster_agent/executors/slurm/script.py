@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ...settings import Settings
 from ..base import LABEL_CLUSTER_ID, LABEL_JOB_ID, WORKSPACE, ContainerSpec
+from ..hardening import hardening
 
 __all__ = ["batch_script", "cluster_args", "engine_run_args", "sbatch_args"]
 
@@ -63,23 +64,30 @@ def sbatch_args(spec: ContainerSpec, settings: Settings, state_dir: Path) -> lis
 
 def engine_run_args(spec: ContainerSpec) -> list[str]:
     """`<engine> run` arguments after --name, the same container the Docker executor would create."""
-    args = ["--init", "--security-opt", "no-new-privileges", "--workdir", WORKSPACE,
-            "--mount", f"type=bind,source={spec.workspace},target={WORKSPACE}", "--network", spec.network]
-    # --mount, not --volume: a missing source is an error, never a directory the engine creates as root.
+    policy = hardening(spec)
+    args = ["--workdir", WORKSPACE, "--network", policy.network,
+            # --mount, not --volume: a missing source is an error, never a directory the engine creates as root.
+            "--mount", f"type=bind,source={spec.workspace},target={WORKSPACE}"]
+    if policy.init:
+        args.append("--init")
+    for option in policy.security_opt:
+        args += ["--security-opt", option]
     for key, value in sorted(spec.labels.items()):
         args += ["--label", f"{key}={value}"]
-    if spec.cpus:
-        args += ["--cpus", f"{spec.cpus:g}"]
-    if spec.memory_mb:
-        args += ["--memory", f"{spec.memory_mb}m", "--memory-swap", f"{spec.memory_mb}m"]
-    if spec.shm_mb:
-        args += ["--shm-size", f"{spec.shm_mb}m"]
-    if spec.pids_limit:
-        args += ["--pids-limit", str(spec.pids_limit)]
-    for cap in spec.cap_drop:
+    if policy.cpus:
+        args += ["--cpus", f"{policy.cpus:g}"]
+    if policy.memory_mb:
+        args += ["--memory", f"{policy.memory_mb}m", "--memory-swap", f"{policy.memory_mb}m"]
+    if policy.shm_mb:
+        args += ["--shm-size", f"{policy.shm_mb}m"]
+    if policy.pids_limit:
+        args += ["--pids-limit", str(policy.pids_limit)]
+    for cap in policy.cap_drop:
         args += ["--cap-drop", cap]
-    if spec.read_only_rootfs:
-        args += ["--read-only", "--tmpfs", "/tmp:rw,nosuid,nodev,size=1g"]
+    if policy.read_only_rootfs:
+        args.append("--read-only")
+    for path, options in sorted(policy.tmpfs.items()):
+        args += ["--tmpfs", f"{path}:{options}"]
     for name, value in sorted(spec.env.items()):
         args += ["--env", f"{name}={value}"]
     return args

@@ -1,0 +1,122 @@
+"""Job images on the Docker engine: present per the pull policy, pulled once at a time, with a total timeout and a
+stall limit (docker-py streams pulls with no read timeout of its own)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Any
+
+import docker
+from docker.errors import APIError, ImageNotFound
+from docker.utils import parse_repository_tag
+
+from ...clock import Clock
+from ...errors import EngineUnavailable, JobFailed
+from ...models import FailureReason
+from .engine_api import engine_call, explain
+
+__all__ = ["ImagePuller"]
+
+log = logging.getLogger(__name__)
+
+# While a pull runs, its progress is logged this often (seconds).
+PULL_REPORT_EVERY_SECONDS = 10.0
+
+
+class ImagePuller:
+    """`pull_timeout` bounds a whole pull, `pull_stall_seconds` the wait for its next progress item (seconds)."""
+
+    def __init__(
+        self, api: docker.APIClient, *, clock: Clock, pull_timeout: float, pull_stall_seconds: float,
+        pull_lock: threading.Lock | None = None,
+    ) -> None:
+        self._api = api
+        self._clock = clock
+        self._pull_timeout = pull_timeout
+        self._pull_stall = pull_stall_seconds
+        # Two jobs asking for one missing image pull it once.
+        self._pull_lock = pull_lock or threading.Lock()
+
+    def prepare(self, image: str, policy: str = "if-not-present", auth: dict[str, str] | None = None) -> None:
+        """Make `image` present per `policy` (always, if-not-present, never). Without `auth`, the SDK uses the
+        credentials of the engine user's docker config (DOCKER_CONFIG or ~/.docker/config.json) for the image's
+        registry. Raises JobFailed(image_unavailable) or EngineUnavailable."""
+        with self._pull_lock, engine_call(f"prepare image {image}"):
+            if policy != "always":
+                try:
+                    self._api.inspect_image(image)
+                    return
+                except ImageNotFound:
+                    if policy == "never":
+                        raise JobFailed(
+                            FailureReason.IMAGE_UNAVAILABLE,
+                            f"image {image} is not on this host and --pull-policy is never: load it onto the host first",
+                        ) from None
+                except APIError as exc:
+                    raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"image {image}: {explain(exc)}") from None
+            self._pull(image, auth)
+            try:
+                self._api.inspect_image(image)
+            except ImageNotFound:
+                raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"image {image} is still missing after its pull") from None
+
+    def _pull(self, image: str, auth: dict[str, str] | None) -> None:
+        log.info("pulling image %s", image)
+        repository, tag = parse_repository_tag(image)
+        started = last_report = self._clock.monotonic()
+        layers: dict[str, str] = {}
+        # docker-py streams pulls with no read timeout, so a stalled registry would hang the job: the stream is
+        # read on a worker thread, and this thread waits for each item with the stall limit.
+        items: queue.Queue[Any] = queue.Queue(maxsize=1000)
+        done = object()
+
+        def read() -> None:
+            try:
+                for item in self._api.pull(repository, tag=tag or "latest", stream=True, decode=True, auth_config=auth):
+                    items.put(item)
+                items.put(done)
+            except Exception as exc:  # handed to the waiting thread
+                items.put(exc)
+
+        threading.Thread(target=read, name=f"pull-{repository}", daemon=True).start()
+        while True:
+            item = self._next_item(items, image, started)
+            if item is done:
+                break
+            if isinstance(item, APIError):
+                raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"cannot pull image {image}: {explain(item)}")
+            if isinstance(item, Exception):
+                raise EngineUnavailable(f"the image pull broke off: {item}")
+            if not isinstance(item, dict):
+                continue
+            if item.get("error"):
+                raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"cannot pull image {image}: {item['error']}")
+            if item.get("id") and item.get("status"):
+                layers[item["id"]] = item["status"]
+            if self._clock.monotonic() - last_report >= PULL_REPORT_EVERY_SECONDS:
+                complete = sum(1 for status in layers.values() if status in ("Pull complete", "Already exists"))
+                log.info("pulling image %s: %d of %d layer(s) done after %.0f s",
+                         image, complete, len(layers), self._clock.monotonic() - started)
+                last_report = self._clock.monotonic()
+        log.info("pulled image %s in %.1f s", image, self._clock.monotonic() - started)
+
+    def _next_item(self, items: queue.Queue[Any], image: str, started: float) -> Any:
+        while True:
+            remaining = self._pull_timeout - (self._clock.monotonic() - started)
+            if remaining <= 0:
+                raise JobFailed(
+                    FailureReason.IMAGE_UNAVAILABLE,
+                    f"pulling image {image} took longer than --pull-timeout {self._pull_timeout:g} s",
+                )
+            try:
+                return items.get(timeout=min(self._pull_stall, remaining))
+            except queue.Empty:
+                if remaining <= self._pull_stall:
+                    continue  # the total timeout above says it
+                raise JobFailed(
+                    FailureReason.IMAGE_UNAVAILABLE,
+                    f"pulling image {image} made no progress for {self._pull_stall:g} s (--pull-stall-seconds): the "
+                    "registry is unreachable or stalled",
+                ) from None

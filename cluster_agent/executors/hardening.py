@@ -1,0 +1,48 @@
+"""The one hardening and resource policy of a job's container. Each executor renders it in its engine's terms (the
+Docker executor as the SDK's host config, the Slurm batch script as `docker|podman run` flags), so both start the
+same container for the same job.
+
+Sources: Docker's "Docker security" and `docker run` reference (no-new-privileges, --init, --read-only, memory
+and swap), and the peers' defaults in ../shared/field-notes.md (GitLab Runner's docker executor drops no
+capabilities by default; this agent drops what --cap-drop names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .base import ContainerSpec
+
+__all__ = ["Hardening", "hardening"]
+
+# Programs expect a writable /tmp; with a read-only root filesystem it is a tmpfs of this size.
+READ_ONLY_TMPFS = {"/tmp": "rw,nosuid,nodev,size=1g"}
+
+
+@dataclass(frozen=True)
+class Hardening:
+    """What every job's container gets. Sizes in MiB, `cpus` in cores; None: no limit."""
+
+    init: bool = True  # reaps the job's zombies and forwards SIGTERM to its main process
+    security_opt: tuple[str, ...] = ("no-new-privileges",)
+    network: str = "bridge"
+    cpus: float | None = None
+    memory_mb: int | None = None  # memory and memory+swap alike: no swap, the limit is the limit
+    shm_mb: int | None = None
+    pids_limit: int | None = None
+    cap_drop: tuple[str, ...] = ()
+    read_only_rootfs: bool = False
+    tmpfs: dict[str, str] = field(default_factory=dict)
+
+
+def hardening(spec: ContainerSpec) -> Hardening:
+    return Hardening(
+        network=spec.network,
+        cpus=spec.cpus or None,
+        memory_mb=spec.memory_mb or None,
+        shm_mb=spec.shm_mb or None,
+        pids_limit=spec.pids_limit or None,
+        cap_drop=tuple(spec.cap_drop),
+        read_only_rootfs=spec.read_only_rootfs,
+        tmpfs=dict(READ_ONLY_TMPFS) if spec.read_only_rootfs else {},
+    )
