@@ -125,6 +125,24 @@ def _convert(
         container, removed = None, True
         container_record = None
         had_result = False
+    _write_records(directory, spec, container, container_record, had_result, tenant_id)
+    for name in LEGACY_RECORDS:
+        for candidate in (name, f".{name}.tmp"):
+            try:
+                os.unlink(legacy / candidate)
+            except OSError:
+                pass  # missing, or a directory the job made of that name: job data either way
+    os.rename(legacy, directory.workspace)
+    log.info("recovery: job %s: moved into the current directory layout", job_id)
+    return removed
+
+
+def _write_records(
+    directory: JobDirectory, spec: dict[str, Any] | None, container: ContainerState | None,
+    container_record: Any, had_result: bool, tenant_id: str,
+) -> None:
+    """The current layout's records for a converted job, trusting nothing the job could have written."""
+    job_id = directory.job_id
     if container is not None:
         if had_result:
             log.warning("recovery: job %s: ignoring the result.json an older agent left in the job's workspace (the "
@@ -151,12 +169,3 @@ def _convert(
             "an older agent was stopped before it recorded this job's spec, so the job cannot be run again; "
             "resubmit it",
         ).to_wire())
-    for name in LEGACY_RECORDS:
-        for candidate in (name, f".{name}.tmp"):
-            try:
-                os.unlink(legacy / candidate)
-            except OSError:
-                pass  # missing, or a directory the job made of that name: job data either way
-    os.rename(legacy, directory.workspace)
-    log.info("recovery: job %s: moved into the current directory layout", job_id)
-    return removed
