@@ -30,6 +30,7 @@ from .models import FailureReason
 from .modes import open_mode
 from .ops_server import OpsServer
 from .preflight import check_jobs_workdir, resolve_token
+from .received_job import ReceivedJob
 from .redaction import Redactor
 from .settings import Settings
 
@@ -138,7 +139,7 @@ def _run_job(argv: list[str], redactor: Redactor) -> int:
     # does not wait for a running agent to go: it says so at once.
     jobs_lock = claim_jobs_workdir(settings.jobs_workdir, 0)
     mode = open_mode(settings)
-    run = JobRun(raw, settings=settings, executor=mode.executor, gpu_pool=mode.gpus, received_at=time.monotonic(),
+    run = JobRun(ReceivedJob.parse(raw, redactor), settings=settings, executor=mode.executor, gpu_pool=mode.gpus, received_at=time.monotonic(),
                  redactor=redactor)
     stop = threading.Event()
     _install_signal_handlers(stop)

@@ -25,7 +25,6 @@ from typing import Any
 
 from .executors import ContainerState, Executor
 from . import legacy_layout
-from .job_runner import job_id_of
 from .job_dir import TRASH_PREFIX, JobDirectory
 from .safe_fs import remove_tree
 from .models import JOB_ID_PATTERN
@@ -97,7 +96,7 @@ def _classify(entry: Path, containers: dict[str, ContainerState], seen: set[str]
         return
     directory = JobDirectory(entry.parent, name)
     spec = directory.read_spec()
-    if spec is not None and job_id_of(spec) != name:
+    if spec is not None and not (isinstance(spec, dict) and spec.get("job_id") == name):
         findings.unexplained.append(f"{entry}/job.json is for another job")
         return
     container = containers.get(name)

@@ -8,6 +8,7 @@ import pytest
 from cluster_agent.executors import ContainerSpec, ExitInfo
 from cluster_agent.gpu_pool import GpuPool
 from cluster_agent.job_runner import JobRun
+from cluster_agent.received_job import ReceivedJob
 from cluster_agent.models import FailureReason, GpuInfo, JobStatus
 from cluster_agent.settings import Settings
 
@@ -71,7 +72,7 @@ def settings(tmp_path):
 
 def run(settings, executor, pool, **job):
     job = {"job_id": "j1", "image": "img:1", **job}
-    return JobRun(job, settings=settings, executor=executor, gpu_pool=pool).execute()
+    return JobRun(ReceivedJob.parse(job), settings=settings, executor=executor, gpu_pool=pool).execute()
 
 
 def test_job_gets_exactly_its_gpus_pinned_by_uuid(settings):
@@ -119,7 +120,7 @@ def test_gpu_jobs_wait_for_each_other_and_never_share(settings):
 
     def go(job_id):
         results[job_id] = JobRun(
-            {"job_id": job_id, "image": "img:1", "resources": {"gpus": 2}}, settings=settings, executor=executor, gpu_pool=pool
+            ReceivedJob.parse({"job_id": job_id, "image": "img:1", "resources": {"gpus": 2}}), settings=settings, executor=executor, gpu_pool=pool
         ).execute()
 
     threads = [threading.Thread(target=go, args=(f"j{i}",)) for i in range(3)]
@@ -136,7 +137,7 @@ def test_stop_while_waiting_for_gpus_completes_without_running(settings):
     executor = FakeExecutor()
     pool = GpuPool(GPUS)
     pool.acquire("other", 2, threading.Event())
-    job = JobRun({"job_id": "j1", "image": "img:1", "resources": {"gpus": 1}}, settings=settings, executor=executor, gpu_pool=pool)
+    job = JobRun(ReceivedJob.parse({"job_id": "j1", "image": "img:1", "resources": {"gpus": 1}}), settings=settings, executor=executor, gpu_pool=pool)
     results = []
     waiter = threading.Thread(target=lambda: results.append(job.execute()))
     waiter.start()
@@ -156,7 +157,7 @@ def test_start_timing_splits_the_engine_from_the_agents_own_share(settings):
             time.sleep(0.3)
             return super().start(spec)
 
-    job = JobRun({"job_id": "j1", "image": "img:1"}, settings=settings, executor=SlowEngine(), gpu_pool=GpuPool([]))
+    job = JobRun(ReceivedJob.parse({"job_id": "j1", "image": "img:1"}), settings=settings, executor=SlowEngine(), gpu_pool=GpuPool([]))
     assert job.execute().status is JobStatus.SUCCEEDED
     engine, own = job.start_timing
     assert engine >= 0.3
@@ -173,7 +174,8 @@ def test_a_registry_password_echoed_into_an_error_never_reaches_the_result(setti
             raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"cannot pull: registry said bad password {auth and password!r}")
 
     job = JobRun(
-        {"job_id": "j1", "image": "reg.example.com/x:1", "registry_auth": {"username": "u", "password": password}},
+        ReceivedJob.parse({"job_id": "j1", "image": "reg.example.com/x:1",
+                           "registry_auth": {"username": "u", "password": password}}),
         settings=settings, executor=EchoingRegistry(), gpu_pool=GpuPool([]),
     )
     completion = job.execute()
@@ -183,7 +185,7 @@ def test_a_registry_password_echoed_into_an_error_never_reaches_the_result(setti
 
 def test_a_job_the_client_could_read_only_in_part_is_invalid(settings):
     completion = JobRun(
-        {"job_id": "deep", "image": "img:1", "x-radix-refused": "the job nests deeper than 200 levels"},
+        ReceivedJob.parse({"job_id": "deep", "image": "img:1", "x-radix-refused": "the job nests deeper than 200 levels"}),
         settings=settings, executor=FakeExecutor(), gpu_pool=GpuPool([]),
     ).execute()
     assert completion.failure_reason is FailureReason.INVALID_JOB and "200 levels" in completion.error_message
@@ -194,7 +196,7 @@ def test_an_output_nested_past_what_a_result_can_carry_is_invalid_output(setting
         def stream_output(self, cid, on_stdout, on_stderr):
             on_stdout(b"[" * 300 + b"]" * 300)
 
-    completion = JobRun({"job_id": "j1", "image": "img:1"}, settings=settings, executor=DeepStdout(),
+    completion = JobRun(ReceivedJob.parse({"job_id": "j1", "image": "img:1"}), settings=settings, executor=DeepStdout(),
                         gpu_pool=GpuPool([])).execute()
     assert completion.status is JobStatus.SUCCEEDED  # stdout that cannot be a document is wrapped
     assert completion.output_payload["stdout"].startswith("[[[")

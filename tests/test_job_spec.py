@@ -2,7 +2,7 @@ import pytest
 from pydantic import ValidationError
 
 from cluster_agent.executors import container_name
-from cluster_agent.job_runner import gpus_for, torchrun_command
+from cluster_agent.container_config import gpus_for, torchrun_command
 from cluster_agent.models import JobSpec
 
 

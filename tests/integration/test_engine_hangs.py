@@ -13,6 +13,7 @@ import requests
 from cluster_agent.executors.docker import DockerExecutor
 from cluster_agent.gpu_pool import GpuPool
 from cluster_agent.job_runner import JobRun
+from cluster_agent.received_job import ReceivedJob
 from cluster_agent.settings import Settings
 from tests.integration.conftest import eventually
 
@@ -45,7 +46,7 @@ def test_a_start_performed_after_the_client_gave_up_is_undone(docker_client, bus
     api.remove_container = remove_while_engine_hangs
     settings = Settings(jobs_workdir=tmp_path / "jobs", cluster_id=cluster_id)
     job = {"job_id": "late-start", "image": busybox, "command": ["sleep", "60"]}
-    run = JobRun(job, settings=settings, executor=executor, gpu_pool=GpuPool([]))
+    run = JobRun(ReceivedJob.parse(job), settings=settings, executor=executor, gpu_pool=GpuPool([]))
     try:
         completion = run.execute()
         assert completion.status.value == "failed" and completion.failure_reason.value == "agent_error"
