@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 MAX_CHUNK_BYTES = 1024 * 1024  # contract: at most 1 MiB a request
 FLUSH_SECONDS = 1.0  # contract: at least every 2 s while output arrives
 BUFFER_BYTES = 4 * 1024 * 1024  # oldest unsent output kept; as much again of the latest
+BATCH_SECONDS = 0.25  # output is gathered this long before a request, unless the job ends or a chunk fills
 
 
 class LogBuffer:
@@ -67,6 +68,14 @@ class LogBuffer:
             if not (self._head or self._tail or self._closed):
                 self._ready.wait(timeout)
             return bool(self._head or self._tail) or self._closed
+
+    def wait_for_batch(self, size: int, timeout: float) -> None:
+        """Wait up to `timeout` for `size` bytes to be pending or for the buffer to close, whichever comes first
+        (a job that ends must not wait out a batching pause before its last chunk and its result)."""
+        with self._ready:
+            self._ready.wait_for(
+                lambda: self._closed or len(self._head) + len(self._tail) >= size, timeout=timeout
+            )
 
     @property
     def closed(self) -> bool:
@@ -147,9 +156,11 @@ class LogStreamer:
                     continue
                 if self.buffer.closed and not self._carry:
                     return
-                # Batch briefly, so a chatty job sends one request per flush, not one per line.
-                if not self.buffer.closed and self.buffer.pending() < self._max_chunk:
-                    self._abandon.wait(min(0.25, self._flush))
+                # Batch briefly, so a chatty job sends one request per flush, not one per line; the end of the
+                # job or a full chunk ends the pause at once.
+                self.buffer.wait_for_batch(self._max_chunk, min(BATCH_SECONDS, self._flush))
+                if self._abandon.is_set():
+                    return
                 self._send_pending()
         except ExtensionUnsupported:
             return  # said once in the log by the client; drain nothing more

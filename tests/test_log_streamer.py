@@ -167,3 +167,15 @@ def test_a_resumed_stream_skips_what_the_server_has_and_continues_its_offsets():
     bodies = _bodies(route)
     assert bodies == [{"offset": already, "data": "second part\n"}]
     assert acknowledged[-1] == len(text.encode())
+
+
+def test_a_batching_pause_ends_when_the_job_ends_or_a_chunk_fills():
+    """The last chunk (and so the result) must not wait out a batching pause: close() and a full chunk end it."""
+    for finish in (lambda buf: buf.close(), lambda buf: buf.append(b"x" * 10)):
+        buf = LogBuffer()
+        buf.append(b"{\"n\": 1}\n")
+        waiter = threading.Thread(target=buf.wait_for_batch, args=(10, 30.0))
+        waiter.start()
+        finish(buf)
+        waiter.join(5)
+        assert not waiter.is_alive()
