@@ -66,7 +66,6 @@ class DockerExecutor:
         client: docker.DockerClient,
         *,
         gpu_injection: GpuInjection | None = None,
-        pull_lock: threading.Lock | None = None,
         pull_timeout: float = 1800.0,
         pull_stall_seconds: float = 120.0,
         clock: Clock = SYSTEM_CLOCK,
@@ -76,7 +75,7 @@ class DockerExecutor:
         self.gpu_injection: GpuInjection = gpu_injection or NvidiaRuntimeInjection()
         self._api = client.api
         self._images = ImagePuller(self._api, clock=clock, pull_timeout=pull_timeout,
-                                   pull_stall_seconds=pull_stall_seconds, pull_lock=pull_lock)
+                                   pull_stall_seconds=pull_stall_seconds)
         self._attached: dict[str, Any] = {}
         self._attached_lock = threading.Lock()
         self._reaper = ContainerReaper(self._remove_for_sure)
@@ -252,6 +251,7 @@ class DockerExecutor:
             exit_code=state.get("ExitCode"),
             oom_killed=bool(state.get("OOMKilled")),
             error=state.get("Error") or "",
+            finished_at=state_of(container_id, {"State": state}).finished_at,
         )
 
     def list_jobs(self, cluster_id: str) -> list[ContainerState]:

@@ -28,39 +28,57 @@ PULL_REPORT_EVERY_SECONDS = 10.0
 class ImagePuller:
     """`pull_timeout` bounds a whole pull, `pull_stall_seconds` the wait for its next progress item (seconds)."""
 
-    def __init__(
-        self, api: docker.APIClient, *, clock: Clock, pull_timeout: float, pull_stall_seconds: float,
-        pull_lock: threading.Lock | None = None,
-    ) -> None:
+    def __init__(self, api: docker.APIClient, *, clock: Clock, pull_timeout: float, pull_stall_seconds: float) -> None:
         self._api = api
         self._clock = clock
         self._pull_timeout = pull_timeout
         self._pull_stall = pull_stall_seconds
-        # Two jobs asking for one missing image pull it once.
-        self._pull_lock = pull_lock or threading.Lock()
+        # Jobs asking for one missing image pull it once: the first pulls, the others wait for it and then find it.
+        # Different images are pulled side by side.
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._pulled_since: dict[str, float] = {}  # when the last pull of each image began (monotonic); under its lock
+
+    def _lock_for(self, image: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(image, threading.Lock())
 
     def prepare(self, image: str, policy: str = "if-not-present", auth: dict[str, str] | None = None) -> None:
         """Make `image` present per `policy` (always, if-not-present, never). Without `auth`, the SDK uses the
         credentials of the engine user's docker config (DOCKER_CONFIG or ~/.docker/config.json) for the image's
-        registry. Raises JobFailed(image_unavailable) or EngineUnavailable."""
-        with self._pull_lock, engine_call(f"prepare image {image}"):
-            if policy != "always":
+        registry. Raises JobFailed(image_unavailable) or EngineUnavailable.
+
+        Parallel jobs share one pull: with `always`, a pull that began after a job asked serves that job too."""
+        asked = self._clock.monotonic()
+        with engine_call(f"prepare image {image}"):
+            if policy != "always" and self._present(image, policy):
+                return  # the common case takes no lock: jobs on a present image never wait for each other
+            with self._lock_for(image):
+                if policy != "always" and self._present(image, policy):
+                    return  # the job before this one pulled it
+                if policy == "always" and self._pulled_since.get(image, float("-inf")) >= asked:
+                    return
+                began = self._clock.monotonic()
+                self._pull(image, auth)
                 try:
                     self._api.inspect_image(image)
-                    return
                 except ImageNotFound:
-                    if policy == "never":
-                        raise JobFailed(
-                            FailureReason.IMAGE_UNAVAILABLE,
-                            f"image {image} is not on this host and --pull-policy is never: load it onto the host first",
-                        ) from None
-                except APIError as exc:
-                    raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"image {image}: {explain(exc)}") from None
-            self._pull(image, auth)
-            try:
-                self._api.inspect_image(image)
-            except ImageNotFound:
-                raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"image {image} is still missing after its pull") from None
+                    raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"image {image} is still missing after its pull") from None
+                self._pulled_since[image] = began  # only a pull that worked serves the jobs waiting for it
+
+    def _present(self, image: str, policy: str) -> bool:
+        try:
+            self._api.inspect_image(image)
+            return True
+        except ImageNotFound:
+            if policy == "never":
+                raise JobFailed(
+                    FailureReason.IMAGE_UNAVAILABLE,
+                    f"image {image} is not on this host and --pull-policy is never: load it onto the host first",
+                ) from None
+            return False
+        except APIError as exc:
+            raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"image {image}: {explain(exc)}") from None
 
     def _pull(self, image: str, auth: dict[str, str] | None) -> None:
         log.info("pulling image %s", image)
