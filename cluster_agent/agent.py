@@ -320,7 +320,7 @@ class Agent:
                 released = True
             if handle.live is not None:
                 handle.live.finish()  # the last of the live log goes before the result
-            delivered = self._delivery.deliver(job_id, completion, run.directory, spooled=True)
+            delivered = self._delivery.deliver(job_id, completion, run.directory, spooled=True, exited_at=run.exited_at)
             if release.ident is not None:
                 release.join()
             if delivered:

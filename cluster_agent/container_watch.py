@@ -76,6 +76,7 @@ class ContainerWatch:
         if ending.exit_code is None and not ending.timed_out:
             info = self._executor.exit_info(container_id)
             ending.exit_code, ending.oom_killed = info.exit_code, info.oom_killed
+            ending.finished_at = info.finished_at
             if info.failure_reason is not None:
                 ending.failure, ending.failure_message = info.failure_reason, info.error
             if ending.engine_lost and info.exit_code == 0:

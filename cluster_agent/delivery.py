@@ -43,13 +43,20 @@ class ResultDelivery:
             log.error("job %s: result not spooled (%s): it is kept in memory only until delivered", job_id, exc)
             return False
 
-    def deliver(self, job_id: str, completion: Completion, directory: JobDirectory | None, *, spooled: bool = False) -> bool:
-        """Spool, deliver, and say whether the job is done with (True: its directory and container may go)."""
+    def deliver(
+        self, job_id: str, completion: Completion, directory: JobDirectory | None, *, spooled: bool = False,
+        exited_at: float | None = None,
+    ) -> bool:
+        """Spool, deliver, and say whether the job is done with (True: its directory and container may go).
+        `exited_at` (wall-clock epoch seconds) is when the job's container exited, for
+        radix_agent_result_after_exit_seconds."""
         if directory is not None and not spooled:
             self.spool(job_id, completion, directory)
         with self._changed:
             self._in_flight += 1
         started = time.monotonic()
+        if self._metrics is not None and exited_at is not None:
+            self._metrics.result_after_exit.observe(max(0.0, time.time() - exited_at))
         try:
             outcome = self._client.complete(job_id, completion, cancel=self._abandon)
             if self._metrics is not None and outcome is Delivery.DELIVERED:

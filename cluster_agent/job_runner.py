@@ -85,6 +85,8 @@ class JobRun:
         self._gpu_count = 0
         # (engine create+start, the agent's own share) of the time from the poll answer to a running container
         self.start_timing: tuple[float, float] | None = None
+        # When its container exited (wall clock, the engine's word): the start of the agent's dead time.
+        self.exited_at: float | None = None
 
     @property
     def gpu_ids(self) -> list[str]:
@@ -273,6 +275,7 @@ class JobRun:
         watch = ContainerWatch(self._executor, self._engine, job_id=spec.job_id, stop=self._stop,
                                output=self._observer.output, clock=self._clock)
         ending = watch.watch(container_id, deadline=deadline, timeout=timeout, collected=collected, replay=replay)
+        self.exited_at = ending.finished_at
         metrics = JobMetrics(
             runtime_seconds=round(max(0.0, self._wall() - started_wall), 3),
             exit_code=ending.exit_code,

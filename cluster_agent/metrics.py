@@ -33,8 +33,13 @@ class Metrics:
         self.poll_latency = Histogram("radix_agent_poll_seconds", "Time a poll took, long-poll hold included.",
                                       buckets=LATENCY_BUCKETS, registry=r)
         self.completion_latency = Histogram("radix_agent_completion_seconds",
-                                            "Time from a job's end to its result being accepted.",
+                                            "Time the complete request took, retries included, until the "
+                                            "result was accepted.",
                                             buckets=LATENCY_BUCKETS, registry=r)
+        self.result_after_exit = Histogram("radix_agent_result_after_exit_seconds",
+                                           "Time from a job's container exit (the engine's clock) to its first "
+                                           "complete request sent: the agent's dead time after a job.",
+                                           buckets=FAST_BUCKETS, registry=r)
         self.container_start = Histogram("radix_agent_container_start_seconds",
                                          "The engine's create+start of a job's container.",
                                          buckets=LATENCY_BUCKETS, registry=r)

@@ -36,6 +36,7 @@ class Ending:
     engine_name: str = "the container engine"  # for messages: the executor's engine_name
     failure: FailureReason | None = None  # the executor's own verdict (Slurm's TIMEOUT, NODE_FAIL, ...)
     failure_message: str = ""
+    finished_at: float | None = None  # wall-clock epoch seconds of the exit, by the engine's clock, when it says
 
 
 def judge(

@@ -84,6 +84,7 @@ class ExitInfo:
     # The executor's own verdict, when it knows better than the exit code (Slurm: TIMEOUT, NODE_FAIL, PREEMPTED,
     # an image the node could not pull); `error` then says what happened and what to do.
     failure_reason: FailureReason | None = None
+    finished_at: float | None = None  # wall-clock epoch seconds of the exit, by the engine's clock, when it says
 
 
 OutputSink = Callable[[bytes], None]

@@ -42,6 +42,10 @@ def test_metrics_count_jobs_latencies_and_errors(cp, start_agent):
     assert metric(text, "radix_agent_job_duration_seconds_count") == 2
     assert metric(text, "radix_agent_poll_seconds_count") >= 2
     assert metric(text, "radix_agent_completion_seconds_count") >= 1
+    # Both jobs' containers exited by the engine's clock, and each result went out after that (never negative):
+    # the agent's own dead time after a job, measured by itself.
+    assert metric(text, "radix_agent_result_after_exit_seconds_count") == 2
+    assert 0 <= metric(text, "radix_agent_result_after_exit_seconds_sum") < 60
     assert metric(text, 'radix_agent_control_plane_errors_total{endpoint="poll",kind="http_5xx"}') == 1
     assert 0 <= metric(text, "radix_agent_heartbeat_age_seconds") < 60
     # A job holds its slot until its workspace and container are removed, which may end just after its delivery.
