@@ -23,6 +23,7 @@ from ...gpu_injection import GpuInjection, NvidiaRuntimeInjection
 from ...models import FailureReason
 from ..base import LABEL_CLUSTER_ID, WORKSPACE, ContainerSpec, ContainerState, ExitInfo, OutputSink
 from ..hardening import hardening
+from .exits import ExitEvents
 from .engine_api import STDERR_FRAME, STDOUT_FRAME, connect, engine_call, explain, log_frames, state_of
 from .images import ImagePuller
 from .reaper import ContainerReaper
@@ -30,6 +31,9 @@ from .reaper import ContainerReaper
 __all__ = ["DockerExecutor", "connect"]
 
 log = logging.getLogger(__name__)
+
+# How long a wait relies on the engine's events alone before it checks the container's state itself.
+EVENTS_WAIT_SECONDS = 30.0
 
 NVIDIA_RUNTIME_FIX = (
     "the Docker engine has no NVIDIA runtime, so it cannot give GPUs to containers: install the NVIDIA Container "
@@ -79,10 +83,15 @@ class DockerExecutor:
         self._attached: dict[str, Any] = {}
         self._attached_lock = threading.Lock()
         self._reaper = ContainerReaper(self._remove_for_sure)
+        self._exits = ExitEvents(self._api, clock=clock)  # started with the first job (exits.py says why)
 
     @property
     def client(self) -> docker.DockerClient:
         return self._client
+
+    def close(self) -> None:
+        """Stop reading the engine's events (the mode's close)."""
+        self._exits.close()
 
     def ping(self) -> None:
         try:
@@ -143,6 +152,7 @@ class DockerExecutor:
         return host_config, env
 
     def start(self, spec: ContainerSpec) -> str:
+        self._exits.start()
         host_config, env = self._host_config(spec)
         with engine_call(f"create the container {spec.name}"):
             try:
@@ -161,6 +171,7 @@ class DockerExecutor:
             except APIError as exc:
                 raise self._classify(exc, "create the container") from None
         container_id: str = created["Id"]
+        self._exits.watch(container_id)
         step = "attach to the container's output"
         try:
             with engine_call(f"{step} of {spec.name}"):
@@ -219,6 +230,32 @@ class DockerExecutor:
             log.warning("output stream of container %s broke off: %s", container_id[:12], exc)
 
     def wait(self, container_id: str, timeout: float) -> bool:
+        """True once the container exited; False if it still runs after `timeout` seconds."""
+        deadline = self._clock.monotonic() + timeout
+        # A container started by an earlier agent may have exited before the stream's replay point: the engine's
+        # own wait for those, and whenever the stream is down.
+        while self._exits.watched(container_id):
+            remaining = deadline - self._clock.monotonic()
+            # In slices: an exit announced while the stream was away, past the engine's replay, is found by the
+            # state check within EVENTS_WAIT_SECONDS.
+            if self._exits.wait(container_id, min(remaining, EVENTS_WAIT_SECONDS)) is not None:
+                return True
+            if not self._exits.connected:
+                break
+            if not self._still_running(container_id):
+                return True
+            if self._clock.monotonic() >= deadline:
+                return False
+        return self._engine_wait(container_id, max(0.0, deadline - self._clock.monotonic()))
+
+    def _still_running(self, container_id: str) -> bool:
+        with engine_call("inspect a container"):
+            try:
+                return bool(self._api.inspect_container(container_id)["State"].get("Running", False))
+            except NotFound:
+                raise EngineUnavailable(f"container {container_id[:12]} vanished while it ran") from None
+
+    def _engine_wait(self, container_id: str, timeout: float) -> bool:
         # The SDK's timeout is an HTTP read timeout: on expiry it raises (ReadTimeout, or ConnectionError
         # wrapping ReadTimeoutError). Check the container's state to tell a deadline from a broken engine.
         try:
@@ -242,6 +279,10 @@ class DockerExecutor:
                 pass
 
     def exit_info(self, container_id: str) -> ExitInfo:
+        announced = self._exits.take(container_id)
+        if announced is not None and announced.plain:
+            # Judged from the engine's die event, without waiting for its clean-up of the container.
+            return ExitInfo(exit_code=announced.exit_code, oom_killed=False, finished_at=announced.at)
         with engine_call("inspect a container"):
             try:
                 state = self._api.inspect_container(container_id)["State"]
@@ -272,6 +313,8 @@ class DockerExecutor:
                 return None
 
     def start_created(self, container_id: str) -> None:
+        self._exits.start()
+        self._exits.watch(container_id)
         with engine_call("attach to a created container's output"):
             stream = self._api.attach(container_id, stdout=True, stderr=True, stream=True, logs=False, demux=True)
         with self._attached_lock:
@@ -317,6 +360,7 @@ class DockerExecutor:
     def remove(self, container_id: str) -> None:
         """Remove the container; one already gone is not an error, one the engine refuses to remove is logged.
         Raises EngineUnavailable when the engine does not answer."""
+        self._exits.forget(container_id)
         try:
             self._remove_for_sure(container_id)
         except _RemovalRefused as exc:

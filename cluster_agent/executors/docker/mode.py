@@ -128,5 +128,9 @@ def open_mode(settings: Settings, metrics: Metrics | None = None) -> ExecutionMo
             update["gpus"] = [GpuInfo(**g) for g in telemetry.report()]
         return capabilities.model_copy(update=update)
 
-    return ExecutionMode(executor=executor, gpus=pool, disk=disk, capabilities=report,
-                         close=telemetry.close if telemetry is not None else lambda: None)
+    def close() -> None:
+        executor.close()
+        if telemetry is not None:
+            telemetry.close()
+
+    return ExecutionMode(executor=executor, gpus=pool, disk=disk, capabilities=report, close=close)
