@@ -20,6 +20,7 @@ help:
 	@echo "make push    REGISTRY=... build linux/amd64+arm64 with buildx and push (tags: git sha, RELEASE_TAG)"
 	@echo "make bench   agent vs raw engine: overhead, dispatch latency, throughput, footprint (docs/benchmarks.md)"
 	@echo "make profile-dispatch   py-spy profile of the path from poll answer to running container"
+	@echo "                        (PROFILE_ARGS=\"--path finish\": from a container's exit to its result)"
 	@echo "make slurm-lab  a one-node Slurm cluster here, to try --execution-mode slurm (docs/slurm.md)"
 	@echo "make gpu-check  on a GPU host: the agent runs GPU-pinned jobs and checks what they see (docs/gpu.md)"
 
@@ -77,9 +78,11 @@ bench: test-deps
 	$(PY) bench/run.py --out docs/benchmarks.md
 
 # Where the agent's dispatch time goes (py-spy on the running agent; needs root for ptrace).
+# PROFILE_ARGS="--path finish": the path from a container's exit to its complete request instead.
+PROFILE_ARGS ?=
 profile-dispatch: venv engine
 	$(PY) -m pip install --quiet --disable-pip-version-check py-spy
-	$(PY) bench/profile_dispatch.py
+	$(PY) bench/profile_dispatch.py $(PROFILE_ARGS)
 
 gpu-check: test-deps
 	$(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)

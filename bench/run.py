@@ -9,6 +9,9 @@
 4. footprint: idle RSS and CPU, peak RSS while a job prints 300 MB and while a job writes a 9 MB output.json,
    log delivery throughput.
 5. NVML sampling cost per GPU (a fake NVML here; the real figure is in docs/gpu.md).
+6. per-job latency at the engine's limit (bench/latency.py): the trivial-job loop (one job, then four in flight)
+   against a bare SDK loop, container exit -> complete and poll answered -> running from the engine's events, the
+   agent's cost at 0, 32 and 128 running jobs, and pulls of one missing image asked for by parallel jobs.
 
 Usage: bench/run.py [--tiny] [--out FILE]   (--tiny: a few seconds, for `make test`)
 """
@@ -37,6 +40,8 @@ from devplane import DevControlPlane  # noqa: E402
 from devplane.images import BUSYBOX_IMAGE, ensure_busybox_image  # noqa: E402
 
 TOKEN = "bench-token"
+# The agent measured: this checkout, or another one (BENCH_AGENT_ROOT=<checkout>, for a before/after comparison).
+AGENT_ROOT = Path(os.environ.get("BENCH_AGENT_ROOT") or ROOT)
 TRIVIAL = ["sh", "-c", "echo '{\"n\":1}'"]
 
 
@@ -46,10 +51,10 @@ class Agent:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RADIX_")}
         self.log = open(self.dir / "agent.log", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "main.py"), "--api-base", plane.url, "--cluster-id", plane.state.cluster_id,
+            [sys.executable, str(AGENT_ROOT / "main.py"), "--api-base", plane.url, "--cluster-id", plane.state.cluster_id,
              "--cluster-token", TOKEN, "--jobs-workdir", str(self.dir / "jobs"), "--token-file", str(self.dir / "t"),
              "--metrics-port", "0", "--heartbeat-interval", "300", "--min-free-disk-gb", "0", *extra],
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+            cwd=AGENT_ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and plane.state.stats["polls"] == 0:
@@ -95,16 +100,29 @@ def raw_loop(client: docker.DockerClient, n: int) -> float:
 
 
 def engine_create_start(client: docker.DockerClient, workspace: Path) -> float:
-    """The engine's own create+start for the container the agent creates for a job (bind-mounted workspace, init,
-    no-new-privileges, labels, a name): the floor the agent's time-to-running is compared with."""
+    """The engine's own create+attach+start of the very container config the agent creates for a job (its
+    executor renders the host config from the default settings): the floor the agent's time-to-running is
+    compared with. Attach is part of it: the agent attaches before start so no output is lost."""
+    from cluster_agent.container_config import container_spec
+    from cluster_agent.executors.docker import DockerExecutor
+    from cluster_agent.models import JobSpec
+    from cluster_agent.settings import Settings
+
     api = client.api
-    host_config = api.create_host_config(binds={str(workspace): {"bind": "/workspace", "mode": "rw"}}, init=True,
-                                         security_opt=["no-new-privileges"], network_mode="bridge")
+    name = f"radix-bench-{time.monotonic_ns()}"
+    spec = container_spec(JobSpec.model_validate({"job_id": name, "image": BUSYBOX_IMAGE, "command": ["true"]}),
+                          Settings(cluster_id="bench-engine"), workspace=workspace, gpus=[], gpu_count=0,
+                          host_has_gpus=False, timeout=60)
+    host_config, env = DockerExecutor(client)._host_config(spec)
     t = time.perf_counter()
-    cid = api.create_container(BUSYBOX_IMAGE, command=["true"], working_dir="/workspace", host_config=host_config,
-                               labels={"radix.bench": "1"}, name=f"radix-bench-{time.monotonic_ns()}", detach=True)["Id"]
+    cid = api.create_container(BUSYBOX_IMAGE, command=spec.command, environment=env, working_dir="/workspace",
+                               labels={"radix.bench": "1"}, name=spec.name, detach=True,
+                               host_config=api.create_host_config(**host_config))["Id"]
+    stream = api.attach(cid, stdout=True, stderr=True, stream=True, logs=False, demux=True)
     api.start(cid)
     elapsed = time.perf_counter() - t
+    for _ in stream:
+        pass
     api.remove_container(cid, force=True)
     return elapsed
 
@@ -168,22 +186,28 @@ def main() -> int:
     print("overhead", results["overhead"], flush=True)
 
     # 2. dispatch latency (long poll), with the engine's create+start beside it
-    pickup, to_start, engine = [], [], []
+    pickup, to_start, engine, sampled = [], [], [], []
     before = read_dispatch_metrics(metrics_port)
+    since = time.time()
     for _ in range(samples):
         time.sleep(0.2)  # the agent is parked in its long poll
         submitted = time.time()
         job_id = plane.state.submit({"image": BUSYBOX_IMAGE, "command": ["true"]})
         record = wait_results(plane, [job_id])[0]
+        sampled.append(job_id)
         pickup.append(record.assigned_at - submitted)
         to_start.append(record.started["at"] - submitted)
         engine.append(engine_create_start(client, agent.dir))
     own = [s - p - statistics.median(engine) for s, p in zip(to_start, pickup)]
+    time.sleep(0.6)
+    import latency  # noqa: E402 - bench/ is this script's directory
+    to_running = latency.agent_timeline(client, plane, sampled, since - 1, time.time())["to_running"]
     measured = read_dispatch_metrics(metrics_port, since=before)
     results["long_poll"] = {"agent_engine_mean": measured["radix_agent_container_start_seconds"]["mean"],
                             "agent_own_mean": measured["radix_agent_dispatch_overhead_seconds"]["mean"],"pickup_p50": pct(pickup, 50), "pickup_p95": pct(pickup, 95),
                             "start_p50": pct(to_start, 50), "start_p95": pct(to_start, 95),
-                            "engine_p50": pct(engine, 50), "engine_p95": pct(engine, 95), "own_p50": pct(own, 50)}
+                            "engine_p50": pct(engine, 50), "engine_p95": pct(engine, 95), "own_p50": pct(own, 50),
+                            "to_running_p50": pct(to_running, 50)}
     print("long poll", results["long_poll"], flush=True)
 
     # 4a. idle footprint (the agent has been idle since the last job)
@@ -265,6 +289,19 @@ def main() -> int:
         telemetry.sample()
     results["nvml_fake_ms_per_gpu"] = (time.perf_counter() - t) / 200 / 8 * 1000
 
+    # 6. per-job latency at the engine's limit
+    def start_agent(plane: DevControlPlane, *extra: str) -> Agent:
+        return Agent(plane, *extra)
+
+    results["loop"] = latency.trivial_loop(start_agent, TOKEN, n=4 if tiny else 20, rounds=1 if tiny else 3,
+                                           client=client)
+    print("loop", results["loop"], flush=True)
+    results["concurrency"] = latency.concurrency_cost(start_agent, TOKEN, client, levels=(0, 2, 4) if tiny else (0, 32, 128),
+                                                      settle=2 if tiny else 10)
+    print("concurrency", results["concurrency"], flush=True)
+    results["pulls"] = latency.pulls_of_one_image(start_agent, TOKEN, client, jobs=2 if tiny else 4)
+    print("pulls", results["pulls"], flush=True)
+
     write_report(args.out, results, tiny)
     print(f"wrote {args.out}")
     return 0
@@ -295,6 +332,50 @@ inspect, create, attach, start): engine work, not the agent's.
 """
 
 
+def latency_rows(r: dict) -> list[str]:
+    def ok(good: bool) -> str:
+        return "met" if good else "**missed**"
+
+    one, four, tl, lp = r["loop"]["serial"], r["loop"]["four"], r["loop"]["timeline"], r["long_poll"]
+    over = 1000 * (lp["to_running_p50"] - lp["engine_p50"])
+    rows = [
+        f"| trivial-job loop, one job in flight (each pushed when the previous result arrived): agent / bare SDK loop "
+        f"(median of {one['rounds']} interleaved rounds of {one['n']}) | {one['ratio']:.2f} (push -> complete "
+        f"{one['agent_median_ms']:.0f} vs {one['bare_median_ms']:.0f} ms) | <= 1.05 | {ok(one['ratio'] <= 1.05)} |",
+        f"| the same, 4 slots and 4 jobs in flight | {four['ratio']:.2f} (push -> complete {four['agent_median_ms']:.0f} "
+        f"vs {four['bare_median_ms']:.0f} ms) | <= 1.05 | {ok(four['ratio'] <= 1.05)} |",
+        f"| container exit (engine's die event) -> complete request received, p50 / p95 ({tl['samples']} jobs) | "
+        f"{tl['exit_to_complete_p50_ms']:.1f} / {tl['exit_to_complete_p95_ms']:.1f} ms | <= 20 / <= 50 ms | "
+        f"{ok(tl['exit_to_complete_p50_ms'] <= 20 and tl['exit_to_complete_p95_ms'] <= 50)} |",
+        f"| poll answered -> container running (engine's start event; the agent idle between jobs, as in the long "
+        f"poll rows), p50, vs the engine's create+attach+start of the same container config, p50 | "
+        f"{1000 * lp['to_running_p50']:.1f} vs {1000 * lp['engine_p50']:.1f} ms ({over:+.1f} ms) | <= +10 ms | "
+        f"{ok(over <= 10)} |",
+    ]
+    for row in r["concurrency"]:
+        rows.append(f"| agent with {row['jobs']} running jobs ({row['running']} containers seen running): RSS, "
+                    f"threads, CPU | {row['rss_mb']:.0f} MB, {row['threads']} threads, {row['cpu_pct']:.1f} % of a "
+                    f"core | | |")
+    levels = r["concurrency"]
+    slopes = []
+    for low, high in zip(levels, levels[1:]):
+        jobs = high["jobs"] - low["jobs"]
+        slopes.append((f"{low['jobs']} -> {high['jobs']}", (high["rss_mb"] - low["rss_mb"]) * 1024 / jobs,
+                       (high["threads"] - low["threads"]) / jobs))
+    if len(slopes) >= 2:
+        # Linear: the cost of each further job does not grow with the jobs already running (10 % and 256 KB slack:
+        # RSS moves with the allocator's arenas).
+        linear = slopes[-1][1] <= max(slopes[0][1] * 1.1, slopes[0][1] + 256) and slopes[-1][2] <= slopes[0][2] + 0.1
+        rows.append("| cost of each further running job, " + "; ".join(s[0] for s in slopes) + " | "
+                    + "; ".join(f"{s[1]:.0f} KB RSS, {s[2]:.1f} threads" for s in slopes)
+                    + f" | no faster than linear | {ok(linear)} |")
+    pulls = r["pulls"]
+    rows.append(f"| {pulls['jobs']} parallel jobs on an image not present: pulls seen by the engine | "
+                f"{pulls['pulls'] if pulls['pulls'] is not None else 'not measured: ' + pulls['why']} | 1 | "
+                f"{ok(pulls['pulls'] == 1)} |")
+    return rows
+
+
 def write_report(path: Path, r: dict, tiny: bool) -> None:
     def ok(good: bool) -> str:
         return "met" if good else "**missed**"
@@ -317,7 +398,7 @@ def write_report(path: Path, r: dict, tiny: bool) -> None:
         f"{o['ratio']:.2f} ({o['agent_s']:.2f} s vs {o['raw_s']:.2f} s) | <= 1.10 | {ok(o['ratio'] <= 1.10)} |",
         f"| long poll: submitted -> poll answered, p50 / p95 | {lp['pickup_p50'] * 1000:.1f} / {lp['pickup_p95'] * 1000:.1f} ms | p50 < 50 ms | {ok(lp['pickup_p50'] < 0.05)} |",
         f"| long poll: submitted -> start call, p50 / p95 | {lp['start_p50'] * 1000:.1f} / {lp['start_p95'] * 1000:.1f} ms | | |",
-        f"| engine create+start of the same container, p50 / p95 | {lp['engine_p50'] * 1000:.1f} / {lp['engine_p95'] * 1000:.1f} ms | | |",
+        f"| engine create+attach+start of the same container config, p50 / p95 | {lp['engine_p50'] * 1000:.1f} / {lp['engine_p95'] * 1000:.1f} ms | | |",
         f"| agent's own share of time-to-running (start call - poll answered - engine create+start), p50 | {lp['own_p50'] * 1000:.1f} ms | < 20 ms | {ok(lp['own_p50'] < 0.02)} |",
         f"| the same, as the agent times it (radix_agent_dispatch_overhead_seconds; its engine create+start, attach included: {lp['agent_engine_mean'] * 1000:.0f} ms), mean | {lp['agent_own_mean'] * 1000:.1f} ms | < 20 ms | {ok(lp['agent_own_mean'] < 0.02)} |",
         f"| poll-interval mode (1 s): submitted -> poll answered, p50 / p95 | {iv['pickup_p50'] * 1000:.0f} / {iv['pickup_p95'] * 1000:.0f} ms | | |",
@@ -332,6 +413,7 @@ def write_report(path: Path, r: dict, tiny: bool) -> None:
         + f" | {pr['log_mb_s']:.1f} MB/s | | |",
         f"| NVML sample, fake NVML, per GPU | {r['nvml_fake_ms_per_gpu'] * 1000:.1f} us | | |",
         "| NVML sample, real H100, per GPU (docs/gpu.md) | 71 us | 8 GPUs < 2 ms | met |",
+        *latency_rows(r),
         "",
         "Reproduce: `make bench` (a Docker engine must answer; `make test` runs `bench/run.py --tiny` as a smoke test).",
         "",

@@ -14,7 +14,10 @@ def test_bench_runs_and_writes_its_report(tmp_path, busybox):
     report = out.read_text()
     for section in ("per-job overhead", "long poll: submitted -> poll answered", "agent's own share", "poll-interval mode",
                     "throughput, 1 / 2 / 4 slots", "idle RSS", "idle CPU", "peak RSS while a job prints",
-                    "log delivery", "NVML sample", "--tiny mode"):
+                    "log delivery", "NVML sample", "--tiny mode", "trivial-job loop, one job in flight",
+                    "4 slots and 4 jobs in flight", "container exit (engine's die event) -> complete",
+                    "poll answered -> container running", "running jobs", "cost of each further running job",
+                    "parallel jobs on an image not present: pulls seen by the engine | 1 |"):
         assert section in report, section
 
 
