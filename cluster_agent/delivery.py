@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 from pydantic import ValidationError
 
+from .clock import SYSTEM_CLOCK, Clock
 from .control_plane import ControlPlaneClient, Delivery
 from .errors import ControlPlaneError
 from .job_dir import JobDirectory
@@ -24,8 +24,12 @@ log = logging.getLogger(__name__)
 
 
 class ResultDelivery:
-    def __init__(self, client: ControlPlaneClient, abandon: threading.Event, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, client: ControlPlaneClient, abandon: threading.Event, metrics: Metrics | None = None, *,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self._client = client
+        self._clock = clock
         self._metrics = metrics
         self._abandon = abandon
         self._in_flight = 0
@@ -54,13 +58,13 @@ class ResultDelivery:
             self.spool(job_id, completion, directory)
         with self._changed:
             self._in_flight += 1
-        started = time.monotonic()
+        started = self._clock.monotonic()
         if self._metrics is not None and exited_at is not None:
-            self._metrics.result_after_exit.observe(max(0.0, time.time() - exited_at))
+            self._metrics.result_after_exit.observe(max(0.0, self._clock.wall() - exited_at))
         try:
             outcome = self._client.complete(job_id, completion, cancel=self._abandon)
             if self._metrics is not None and outcome is Delivery.DELIVERED:
-                self._metrics.completion_latency.observe(time.monotonic() - started)
+                self._metrics.completion_latency.observe(self._clock.monotonic() - started)
         except ControlPlaneError as exc:
             log.error("job %s: result not delivered: %s", job_id, exc)
             return False
@@ -73,7 +77,7 @@ class ResultDelivery:
             return False
         if outcome is Delivery.DELIVERED:
             log.info("job %s: result delivered", job_id, extra={
-                "job_id": job_id, "event": "delivered", "duration_s": round(time.monotonic() - started, 3)})
+                "job_id": job_id, "event": "delivered", "duration_s": round(self._clock.monotonic() - started, 3)})
         return True
 
     def deliver_spooled(self, directory: JobDirectory, body: dict) -> bool:
