@@ -1,24 +1,63 @@
-"""`python -m devplane serve|submit|result`: the development control plane and a tiny client for it."""
+"""`python -m devplane serve|submit|jobs|result|cancel`: the development control plane and a tiny client for it.
+
+Every mistake (a server that is not running, a port in use, a job file that is missing or not JSON, a duplicate
+or unknown job id) is one line on stderr with the server's own words and a non-zero exit, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 from .server import DevControlPlane
 
 
+class CliError(Exception):
+    """One line for the user: what went wrong and what to do."""
+
+
 def _call(url: str, method: str = "GET", body: object = None) -> object:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=600) as response:
-        return json.load(response)
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        try:
+            said = json.loads(exc.read()).get("error") or exc.reason
+        except (ValueError, AttributeError):
+            said = exc.reason
+        raise CliError(f"the dev control plane answered {exc.code}: {said}") from None
+    except urllib.error.URLError as exc:
+        raise CliError(f"cannot reach the dev control plane at {url.split('/admin')[0]} ({exc.reason}): start it with "
+                       "`python -m devplane serve`, or pass its address with --url") from None
+    except (TimeoutError, ValueError) as exc:
+        raise CliError(f"the dev control plane did not answer usefully: {exc}") from None
+
+
+def _job_file(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise CliError(f"cannot read job file {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise CliError(f"job file {path} is not valid JSON: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devplane", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the server in the foreground")
@@ -36,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     cancel = sub.add_parser("cancel", help="ask the agent to cancel a job")
     cancel.add_argument("--url", default="http://127.0.0.1:8080")
     cancel.add_argument("job_id")
+    jobs = sub.add_parser("jobs", help="list the jobs it has: id, state, status")
+    jobs.add_argument("--url", default="http://127.0.0.1:8080")
     result = sub.add_parser("result", help="wait for a job's result and print it")
     result.add_argument("--url", default="http://127.0.0.1:8080")
     result.add_argument("--wait", type=float, default=300)
@@ -43,21 +84,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "serve":
-        plane = DevControlPlane(
-            args.host, args.port, cluster_id=args.cluster_id, cluster_token=args.cluster_token,
-            one_time_tokens=args.one_time_token, long_poll=not (args.no_long_poll or args.core_only),
-            extensions=not args.core_only, verbose=args.verbose,
-        )
-        print(f"dev control plane on {plane.url} (cluster {args.cluster_id})", flush=True)
+        try:
+            plane = DevControlPlane(
+                args.host, args.port, cluster_id=args.cluster_id, cluster_token=args.cluster_token,
+                one_time_tokens=args.one_time_token, long_poll=not (args.no_long_poll or args.core_only),
+                extensions=not args.core_only, verbose=args.verbose,
+            )
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise CliError(f"port {args.port} on {args.host} is in use (another dev control plane?): stop it, or "
+                               "choose another with --port") from None
+            raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+        print(f"dev control plane on {plane.url} (cluster {args.cluster_id}); serving until Ctrl-C", flush=True)
         try:
             plane.serve_forever()
         except KeyboardInterrupt:
             pass
         return 0
     if args.command == "submit":
-        for path in args.files:
-            answer = _call(f"{args.url}/admin/jobs", "POST", json.loads(path.read_text()))
+        specs = [_job_file(path) for path in args.files]  # every file checked before any job is submitted
+        for spec in specs:
+            answer = _call(f"{args.url}/admin/jobs", "POST", spec)
             print(answer["job_id"])  # type: ignore[index]
+        return 0
+    if args.command == "jobs":
+        for job in _call(f"{args.url}/admin/jobs")["jobs"]:  # type: ignore[index]
+            status = (job.get("result") or {}).get("status", "")
+            print(f"{job['job_id']}\t{job['state']}\t{status}")
         return 0
     if args.command == "cancel":
         _call(f"{args.url}/admin/jobs/{args.job_id}/cancel", "POST", {})

@@ -434,7 +434,8 @@ class Handler(BaseHTTPRequestHandler):
                 while record is not None and record.result is None and time.monotonic() < deadline:
                     state.lock.wait(min(0.5, deadline - time.monotonic()))
                 view = record.view() if record else None
-            self._send(200 if view else 404, view or {"error": "unknown job"})
+            self._send(200 if view else 404, view or {"error": f"unknown job {unquote(parts[2])} (`python -m devplane jobs` "
+                                                              "lists the ones it has)"})
         elif method == "POST" and len(parts) == 4 and parts[:2] == ["admin", "jobs"] and parts[3] == "cancel":
             state.request_cancel(unquote(parts[2]))
             self._send(200, {"ok": True})

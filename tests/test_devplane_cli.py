@@ -1,0 +1,79 @@
+"""The development control plane's CLI: every mistake is one line with the cause and a non-zero exit."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from devplane import DevControlPlane
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "devplane", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+
+
+def one_line_error(run: subprocess.CompletedProcess, *words: str) -> None:
+    assert run.returncode != 0, run
+    assert "Traceback" not in run.stderr, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture
+def plane():
+    plane = DevControlPlane().start()
+    yield plane
+    plane.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_duplicate_job_id_is_the_servers_own_words(plane, tmp_path):
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"job_id": "dup-1", "image": "busybox"}))
+    first = cli("submit", "--url", plane.url, str(job))
+    assert first.returncode == 0 and first.stdout.strip() == "dup-1"
+    one_line_error(cli("submit", "--url", plane.url, str(job)), "409", "job dup-1 already exists")
+
+
+def test_an_unknown_job_id(plane):
+    one_line_error(cli("result", "--url", plane.url, "--wait", "0", "no-such-job"), "404", "unknown job no-such-job")
+
+
+def test_a_job_file_that_is_missing_or_not_json_submits_nothing(plane, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"image": "busybox",}')
+    good = tmp_path / "good.json"
+    good.write_text('{"image": "busybox"}')
+    one_line_error(cli("submit", "--url", plane.url, str(good), str(bad)), "not valid JSON", "bad.json")
+    one_line_error(cli("submit", "--url", plane.url, str(tmp_path / "missing.json")), "cannot read job file",
+                   "missing.json")
+    assert plane.state.jobs == {}  # the good file was not submitted either
+
+
+def test_a_server_that_is_not_running():
+    one_line_error(cli("jobs", "--url", f"http://127.0.0.1:{free_port()}"), "cannot reach the dev control plane",
+                   "python -m devplane serve")
+
+
+def test_a_port_in_use(plane):
+    port = plane.url.rsplit(":", 1)[1]
+    one_line_error(cli("serve", "--port", port), f"port {port}", "in use", "--port")
+
+
+def test_jobs_lists_what_it_has(plane):
+    plane.state.submit({"job_id": "listed-1", "image": "busybox"})
+    run = cli("jobs", "--url", plane.url)
+    assert run.returncode == 0 and run.stdout.split() == ["listed-1", "queued"]
