@@ -127,11 +127,16 @@ class Poller:
 
     def _poll(self) -> PollResult | None:
         """The poll itself; None when it failed (after logging and waiting) or was broken off."""
+        with self._lock:
+            # Tentatively a poll that cannot carry jobs, before the capacity is counted: a slot freed from here on
+            # breaks that poll off (or keeps it from going out). Counted first, a slot freed between the count and
+            # this flag went unseen and left the agent idle for a whole long poll with a job waiting.
+            self._zero_poll_in_flight = True
+            self._interrupt.clear()
+            self._wake.clear()
         free = self._capacity() if self._engine.up() and self._disk_ok() else 0
         with self._lock:
             self._zero_poll_in_flight = free == 0
-            self._interrupt.clear()
-            self._wake.clear()
         # While the engine is away, ask for no jobs and do not hold the poll long: it is checked again soon.
         wait = 0 if self._engine.down else self._settings.long_poll_seconds
         try:
