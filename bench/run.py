@@ -127,6 +127,13 @@ def engine_create_start(client: docker.DockerClient, workspace: Path) -> float:
     return elapsed
 
 
+def wait_gone(client: docker.DockerClient, cluster_id: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and client.api.containers(all=True, filters={"label": f"radix.cluster_id={cluster_id}"}):
+        time.sleep(0.02)
+    time.sleep(0.05)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -197,6 +204,9 @@ def main() -> int:
         sampled.append(job_id)
         pickup.append(record.assigned_at - submitted)
         to_start.append(record.started["at"] - submitted)
+        # The engine's own figure under the same conditions as the job's: once the engine is done with the job's
+        # container (the agent removes it after the result), not while it still cleans it up.
+        wait_gone(client, "bench")
         engine.append(engine_create_start(client, agent.dir))
     own = [s - p - statistics.median(engine) for s, p in zip(to_start, pickup)]
     time.sleep(0.6)
@@ -302,6 +312,10 @@ def main() -> int:
     results["pulls"] = latency.pulls_of_one_image(start_agent, TOKEN, client, jobs=2 if tiny else 4)
     print("pulls", results["pulls"], flush=True)
 
+    # 7. the agent's image: its own layers and the whole
+    results["image"] = image_sizes(client, tiny)
+    print("image", results["image"], flush=True)
+
     write_report(args.out, results, tiny)
     print(f"wrote {args.out}")
     return 0
@@ -329,7 +343,58 @@ container's labels say the same); input.json and log_offset are no longer fsynce
 too, and a re-run rewrites input.json from job.json; log offsets are only a resume hint). job.json and result.json
 are still fsynced: they are what a restart must find. What remains is the Docker SDK's HTTP round trips (image
 inspect, create, attach, start): engine work, not the agent's.
+
+### The finish path: from a container's exit to its result (2026-11-30, issue 14)
+
+`make profile-dispatch PROFILE_ARGS="--path finish"` (py-spy at 1000 Hz, idle samples included, 30 trivial jobs
+one at a time; the job thread from the container's exit on: judging, spooling, the last log chunk, the complete
+request, and the wait for the container's removal after it):
+
+| 2026-11-30, this machine | before (8cdcfee) | after |
+|---|---|---|
+| samples on the finish path, per job | 212.3 ms | 38.4 ms |
+| of which waiting for the last log chunk (`LogStreamer.finish`) | 206.8 ms | 1.3 ms |
+| of which waiting for the container's removal, after the complete request went out | (overlapped) | 31.2 ms |
+| container exit (engine's die event) -> complete received, p50 / p95 (bench/latency.py) | 236 / 240 ms | 14.2 / 16.2 ms |
+| trivial-job loop, agent / bare SDK loop, one job in flight | 1.45 | 0.98 |
+
+What changed, each measured on its own:
+1. The log streamer batched output for 250 ms before a request and slept through that pause even when the job had
+   ended: its last chunk, and so the result behind it, waited out the pause. The pause now ends when the job ends or
+   a chunk fills (236 -> 61 ms).
+2. dockerd emits a container's `die` event and then cleans the container up (unmounts, network teardown) holding
+   its lock: `wait` returns and `inspect` answers 40-75 ms after the exit. The Docker executor reads the exit code
+   from one `die` events stream instead (signal deaths, which may be OOM kills whose `oom` event can follow
+   `die`, still ask `inspect`). Measured with the executor alone: exit known 0.6-2.9 ms after `die`, against 44-65 ms.
+3. The development control plane answered in two writes with Nagle's algorithm on, so every answer's body waited
+   for the agent's delayed ACK (~40 ms on the last log chunk and on the complete request alike). It now sets
+   TCP_NODELAY, as production HTTP servers do (61 -> 14 ms together with 2).
+4. Found by the four-in-flight loop: the poller counted free slots before marking its poll as one that cannot
+   carry jobs, so a slot freed in between was missed and the agent idled through a whole long poll with a job
+   waiting. Fixed (tests/test_poller.py).
 """
+
+
+def image_sizes(client: docker.DockerClient, tiny: bool) -> dict:
+    """The agent's image as `make image` builds it (the tests' build, when present, in --tiny mode): the agent's own
+    layers (those its base does not have) and the whole image, from `docker history`."""
+    tag = "radix-cluster-agent:test" if tiny else "radix-cluster-agent:bench"
+    try:
+        image = client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        build = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_image.py"), "--tag", tag],
+                               capture_output=True, text=True, timeout=1800)
+        if build.returncode != 0:
+            return {"error": (build.stderr or build.stdout).strip().splitlines()[-1:]}
+        image = client.images.get(tag)
+    base_name = next((line.split("=", 1)[1] for line in subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, 'scripts'); import build_image, docker; "
+         "print('base=' + build_image.usable_base(docker.from_env()))"], cwd=ROOT, capture_output=True, text=True,
+    ).stdout.splitlines() if line.startswith("base=")), "")
+    # The image is the base's layers plus the agent's own: what its history adds up to beyond the base's.
+    base_bytes = sum(layer["Size"] for layer in client.images.get(base_name).history()) if base_name else 0
+    own_bytes = sum(layer["Size"] for layer in image.history()) - base_bytes
+    return {"tag": tag, "base": base_name, "total_mb": image.attrs["Size"] / 1e6, "own_mb": own_bytes / 1e6}
 
 
 def latency_rows(r: dict) -> list[str]:
@@ -369,6 +434,13 @@ def latency_rows(r: dict) -> list[str]:
         rows.append("| cost of each further running job, " + "; ".join(s[0] for s in slopes) + " | "
                     + "; ".join(f"{s[1]:.0f} KB RSS, {s[2]:.1f} threads" for s in slopes)
                     + f" | no faster than linear | {ok(linear)} |")
+    image = r["image"]
+    if "error" in image:
+        rows.append(f"| the agent's image | not built: {image['error']} | | |")
+    else:
+        rows.append(f"| the agent's image ({image['tag']}, multi-stage, on {image['base']}): its own layers / the whole "
+                    f"image | {image['own_mb']:.1f} MB / {image['total_mb']:.0f} MB | <= 25 MB / <= 150 MB on "
+                    f"python:3.11-slim | {ok(image['own_mb'] <= 25)} (own layers) |")
     pulls = r["pulls"]
     rows.append(f"| {pulls['jobs']} parallel jobs on an image not present: pulls seen by the engine | "
                 f"{pulls['pulls'] if pulls['pulls'] is not None else 'not measured: ' + pulls['why']} | 1 | "
