@@ -5,7 +5,8 @@ FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    RADIX_HEALTHCHECK_BEACON=/tmp/radix-healthcheck.json
 
 COPY requirements.txt /tmp/requirements.txt
 COPY docker/extra-ca/ /tmp/extra-ca/
@@ -20,7 +21,8 @@ COPY cluster_agent /app/cluster_agent
 
 # The agent is PID 1 (exec form): SIGTERM from `docker stop` reaches its handler directly.
 STOPSIGNAL SIGTERM
-# /healthz on the metrics port (or, with --metrics-port 0, the liveness file the poll loop touches).
+# /healthz of the agent in this container, wherever its flags put it (or, with --metrics-port 0, the liveness
+# file its poll loop touches): the agent says where in $RADIX_HEALTHCHECK_BEACON (cluster_agent/healthcheck.py).
 EXPOSE 9464
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
   CMD ["python3", "-m", "cluster_agent.healthcheck"]
