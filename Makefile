@@ -11,7 +11,7 @@ IMAGE_NAME  ?= radix-cluster-agent
 RELEASE_TAG ?=
 GIT_SHA     := $(shell git rev-parse HEAD 2>/dev/null)
 
-.PHONY: help venv engine test-deps test unit-test integration-test demo image push gpu-check bench profile-dispatch slurm-lab slurm-lab-stop clean
+.PHONY: help venv engine test-deps test unit-test integration-test demo demo-deps example-ml image push gpu-check bench profile-dispatch slurm-lab slurm-lab-stop clean
 
 help:
 	@echo "make test    unit + integration tests (starts a Docker engine if none answers)"
@@ -36,9 +36,11 @@ engine:
 
 # busybox-static makes the local job image (no registry is needed); docker-registry and apache2-utils (htpasswd)
 # run the private-registry tests; slurmctld, slurmd and munge the one-node Slurm cluster of the Slurm tests.
-TEST_PACKAGES := busybox-static docker-registry apache2-utils openssl slurmctld slurmd slurm-client munge
+# debootstrap builds a Debian base for the agent's image where python:3.11-slim cannot be pulled.
+TEST_PACKAGES := busybox-static docker-registry apache2-utils openssl slurmctld slurmd slurm-client munge debootstrap
 test-deps: venv engine
 	@command -v busybox >/dev/null 2>&1 && command -v docker-registry >/dev/null 2>&1 && command -v htpasswd >/dev/null 2>&1 \
+		&& command -v debootstrap >/dev/null 2>&1 \
 		&& command -v sbatch >/dev/null 2>&1 && test -x /usr/sbin/slurmctld && test -x /usr/sbin/munged || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_PACKAGES) >/dev/null; }
 	$(PY) -m devplane.images
@@ -52,8 +54,16 @@ integration-test: test-deps
 test: test-deps
 	AGENT_TEST_BASE_IMAGE="$(BASE_IMAGE)" AGENT_TEST_CA_BUNDLE="$(CA_BUNDLE)" $(PY) -m pytest -q tests
 
-demo: test-deps
+# The demo needs only the engine and busybox (its job image): not the Slurm, registry and TLS tools of the tests.
+demo-deps: venv engine
+	@command -v busybox >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >/dev/null; }
+
+demo: demo-deps
 	$(PY) scripts/demo.py
+
+# A real ML job (examples/sentiment/, VADER sentiment) built here and run through the dev control plane and the agent.
+example-ml: demo-deps
+	$(PY) scripts/example_ml.py
 
 # A real one-node Slurm cluster on this machine (root): the Slurm tests start it themselves; this is for trying
 # --execution-mode slurm by hand (docs/slurm.md). `make slurm-lab-stop` stops it.

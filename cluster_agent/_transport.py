@@ -13,6 +13,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -162,6 +163,7 @@ class Transport:
         self.secrets = Redactor([token])
         self._retry = retry
         self.timeout = request_timeout
+        self._unreachable_said = False  # the hint below, once per outage
         headers = {"User-Agent": f"radix-cluster-agent/{__version__}"}
         # Both clients run on deadline transports: a request made inside request_deadline() ends by its deadline
         # whatever the server does (see http_transport.py).
@@ -267,10 +269,13 @@ class Transport:
                     raise ControlPlaneUnavailable(
                         f"{path}: no complete answer within the request's deadline of {budget.seconds:.0f} s"
                     ) from None
+                if isinstance(exc, httpx.ConnectError):
+                    self._say_unreachable_once()
                 # str(exc) of httpx errors names the host, never headers; keep the type for diagnosis.
                 raise ControlPlaneUnavailable(f"{path}: cannot reach the control plane ({type(exc).__name__}: {exc})") from None
         status = answer.status
         if 200 <= status < 300:
+            self._unreachable_said = False
             if self._metrics is not None:
                 self._metrics.exchanged()
             return answer
@@ -312,6 +317,11 @@ class Transport:
             content = b""
         return Answer(status, response.headers, content)
 
+    def _say_unreachable_once(self) -> None:
+        if not self._unreachable_said:
+            self._unreachable_said = True
+            log.error("%s", _unreachable_hint(self._base))
+
     def _count_error(self, endpoint: str, kind: str) -> None:
         if self._metrics is not None:
             self._metrics.control_plane_errors.labels(endpoint=endpoint, kind=kind).inc()
@@ -332,6 +342,17 @@ class Transport:
         wait = state.next_action.sleep if state.next_action else 0.0
         level = logging.ERROR if isinstance(exc, TokenRejected) else logging.WARNING
         log.log(level, "%s failed (attempt %d): %s; retrying in %.1f s", path, state.attempt_number, exc, wait)
+
+
+def _unreachable_hint(base: str) -> str:
+    url = httpx.URL(base)
+    host = (url.host or "").lower()
+    hint = (f"nothing answers at {url.scheme}://{url.netloc.decode()}: check --api-base / RADIX_API_BASE (its host, port and scheme) and that the "
+            "control plane runs; the agent keeps retrying")
+    if host in ("127.0.0.1", "localhost", "::1") and os.path.exists("/.dockerenv"):
+        hint += ("; the agent runs in a container, where 127.0.0.1 is the container itself: give it the host's "
+                 "address, or run it with --network host (README, 'Against a control plane on this host')")
+    return hint
 
 
 def _read_bounded(response: httpx.Response, limit: int, path: str, *, truncate: bool = False) -> bytes:

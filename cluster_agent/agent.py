@@ -12,6 +12,7 @@ Every job the agent holds is one `JobHandle` in one `JobTable` (job_table.py).
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 # With --on-shutdown leave the agent exits within this (jobs keep running for the next agent).
 LEAVE_EXIT_SECONDS = 9.0
+RECENTLY_FINISHED = 1024
 
 
 class Agent:
@@ -85,6 +87,8 @@ class Agent:
         )
         self.jobs_accepted = 0
         self.jobs_finished = 0
+        # The jobs that ended here lately, so that a repeated cancel for one is not reported as a stranger's.
+        self._finished: collections.deque[str] = collections.deque(maxlen=RECENTLY_FINISHED)
         if metrics is not None:
             metrics.running_jobs.set_function(lambda: len(self._jobs.running()))
             metrics.free_slots.set_function(self._slots.free)
@@ -239,7 +243,11 @@ class Agent:
         """Cancel a job the control plane asked to cancel; one this agent does not run is ignored."""
         handle = self._jobs.get(job_id)
         if handle is None or handle.run is None or not handle.running:
-            log.info("cancel for job %s, which this agent does not run: ignored", job_id)
+            if handle is not None or job_id in self._finished:
+                # A control plane repeats a cancel until it sees the result: the job already ended here.
+                log.debug("cancel for job %s, which already finished here: nothing to do", job_id)
+            else:
+                log.info("cancel for job %s, which this agent does not run: ignored", job_id)
             return
         log.info("job %s: cancel requested by the control plane", job_id)
         # Stopping takes up to the SIGKILL grace: never on the poller's or a streamer's thread.
@@ -293,6 +301,7 @@ class Agent:
         try:
             self._deliver(handle, completion)
         finally:
+            self._finished.append(handle.job_id)
             self._jobs.remove(handle.job_id)
         self.jobs_finished += 1
         if self._settings.max_jobs and self.jobs_finished >= self._settings.max_jobs:

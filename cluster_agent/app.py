@@ -13,10 +13,11 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import __version__
+from . import __version__, healthcheck
 from .agent import Agent
 from .cli import build_parser, load_settings
 from .control_plane import ControlPlaneClient
@@ -85,6 +86,7 @@ def _run_agent(argv: list[str], redactor: Redactor) -> int:
                   redactor=redactor, jobs_dir_held=jobs_lock.still_held)
     agent.stopping = stop
     ops = _start_ops_server(settings, metrics, agent)
+    healthcheck.write_beacon(ops.healthz_url if ops is not None else None, settings.health_file)
     try:
         return agent.run()
     finally:
@@ -134,6 +136,10 @@ def _run_job(argv: list[str], redactor: Redactor) -> int:
         raise ConfigError(f"cannot read job file {path}: {exc.strerror}") from None
     except ValueError as exc:
         raise ConfigError(f"job file {path} is not valid JSON: {exc}") from None
+    if isinstance(raw, dict) and raw.get("job_id") in (None, ""):
+        # As the development control plane does: a job file need not name its job.
+        raw = {**raw, "job_id": f"job-{uuid.uuid4().hex[:12]}"}
+        log.info("%s names no job_id: running it as %s", path, raw["job_id"])
     check_jobs_workdir(settings.jobs_workdir)
     # An agent on the same directory would take this job's directory for one it must recover. A one-shot command
     # does not wait for a running agent to go: it says so at once.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import textwrap
-from typing import Any, get_args
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -21,6 +21,16 @@ USAGE = """\
 
 def _is_bool(annotation: Any) -> bool:
     return annotation is bool or bool in get_args(annotation)
+
+
+def _choices(annotation: Any) -> list[str]:
+    """The allowed values of a Literal setting (also inside Optional), for --help."""
+    if get_origin(annotation) is Literal:
+        return [str(value) for value in get_args(annotation)]
+    for arg in get_args(annotation):
+        if get_origin(arg) is Literal:
+            return [str(value) for value in get_args(arg)]
+    return []
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -44,7 +54,9 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     for name, info in Settings.model_fields.items():
         default = info.default
         shown = "none" if default is None else default
-        help_text = f"{info.description} [env {env_name(name)}; default: {shown}]"
+        choices = _choices(info.annotation)
+        one_of = f"one of: {', '.join(choices)}; " if choices else ""
+        help_text = f"{info.description} [{one_of}env {env_name(name)}; default: {shown}]"
         if _is_bool(info.annotation):
             group.add_argument(flag_name(name), dest=name, action=argparse.BooleanOptionalAction, help=help_text)
         else:

@@ -58,6 +58,16 @@ class OpsServer:
     def port(self) -> int:
         return int(self._server.server_address[1])
 
+    @property
+    def healthz_url(self) -> str:
+        """Where a process on this host (or in this container) reaches /healthz."""
+        host = str(self._server.server_address[0])
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}/healthz"
+
     def health(self) -> tuple[bool, dict[str, object]]:
         age = self._metrics.last_exchange_age()
         alive = self._loop_alive()

@@ -1,19 +1,52 @@
 #!/usr/bin/env python3
 """Builds the agent's image with the Docker SDK (no docker CLI needed).
 
+Without --base-image the Dockerfile's default base (python:3.11-slim) is used when it is here or can be pulled;
+on a machine that cannot pull it, a Debian base with Python is built locally instead (scripts/debian_base_image.py,
+debootstrap), and the build says so in one line. pip inside the build trusts the host's CA bundle when there is
+one (a proxy that re-signs TLS otherwise breaks it); --ca-bundle names another.
+
 Usage: build_image.py [--tag TAG] [--base-image IMAGE] [--ca-bundle FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import docker
 
 ROOT = Path(__file__).resolve().parents[1]
+LOCAL_BASE = "radix-build/debian-python3:bookworm"
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+def default_base() -> str:
+    match = re.search(r"^ARG BASE_IMAGE=(\S+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert match, "the Dockerfile names its default base in ARG BASE_IMAGE=..."
+    return match.group(1)
+
+
+def usable_base(client: docker.DockerClient) -> str:
+    """The Dockerfile's default base if it is here or can be pulled, else the locally built Debian one."""
+    base = default_base()
+    try:
+        client.images.get(base)
+        return base
+    except docker.errors.ImageNotFound:
+        pass
+    try:
+        client.images.pull(base)
+        return base
+    except docker.errors.APIError as exc:
+        reason = str(getattr(exc, "explanation", None) or exc).splitlines()[0][:160]
+    print(f"cannot pull {base} ({reason}): building on a local Debian base, {LOCAL_BASE}, instead", flush=True)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "debian_base_image.py"), LOCAL_BASE], check=True)
+    return LOCAL_BASE
 
 
 def main() -> int:
@@ -25,10 +58,11 @@ def main() -> int:
 
     extra_ca = ROOT / "docker" / "extra-ca" / "ca-certificates.crt"
     extra_ca.unlink(missing_ok=True)
-    if args.ca_bundle:
-        shutil.copyfile(args.ca_bundle, extra_ca)
-    build_args = {"BASE_IMAGE": args.base_image} if args.base_image else {}
+    ca_bundle = args.ca_bundle or (str(HOST_CA_BUNDLE) if HOST_CA_BUNDLE.is_file() else "")
+    if ca_bundle:
+        shutil.copyfile(ca_bundle, extra_ca)
     client = docker.from_env(timeout=900)
+    build_args = {"BASE_IMAGE": args.base_image or usable_base(client)}
     try:
         for item in client.api.build(path=str(ROOT), tag=args.tag, buildargs=build_args, rm=True, forcerm=True, decode=True):
             if "stream" in item:

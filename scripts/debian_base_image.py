@@ -7,6 +7,7 @@ Used by .ci/run as BASE_IMAGE for `make image`. Usage: debian_base_image.py [IMA
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,10 @@ def main() -> int:
         return 0
     except docker.errors.ImageNotFound:
         pass
+    if shutil.which("debootstrap") is None:
+        print(f"{name}: cannot build it without debootstrap: install it (apt-get install debootstrap), or give the "
+              "build a base image that has Python 3.11+ and venv (make image BASE_IMAGE=...)", file=sys.stderr)
+        return 1
     with tempfile.TemporaryDirectory(prefix="radix-rootfs-") as tmp:
         rootfs = Path(tmp) / "rootfs"
         print(f"{name}: debootstrap into {rootfs}", flush=True)

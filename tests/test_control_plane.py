@@ -111,6 +111,21 @@ def test_network_errors_5xx_408_429_are_retried(client):
     assert route.call_count == 6
 
 
+@respx.mock
+def test_a_dead_api_base_is_named_once_per_outage_with_the_setting_to_check(client, caplog):
+    respx.post(f"{CLUSTER}/jobs/poll").mock(
+        side_effect=[httpx.ConnectError("refused")] * 4 + [httpx.Response(200, json={"jobs": []})]
+        + [httpx.ConnectError("refused")] * 2 + [httpx.Response(200, json={"jobs": []})]
+    )
+    with caplog.at_level("ERROR"):
+        _poll(client)
+        _poll(client)
+    hints = [r.getMessage() for r in caplog.records if "nothing answers" in r.getMessage()]
+    assert hints == [f"nothing answers at https://cp.example.com: check --api-base / RADIX_API_BASE (its host, port "
+                     "and scheme) and that the control plane runs; the agent keeps retrying"] * 2  # one per outage
+    assert TOKEN not in caplog.text
+
+
 def _answer_until_cancelled(status, cancel, calls, after=3):
     """A side effect answering `status`, setting `cancel` on the `after`-th call."""
 

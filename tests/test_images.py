@@ -92,7 +92,7 @@ def test_always_shares_a_pull_that_began_after_the_job_asked():
 def test_a_failed_pull_serves_nobody_and_every_job_says_why():
     api = FakeApi(fail=True)
     errors = _in_parallel(_puller(api), ["reg.example/x:1"] * 3)
-    assert len(errors) == 3 and all("manifest unknown" in e for e in errors)
+    assert len(errors) == 3 and all("manifest unknown" in e and "--pull-policy never" in e for e in errors)
 
 
 def test_never_refuses_a_missing_image_without_pulling():

@@ -116,6 +116,10 @@ def test_help_lists_every_setting_with_env_var_and_default():
         assert flag_name(name) in text
         assert env_name(name) in text
     assert "default: 30.0" in text and "default: /tmp/radix-jobs" in text
+    # Choice settings say their allowed values.
+    assert "one of: always, if-not-present, never; env RADIX_PULL_POLICY" in text
+    assert "one of: DEBUG, INFO, WARNING, ERROR; env RADIX_LOG_LEVEL" in text
+    assert "one of: docker, slurm;" in text
 
 
 def test_missing_required_setting_exits_2_without_traceback():

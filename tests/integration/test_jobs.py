@@ -233,3 +233,13 @@ def test_run_job_prints_the_completion(tmp_path, busybox):
     )
     assert out.returncode == 1
     assert json.loads(out.stdout)["failure_reason"] == "exit_code"
+
+    # A job file that names no job (as the dev control plane allows) runs under an id of its own.
+    job.write_text(json.dumps({"image": BUSYBOX_IMAGE, "command": ["sh", "-c", 'echo "{\\"id\\": \\"$RADIX_JOB_ID\\"}"']}))
+    out = subprocess.run(
+        [sys.executable, "main.py", "run-job", str(job), "--jobs-workdir", str(tmp_path / "jobs")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    given = json.loads(out.stdout)["output_payload"]["id"]
+    assert given.startswith("job-") and f"running it as {given}" in out.stderr

@@ -125,6 +125,18 @@ def test_cancel_for_a_job_the_agent_does_not_run_is_ignored(cp, start_agent):
     assert "some-other-job, which this agent does not run" in agent.log
 
 
+def test_a_cancel_repeated_after_the_job_ended_is_not_reported_as_a_strangers(cp, start_agent):
+    """A control plane repeats a cancel until it sees the result; one arriving after the job ended here is not a
+    job this agent 'does not run'."""
+    agent = start_agent("--long-poll-seconds", "2")
+    job_id = cp.submit(command=["true"])
+    assert cp.result(job_id)["result"]["status"] == "succeeded"
+    cp._call("/admin/raw_poll", {"body": {"jobs": [], "cancel_job_ids": [job_id]}})  # the next poll's answer
+    cp.cancel("never-seen-job")  # a later poll's: once it is logged, the repeated cancel above was handled
+    agent.wait_for_log("never-seen-job, which this agent does not run")
+    assert f"{job_id}, which this agent does not run" not in agent.log
+
+
 def test_busy_agent_keeps_a_max_jobs_0_poll_open_for_cancellations(cp, start_agent, docker_client):
     start_agent("--long-poll-seconds", "25")
     job_id = cp.submit(command=["sleep", "300"])

@@ -21,6 +21,10 @@ __all__ = ["ImagePuller"]
 
 log = logging.getLogger(__name__)
 
+PULL_FIX = (
+    "check the image's name and tag, and the registry login (the job's registry_auth, or the engine's docker "
+    "config); or load the image onto this host (docker load) and run with --pull-policy never"
+)
 # While a pull runs, its progress is logged this often (seconds).
 PULL_REPORT_EVERY_SECONDS = 10.0
 
@@ -104,13 +108,13 @@ class ImagePuller:
             if item is done:
                 break
             if isinstance(item, APIError):
-                raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"cannot pull image {image}: {explain(item)}")
+                raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"cannot pull image {image}: {explain(item)}; {PULL_FIX}")
             if isinstance(item, Exception):
                 raise EngineUnavailable(f"the image pull broke off: {item}")
             if not isinstance(item, dict):
                 continue
             if item.get("error"):
-                raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"cannot pull image {image}: {item['error']}")
+                raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"cannot pull image {image}: {item['error']}; {PULL_FIX}")
             if item.get("id") and item.get("status"):
                 layers[item["id"]] = item["status"]
             if self._clock.monotonic() - last_report >= PULL_REPORT_EVERY_SECONDS:

@@ -7,6 +7,7 @@ import logging
 import re
 import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ...capabilities import host_capabilities
 from ...disk import DiskGuard
@@ -31,6 +32,19 @@ ENGINE_FIX = (
 )
 
 
+PERMISSION_FIX = (
+    "this user may not use the Docker socket: run the agent as root, or as a user in the socket's group "
+    "(`ls -l /var/run/docker.sock` shows it; usually `docker`: `usermod -aG docker $USER`, then log in again)"
+)
+
+
+def engine_fix(error: str) -> str:
+    """What to do about an engine that cannot be reached, from how it failed."""
+    if "Permission denied" in error or "PermissionError" in error:
+        return PERMISSION_FIX
+    return ENGINE_FIX
+
+
 def connect_engine(settings: Settings) -> DockerExecutor:
     try:
         executor = DockerExecutor(
@@ -39,7 +53,7 @@ def connect_engine(settings: Settings) -> DockerExecutor:
         executor.ping()
         runtimes = executor.info().get("Runtimes") or {}
     except EngineUnavailable as exc:
-        raise ConfigError(f"{exc}; {ENGINE_FIX}") from None
+        raise ConfigError(f"{exc}; {engine_fix(str(exc))}") from None
     dirs = [Path(d.strip()) for d in settings.cdi_spec_dirs.split(",") if d.strip()]
     executor.gpu_injection = choose_injection(settings.gpu_mode, runtimes, dirs)
     return executor
@@ -84,11 +98,35 @@ def check_jobs_mount(executor: DockerExecutor, jobs_workdir: Path) -> None:
         raise ConfigError(f"--jobs-workdir / RADIX_JOBS_WORKDIR: {target} is not mounted from the host, so jobs would not see their files; {fix}")
     host_path = best.get("Source", "") + target[len(best["Destination"].rstrip("/")):]
     if host_path != target:
+        # The host's directory is the one to keep: mount it at its own path inside too.
         raise ConfigError(
             f"--jobs-workdir / RADIX_JOBS_WORKDIR: {target} is mounted from host path {host_path}; the engine would "
-            f"mount the host's {target} into jobs instead; {fix}"
+            f"mount the host's {target} into jobs instead; run the agent with -v {host_path}:{host_path} (the same "
+            f"path inside and outside) and --jobs-workdir {host_path}"
         )
 
+
+
+def warn_loopback_api_base(executor: DockerExecutor, api_base: str) -> None:
+    """In a container with a network of its own, a loopback --api-base is the container itself: say so once at
+    start-up (the agent would otherwise retry `Connection refused` forever)."""
+    host = (urlsplit(api_base).hostname or "").lower()
+    if host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
+        return
+    container_id = _own_container_id()
+    if container_id is None:
+        return
+    try:
+        network = executor.client.api.inspect_container(container_id)["HostConfig"].get("NetworkMode", "")
+    except Exception:  # not our engine, or a custom hostname: nothing to go by
+        return
+    if network != "host":
+        log.warning(
+            "--api-base %s is a loopback address, but this agent runs in a container on the %r network, where it "
+            "means the container itself: use the host's address (e.g. http://<host ip>:<port>, or "
+            "host.docker.internal with --add-host host.docker.internal:host-gateway), or run the agent with "
+            "--network host", api_base, network or "default",
+        )
 
 
 def open_mode(settings: Settings, metrics: Metrics | None = None) -> ExecutionMode:
@@ -96,6 +134,8 @@ def open_mode(settings: Settings, metrics: Metrics | None = None) -> ExecutionMo
     Raises ConfigError (no engine, a mis-mounted jobs directory)."""
     executor = connect_engine(settings)
     check_jobs_mount(executor, settings.jobs_workdir)
+    if settings.api_base:
+        warn_loopback_api_base(executor, settings.api_base)
     gpus = detect_gpus()
     pool = GpuPool(gpus)
     engine = executor.info()
