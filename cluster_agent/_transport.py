@@ -273,6 +273,10 @@ class Transport:
                     self._say_unreachable_once()
                 # str(exc) of httpx errors names the host, never headers; keep the type for diagnosis.
                 raise ControlPlaneUnavailable(f"{path}: cannot reach the control plane ({type(exc).__name__}: {exc})") from None
+        return self._accepted(answer, path, endpoint)
+
+    def _accepted(self, answer: Answer, path: str, endpoint: str) -> Answer:
+        """The answer if it is a 2xx; else the error its status means (retryable or not)."""
         status = answer.status
         if 200 <= status < 300:
             self._unreachable_said = False

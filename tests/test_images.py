@@ -100,3 +100,19 @@ def test_never_refuses_a_missing_image_without_pulling():
     with pytest.raises(JobFailed, match="--pull-policy is never"):
         _puller(api).prepare("reg.example/x:1", "never")
     assert api.pulls == []
+
+
+def test_an_image_found_present_is_not_asked_for_again_until_forgotten():
+    api = FakeApi(present={"reg.example/x:1"})
+    inspections = []
+    real = api.inspect_image
+    api.inspect_image = lambda image: (inspections.append(image), real(image))[1]
+    puller = _puller(api)
+    puller.prepare("reg.example/x:1")
+    puller.prepare("reg.example/x:1")
+    assert inspections == ["reg.example/x:1"]  # one engine round trip, not one per job
+    assert puller.assumed_present("reg.example/x:1")
+    puller.forget("reg.example/x:1")  # the executor's create found it gone
+    api.present.clear()
+    puller.prepare("reg.example/x:1")
+    assert api.pulls == ["reg.example/x:1"]

@@ -243,3 +243,18 @@ def test_run_job_prints_the_completion(tmp_path, busybox):
     assert out.returncode == 0, out.stderr
     given = json.loads(out.stdout)["output_payload"]["id"]
     assert given.startswith("job-") and f"running it as {given}" in out.stderr
+
+
+def test_an_image_removed_between_two_jobs_is_found_missing_at_create(cp, start_agent, docker_client, busybox):
+    """The agent takes an image it found present moments ago as present (no engine round trip per job); one removed
+    in between is found by the container's create, made present again (here: it cannot be pulled), and the job
+    gets the true reason."""
+    name = f"radix-test/removed-between:{time.monotonic_ns()}"
+    docker_client.images.get(busybox).tag(name)
+    start_agent()
+    assert cp.run(image=name, command=["echo", "{}"])["status"] == "succeeded"
+    eventually(lambda: not docker_client.containers.list(all=True, filters={"ancestor": name}), what="container gone")
+    docker_client.images.remove(name)
+    result = cp.run(image=name, command=["echo", "{}"])
+    assert result["status"] == "failed" and result["failure_reason"] == "image_unavailable", result
+    assert "cannot pull image" in result["error_message"] and "--pull-policy never" in result["error_message"]

@@ -154,22 +154,18 @@ class DockerExecutor:
     def start(self, spec: ContainerSpec) -> str:
         self._exits.start()
         host_config, env = self._host_config(spec)
-        with engine_call(f"create the container {spec.name}"):
-            try:
-                created = self._api.create_container(
-                    spec.image,
-                    command=spec.command or None,
-                    environment=env,
-                    working_dir=WORKSPACE,
-                    labels=spec.labels,
-                    name=spec.name,
-                    detach=True,
-                    host_config=self._api.create_host_config(**host_config),
-                )
-            except ImageNotFound as exc:
+        try:
+            created = self._create(spec, host_config, env)
+        except ImageNotFound as exc:
+            if not self._images.assumed_present(spec.image):
                 raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"image {spec.image}: {explain(exc)}") from None
-            except APIError as exc:
-                raise self._classify(exc, "create the container") from None
+            # Found present a moment ago and gone since (pruned, removed by hand): make it present, once more.
+            self._images.forget(spec.image)
+            self._images.prepare(spec.image, spec.pull_policy, spec.registry_auth)
+            try:
+                created = self._create(spec, host_config, env)
+            except ImageNotFound as again:
+                raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"image {spec.image}: {explain(again)}") from None
         container_id: str = created["Id"]
         self._exits.watch(container_id)
         step = "attach to the container's output"
@@ -191,6 +187,25 @@ class DockerExecutor:
             self._give_up(container_id)
             raise
         return container_id
+
+    def _create(self, spec: ContainerSpec, host_config: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+        """Create the container; ImageNotFound goes to the caller, other engine errors become JobFailed."""
+        with engine_call(f"create the container {spec.name}"):
+            try:
+                return self._api.create_container(
+                    spec.image,
+                    command=spec.command or None,
+                    environment=env,
+                    working_dir=WORKSPACE,
+                    labels=spec.labels,
+                    name=spec.name,
+                    detach=True,
+                    host_config=self._api.create_host_config(**host_config),
+                )
+            except ImageNotFound:
+                raise
+            except APIError as exc:
+                raise self._classify(exc, "create the container") from None
 
     def _give_up(self, container_id: str) -> None:
         self._forget(container_id)

@@ -25,6 +25,9 @@ PULL_FIX = (
     "check the image's name and tag, and the registry login (the job's registry_auth, or the engine's docker "
     "config); or load the image onto this host (docker load) and run with --pull-policy never"
 )
+# An image found present is taken as present this long without asking the engine again (seconds); one removed
+# meanwhile is found by the container's create, which then makes it present again.
+PRESENT_FOR_SECONDS = 60.0
 # While a pull runs, its progress is logged this often (seconds).
 PULL_REPORT_EVERY_SECONDS = 10.0
 
@@ -41,6 +44,7 @@ class ImagePuller:
         # Different images are pulled side by side.
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._present_at: dict[str, float] = {}  # when each image was last found present (monotonic)
         self._pulled_since: dict[str, float] = {}  # when the last pull of each image began (monotonic); under its lock
 
     def _lock_for(self, image: str) -> threading.Lock:
@@ -54,11 +58,17 @@ class ImagePuller:
 
         Parallel jobs share one pull: with `always`, a pull that began after a job asked serves that job too."""
         asked = self._clock.monotonic()
+        if policy == "if-not-present" and self.assumed_present(image):
+            # Found present moments ago: no engine round trip on every job's path to running. If it went away
+            # since, the container's create says so and the executor comes back here (after forget()).
+            return
         with engine_call(f"prepare image {image}"):
             if policy != "always" and self._present(image, policy):
+                self._mark_present(image)
                 return  # the common case takes no lock: jobs on a present image never wait for each other
             with self._lock_for(image):
                 if policy != "always" and self._present(image, policy):
+                    self._mark_present(image)
                     return  # the job before this one pulled it
                 if policy == "always" and self._pulled_since.get(image, float("-inf")) >= asked:
                     return
@@ -69,6 +79,21 @@ class ImagePuller:
                 except ImageNotFound:
                     raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"image {image} is still missing after its pull") from None
                 self._pulled_since[image] = began  # only a pull that worked serves the jobs waiting for it
+                self._mark_present(image)
+
+    def assumed_present(self, image: str) -> bool:
+        """Found present within the last PRESENT_FOR_SECONDS."""
+        with self._locks_guard:
+            seen = self._present_at.get(image)
+        return seen is not None and self._clock.monotonic() - seen < PRESENT_FOR_SECONDS
+
+    def forget(self, image: str) -> None:
+        with self._locks_guard:
+            self._present_at.pop(image, None)
+
+    def _mark_present(self, image: str) -> None:
+        with self._locks_guard:
+            self._present_at[image] = self._clock.monotonic()
 
     def _present(self, image: str, policy: str) -> bool:
         try:
