@@ -142,9 +142,11 @@ def agent_timeline(
         record, seen = plane.state.jobs[job_id], events.get(job_id, {})
         if "start" in seen and record.assigned_at:
             to_running.append(seen["start"] - record.assigned_at)
+        else:
+            to_running.append(float("nan"))  # kept in step with job_ids
         if "die" in seen and record.completed_at:
             exit_to_complete.append(record.completed_at - seen["die"])
-    return {"to_running": to_running, "exit_to_complete": exit_to_complete}
+    return {"to_running": to_running, "exit_to_complete": exit_to_complete}  # to_running: one per job, in order
 
 
 def trivial_loop(start_agent: Callable[..., Any], token: str, *, n: int, rounds: int,

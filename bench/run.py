@@ -212,12 +212,16 @@ def main() -> int:
     time.sleep(0.6)
     import latency  # noqa: E402 - bench/ is this script's directory
     to_running = latency.agent_timeline(client, plane, sampled, since - 1, time.time())["to_running"]
+    # Each job beside the engine's own create+attach+start measured right after it: the engine's drift between
+    # samples (+-15 ms here) cancels in the pair.
+    over = [r - e for r, e in zip(to_running, engine) if r == r]
+    to_running = [r for r in to_running if r == r]
     measured = read_dispatch_metrics(metrics_port, since=before)
     results["long_poll"] = {"agent_engine_mean": measured["radix_agent_container_start_seconds"]["mean"],
                             "agent_own_mean": measured["radix_agent_dispatch_overhead_seconds"]["mean"],"pickup_p50": pct(pickup, 50), "pickup_p95": pct(pickup, 95),
                             "start_p50": pct(to_start, 50), "start_p95": pct(to_start, 95),
                             "engine_p50": pct(engine, 50), "engine_p95": pct(engine, 95), "own_p50": pct(own, 50),
-                            "to_running_p50": pct(to_running, 50)}
+                            "to_running_p50": pct(to_running, 50), "over_p50": pct(over, 50)}
     print("long poll", results["long_poll"], flush=True)
 
     # 4a. idle footprint (the agent has been idle since the last job)
@@ -402,7 +406,7 @@ def latency_rows(r: dict) -> list[str]:
         return "met" if good else "**missed**"
 
     one, four, tl, lp = r["loop"]["serial"], r["loop"]["four"], r["loop"]["timeline"], r["long_poll"]
-    over = 1000 * (lp["to_running_p50"] - lp["engine_p50"])
+    over = 1000 * lp["over_p50"]
     rows = [
         f"| trivial-job loop, one job in flight (each pushed when the previous result arrived): agent / bare SDK loop "
         f"(median of {one['rounds']} interleaved rounds of {one['n']}) | {one['ratio']:.2f} (push -> complete "
@@ -413,9 +417,9 @@ def latency_rows(r: dict) -> list[str]:
         f"{tl['exit_to_complete_p50_ms']:.1f} / {tl['exit_to_complete_p95_ms']:.1f} ms | <= 20 / <= 50 ms | "
         f"{ok(tl['exit_to_complete_p50_ms'] <= 20 and tl['exit_to_complete_p95_ms'] <= 50)} |",
         f"| poll answered -> container running (engine's start event; the agent idle between jobs, as in the long "
-        f"poll rows), p50, vs the engine's create+attach+start of the same container config, p50 | "
-        f"{1000 * lp['to_running_p50']:.1f} vs {1000 * lp['engine_p50']:.1f} ms ({over:+.1f} ms) | <= +10 ms | "
-        f"{ok(over <= 10)} |",
+        f"poll rows), p50 {1000 * lp['to_running_p50']:.1f} ms, beside the engine's create+attach+start of the same "
+        f"container config (p50 {1000 * lp['engine_p50']:.1f} ms): the difference, job by job, p50 | {over:+.1f} ms | "
+        f"<= +10 ms | {ok(over <= 10)} |",
     ]
     for row in r["concurrency"]:
         rows.append(f"| agent with {row['jobs']} running jobs ({row['running']} containers seen running): RSS, "
