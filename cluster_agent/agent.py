@@ -187,14 +187,17 @@ class Agent:
         # Jobs whose result is on its way are this agent's until delivered: the server sending one again meanwhile
         # is a duplicate, never a second run.
         for directory, body, container in found.spooled:
-            if self._jobs.add(JobHandle(directory.job_id, directory)):
-                self._spawn(f"deliver-{directory.job_id}", self._deliver_spooled, directory, body, container)
+            handle = JobHandle(directory.job_id, directory)
+            if self._jobs.add(handle):
+                handle.thread = self._spawn(f"deliver-{directory.job_id}", self._deliver_spooled, directory, body,
+                                            container)
         for spec, container_id in found.vanished:
             job = ReceivedJob.parse(spec, self._redactor)
             if job.job_id is not None:
-                directory = JobDirectory(self._settings.jobs_workdir, job.job_id)
-                if self._jobs.add(JobHandle(job.job_id, directory)):
-                    self._spawn(f"job-{job.job_id}", self._report_vanished, directory, container_id)
+                handle = JobHandle(job.job_id, JobDirectory(self._settings.jobs_workdir, job.job_id))
+                if self._jobs.add(handle):
+                    handle.thread = self._spawn(f"job-{job.job_id}", self._report_vanished, handle.directory,
+                                                container_id)
         for spec in found.never_started:
             self._accept(spec)
         for spec, state in found.adopt:
@@ -226,10 +229,11 @@ class Agent:
         finally:
             self._jobs.remove(directory.job_id)
 
-    def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
+    def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> threading.Thread:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
         self._threads.append(thread)
         thread.start()
+        return thread
 
     # --- taking work ---------------------------------------------------------------------------------------
 
@@ -284,7 +288,7 @@ class Agent:
         if self.stopping.is_set() and adopted is None:
             # Arrived with the last poll after shutdown began: report it rather than leave it assigned to nobody.
             handle.run.stop(FailureReason.INTERRUPTED, "the agent was shutting down when the job arrived; resubmit it")
-        self._spawn(f"job-{job_id}", self._work, handle)
+        handle.thread = self._spawn(f"job-{job_id}", self._work, handle)
 
     # --- one job -------------------------------------------------------------------------------------------
 

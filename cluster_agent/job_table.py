@@ -20,6 +20,7 @@ class JobHandle:
 
     run        its runner; None for a result recovered from disk, which is only delivered
     live       what the control plane sees of it (start call, live log); None when only delivered
+    thread     the thread that runs or delivers it
     running    holds a slot: from accepted until its workspace and container are gone
     """
 
@@ -27,6 +28,7 @@ class JobHandle:
     directory: JobDirectory
     run: JobRun | None = None
     live: LiveJob | None = None
+    thread: threading.Thread | None = None
     running: bool = False
 
 
