@@ -354,8 +354,9 @@ def _unreachable_hint(base: str) -> str:
     hint = (f"nothing answers at {url.scheme}://{url.netloc.decode()}: check --api-base / RADIX_API_BASE (its host, port and scheme) and that the "
             "control plane runs; the agent keeps retrying")
     if host in ("127.0.0.1", "localhost", "::1") and os.path.exists("/.dockerenv"):
-        hint += ("; the agent runs in a container, where 127.0.0.1 is the container itself: give it the host's "
-                 "address, or run it with --network host (README, 'Against a control plane on this host')")
+        # Whether this container shares the host's network is not known here (the start-up check knows).
+        hint += ("; if this agent runs in a container without --network host, 127.0.0.1 is the container itself: "
+                 "give it the host's address (README, 'Against a control plane on this host')")
     return hint
 
 

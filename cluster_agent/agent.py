@@ -124,7 +124,7 @@ class Agent:
         leave = self._settings.on_shutdown == "leave"
         grace = min(self._settings.shutdown_grace, LEAVE_EXIT_SECONDS) if leave else self._settings.shutdown_grace
         deadline = self._clock() + grace
-        running = self._active()
+        running = self._still_running()
         log.info(
             "shutting down: no new jobs; %d running, which %s; exiting within %.0f s",
             len(running), "are left to the next agent" if leave else "will be stopped if still running", grace,
@@ -142,7 +142,7 @@ class Agent:
             if handle.live is not None:
                 handle.live.abandon()
         self._heartbeat.stop(timeout=1.0)
-        left = [run.job_id or "?" for run in self._active()]
+        left = [run.job_id or "?" for run in self._still_running()]
         if left:
             log.info("left %d running job(s) to the next agent: %s", len(left), ", ".join(left))
         log.info("agent stopped")
@@ -166,6 +166,11 @@ class Agent:
 
     def _active(self) -> list[JobRun]:
         return [handle.run for handle in self._jobs.running() if handle.run is not None]
+
+    def _still_running(self) -> list[JobRun]:
+        """Jobs whose result is not known yet (a finished job holds its slot a moment longer, while its container
+        is removed: it is not 'running' in what the agent says at shutdown)."""
+        return [handle.run for handle in self._jobs.running() if handle.run is not None and not handle.finished]
 
     # --- after a restart -----------------------------------------------------------------------------------
 
@@ -301,6 +306,7 @@ class Agent:
         except BaseException:
             self._free_slot(handle)
             raise
+        handle.finished = True
         self._record_finished(handle, completion)
         try:
             self._deliver(handle, completion)

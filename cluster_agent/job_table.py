@@ -30,6 +30,7 @@ class JobHandle:
     live: LiveJob | None = None
     thread: threading.Thread | None = None
     running: bool = False
+    finished: bool = False  # its result is known (it may still hold its slot while its container is removed)
 
 
 class JobTable:

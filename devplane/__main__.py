@@ -13,6 +13,7 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import quote
 
 from .server import DevControlPlane
 
@@ -113,7 +114,12 @@ def _main(argv: list[str] | None) -> int:
             print(f"{job['job_id']}\t{job['state']}\t{status}")
         return 0
     if args.command == "cancel":
-        _call(f"{args.url}/admin/jobs/{args.job_id}/cancel", "POST", {})
+        job = _call(f"{args.url}/admin/jobs/{quote(args.job_id, safe='')}")  # an unknown id: one line, exit 1
+        if job.get("result") is not None:  # type: ignore[union-attr]
+            status = job["result"].get("status")  # type: ignore[index]
+            raise CliError(f"job {args.job_id} already finished ({status}): nothing to cancel")
+        _call(f"{args.url}/admin/jobs/{quote(args.job_id, safe='')}/cancel", "POST", {})
+        print(f"cancel requested for job {args.job_id}; `result {args.job_id}` shows when it ended")
         return 0
     record = _call(f"{args.url}/admin/jobs/{args.job_id}?wait={args.wait}")
     print(json.dumps(record, indent=2))

@@ -9,6 +9,7 @@ An agent that dies (at start-up or later) ends the demo at once, with its own la
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +31,8 @@ TOKEN = "demo-cluster-token"
 
 def main(extra_agent_args: list[str] | None = None, jobs: list[dict] | None = None) -> int:
     """Run `jobs` (default: every file in examples/jobs) through the dev control plane and an agent."""
-    print("== job image:", ensure_busybox_image(docker.from_env()))
+    if jobs is None:
+        print("== job image:", ensure_busybox_image(docker.from_env()))
     plane = DevControlPlane(cluster_id="demo-cluster", cluster_token=TOKEN).start()
     print("== dev control plane:", plane.url)
     workdir = Path(tempfile.mkdtemp(prefix="radix-demo-"))
@@ -72,6 +74,7 @@ def main(extra_agent_args: list[str] | None = None, jobs: list[dict] | None = No
             agent.send_signal(signal.SIGTERM)
         code = agent.wait(60)
         plane.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
         print(f"== agent exited with {code}; control plane stopped")
     return 0 if ok and code == 0 else 1
 

@@ -77,3 +77,15 @@ def test_jobs_lists_what_it_has(plane):
     plane.state.submit({"job_id": "listed-1", "image": "busybox"})
     run = cli("jobs", "--url", plane.url)
     assert run.returncode == 0 and run.stdout.split() == ["listed-1", "queued"]
+
+
+def test_cancel_of_an_unknown_or_finished_job_says_so_and_adds_nothing(plane):
+    one_line_error(cli("cancel", "--url", plane.url, "no-such-job"), "404", "unknown job no-such-job")
+    assert "no-such-job" not in plane.state.jobs
+    plane.state.submit({"job_id": "ended-1", "image": "busybox"})
+    plane.state.jobs["ended-1"].result = {"status": "succeeded"}
+    one_line_error(cli("cancel", "--url", plane.url, "ended-1"), "already finished (succeeded)")
+    plane.state.submit({"job_id": "queued-1", "image": "busybox"})
+    run = cli("cancel", "--url", plane.url, "queued-1")
+    assert run.returncode == 0 and "cancel requested for job queued-1" in run.stdout
+    assert plane.state.jobs["queued-1"].cancel_requested
