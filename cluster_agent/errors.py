@@ -29,6 +29,7 @@ __all__ = [
     "EngineUnavailable",
     "ExtensionUnsupported",
     "GpuLost",
+    "ImageGone",
     "JobFailed",
     "MalformedResponse",
     "PollInterrupted",
@@ -80,6 +81,11 @@ class JobFailed(AgentError):
     def __init__(self, reason: FailureReason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ImageGone(JobFailed):
+    """The image was found present moments before and is gone at the container's create (pruned, removed by hand):
+    the job runner makes it present again, outside the job's stop lock, and tries once more."""
 
 
 class SlurmRefused(AgentError):

@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 
 from .container_config import container_spec, gpus_for
 from .container_watch import ContainerWatch, StopRequest
-from .errors import EngineUnavailable, JobFailed
+from .errors import EngineUnavailable, ImageGone, JobFailed
 from .engine_watch import EngineWatch
 from .executors import LABEL_GPU_IDS, LABEL_TIMEOUT, STOP_GRACE_SECONDS, ContainerSpec, ContainerState, Executor
 from .gpu_pool import GpuAllocator
@@ -182,14 +182,9 @@ class JobRun:
             return self._stopped_before_start()
         try:
             self._given_gpus = gpus
-            with self._stop.lock:
-                if self._stop.event.is_set():
-                    return self._stopped_before_start()
-                engine_began = self._clock()
-                container_id = self._executor.start(self._container_spec(spec))
-                running = self._clock()
-                self._container_id = container_id
-            self.start_timing = (running - engine_began, max(0.0, engine_began - self._received))
+            container_id = self._start_container(spec, auth)
+            if container_id is None:
+                return self._stopped_before_start()
             # The start call goes out before container.json, which only serves a restart (the labels say as much).
             started_wall = self._announce_start(container_id)
             self._record_container(container_id)
@@ -198,6 +193,29 @@ class JobRun:
             return self._watch(spec, container_id, started_wall=started_wall or self._wall(), replay=False)
         finally:
             self._gpus.release(spec.job_id)
+
+    def _start_container(self, spec: JobSpec, auth: dict[str, str] | None) -> str | None:
+        """Start the job's container under the stop lock (a stop never misses it); None: stopped before it started.
+        An image gone since it was checked is made present again outside the lock (a cancel never waits for a
+        pull), and the start is tried once more."""
+        for attempt in (1, 2):
+            with self._stop.lock:
+                if self._stop.event.is_set():
+                    return None
+                engine_began = self._clock()
+                try:
+                    container_id = self._executor.start(self._container_spec(spec))
+                except ImageGone:
+                    if attempt == 2:
+                        raise
+                else:
+                    self._container_id = container_id
+                    self.start_timing = (self._clock() - engine_began, max(0.0, engine_began - self._received))
+                    return container_id
+            log.info("job %s: image %s went away since it was checked; making it present again", spec.job_id,
+                     spec.image)
+            self._executor.prepare_image(spec.image, self._settings.pull_policy, auth)
+        return None
 
     def _resume(self, spec: JobSpec, state: ContainerState) -> Completion:
         """A container a previous agent started: wait for it with its real start time, then judge it."""

@@ -57,7 +57,7 @@ def _started():
 
 def test_an_exit_is_known_from_its_die_event_with_its_code_and_time():
     api, events = _started()
-    assert api.calls[0]["filters"] == {"type": "container", "event": ["die"], "label": ["radix.job_id"]}
+    assert api.calls[0]["filters"] == {"type": "container", "event": ["die", "oom"], "label": ["radix.job_id"]}
     waiter = []
     thread = threading.Thread(target=lambda: waiter.append(events.wait("c1", 10)))
     thread.start()
@@ -106,4 +106,14 @@ def test_odd_events_are_ignored_and_memory_stays_bounded():
         api.streams[0].items.put(die(f"k{i}", 0))
     assert events.wait(f"k{exits.MAX_REMEMBERED + 9}", 10) is not None
     assert events.take("c1") is None and events.take("k0") is None  # the oldest went first
+    events.close()
+
+
+def test_an_oom_event_before_the_exit_marks_it_not_plain():
+    # A child killed for memory while its parent exits 0: the container's code says nothing of it.
+    api, events = _started()
+    api.streams[0].items.put({"status": "oom", "id": "c1", "Actor": {"Attributes": {}}})
+    api.streams[0].items.put(die("c1", 0))
+    announced = events.wait("c1", 5)
+    assert announced.oom and not announced.plain
     events.close()

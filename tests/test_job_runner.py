@@ -201,3 +201,54 @@ def test_an_output_nested_past_what_a_result_can_carry_is_invalid_output(setting
     assert completion.status is JobStatus.SUCCEEDED  # stdout that cannot be a document is wrapped
     assert completion.output_payload["stdout"].startswith("[[[")
     completion.to_wire()
+
+
+def test_a_cancel_never_waits_for_the_pull_of_an_image_gone_since_its_check(settings):
+    """The image went away between its check and the create: it is pulled again outside the stop lock."""
+    from cluster_agent.errors import ImageGone
+
+    pulling = threading.Event()
+    release_pull = threading.Event()
+
+    class GoneImage(FakeExecutor):
+        def __init__(self):
+            super().__init__()
+            self.prepares = 0
+
+        def prepare_image(self, image, policy="if-not-present", auth=None):
+            self.prepares += 1
+            if self.prepares == 2:  # the re-pull: a registry that takes its time
+                pulling.set()
+                release_pull.wait(30)
+
+        def start(self, spec):
+            if self.prepares < 2:
+                raise ImageGone(FailureReason.IMAGE_UNAVAILABLE, "image img:1: No such image")
+            return super().start(spec)
+
+    executor = GoneImage()
+    job = JobRun(ReceivedJob.parse({"job_id": "j1", "image": "img:1"}), settings=settings, executor=executor,
+                 gpu_pool=GpuPool([]))
+    results = []
+    runner = threading.Thread(target=lambda: results.append(job.execute()))
+    runner.start()
+    assert pulling.wait(10)
+    stopper = threading.Thread(target=job.stop, args=(FailureReason.CANCELED, "canceled by the control plane"))
+    stopper.start()
+    stopper.join(5)
+    assert not stopper.is_alive()  # the stop did not wait for the pull
+    release_pull.set()
+    runner.join(10)
+    assert results[0].status is JobStatus.CANCELED and executor.specs == []
+
+
+def test_an_image_gone_twice_is_image_unavailable(settings):
+    from cluster_agent.errors import ImageGone
+
+    class AlwaysGone(FakeExecutor):
+        def start(self, spec):
+            raise ImageGone(FailureReason.IMAGE_UNAVAILABLE, "image img:1: No such image")
+
+    completion = JobRun(ReceivedJob.parse({"job_id": "j1", "image": "img:1"}), settings=settings,
+                        executor=AlwaysGone(), gpu_pool=GpuPool([])).execute()
+    assert completion.failure_reason is FailureReason.IMAGE_UNAVAILABLE and "No such image" in completion.error_message

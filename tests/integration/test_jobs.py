@@ -154,6 +154,15 @@ def test_oom_under_a_small_memory_limit(cp, agent):
     assert "out of memory" in result["error_message"] and "32 MiB" in result["error_message"]
 
 
+@pytest.mark.parametrize("code", [0, 1])
+def test_a_child_killed_for_memory_fails_the_job_as_oom_whatever_the_parent_exits_with(cp, agent, code):
+    """A worker killed for memory while its parent carries on and exits by itself (a shell, make, a worker pool):
+    the container's exit code says nothing of it, the engine's OOM flag does."""
+    result = cp.run(command=["sh", "-c", f"head -c 400m /dev/zero | tail > /dev/null; exit {code}"],
+                    resources={"memory_mb": 32})
+    assert result["status"] == "failed" and result["failure_reason"] == "oom", result
+
+
 def test_container_is_hardened_and_sees_only_its_workspace(cp, agent, docker_client, cluster_id):
     job_id = cp.submit(command=["sh", "-c", "grep NoNewPrivs /proc/self/status; cat /proc/mounts; sleep 3"])
     deadline = time.monotonic() + 20

@@ -18,7 +18,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest, Mount
 
 from ...clock import SYSTEM_CLOCK, Clock
-from ...errors import EngineUnavailable, JobFailed
+from ...errors import EngineUnavailable, ImageGone, JobFailed
 from ...gpu_injection import GpuInjection, NvidiaRuntimeInjection
 from ...models import FailureReason
 from ..base import LABEL_CLUSTER_ID, WORKSPACE, ContainerSpec, ContainerState, ExitInfo, OutputSink
@@ -157,17 +157,15 @@ class DockerExecutor:
         try:
             created = self._create(spec, host_config, env)
         except ImageNotFound as exc:
-            if not self._images.assumed_present(spec.image):
-                raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"image {spec.image}: {explain(exc)}") from None
-            # Found present a moment ago and gone since (pruned, removed by hand): make it present, once more.
-            self._images.forget(spec.image)
-            self._images.prepare(spec.image, spec.pull_policy, spec.registry_auth)
-            try:
-                created = self._create(spec, host_config, env)
-            except ImageNotFound as again:
-                raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"image {spec.image}: {explain(again)}") from None
+            message = f"image {spec.image}: {explain(exc)}"
+            if self._images.assumed_present(spec.image):
+                # Found present a moment ago and gone since (pruned, removed by hand). Pulling here would hold the
+                # caller's stop lock for the whole pull: the job runner makes it present and calls again.
+                self._images.forget(spec.image)
+                raise ImageGone(FailureReason.IMAGE_UNAVAILABLE, message) from None
+            raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, message) from None
         container_id: str = created["Id"]
-        self._exits.watch(container_id)
+        self._exits.watch(container_id, judge_from_event=not spec.memory_mb)
         step = "attach to the container's output"
         try:
             with engine_call(f"{step} of {spec.name}"):
@@ -295,7 +293,7 @@ class DockerExecutor:
 
     def exit_info(self, container_id: str) -> ExitInfo:
         announced = self._exits.take(container_id)
-        if announced is not None and announced.plain:
+        if announced is not None and announced.plain and self._exits.judged_from_event(container_id):
             # Judged from the engine's die event, without waiting for its clean-up of the container.
             return ExitInfo(exit_code=announced.exit_code, oom_killed=False, finished_at=announced.at)
         with engine_call("inspect a container"):
@@ -329,7 +327,7 @@ class DockerExecutor:
 
     def start_created(self, container_id: str) -> None:
         self._exits.start()
-        self._exits.watch(container_id)
+        self._exits.watch(container_id, judge_from_event=False)  # its limits are a previous agent's
         with engine_call("attach to a created container's output"):
             stream = self._api.attach(container_id, stdout=True, stderr=True, stream=True, logs=False, demux=True)
         with self._attached_lock:

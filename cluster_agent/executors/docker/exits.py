@@ -6,9 +6,13 @@ and `inspect` blocks: 40-75 ms per container on a 2-core host (measured with Doc
 was most of the agent's dead time between a job's end and its result. The `die` event carries the exit code, so a
 job that exited by itself is judged at once.
 
-Only a plain exit (code 0-128, `Exit.plain`) is judged from the event alone: a container killed by a signal may
-have been OOM-killed, and the engine can report its `oom` event after `die` (containerd delivers the two
-separately), so for those the executor asks `inspect`, which waits for the engine's final word. Whenever the stream is down (engine restart,
+The event alone judges only a plain exit (code 0-128) of a container without a memory limit of its own and
+without an `oom` event before its `die`. A process the kernel killed for memory makes an `oom` event; when the
+main process itself was killed the code is > 128, but a killed child whose parent carries on ends the container
+with any code (a shell, make, a worker pool), and containerd delivers `oom` and the exit separately, so an `oom`
+could come late. For those containers (a memory limit set, a signal's code, an `oom` seen) the executor asks
+`inspect`, which answers after the engine's clean-up and so after a late `oom` too: correctness first, speed for
+the rest. Whenever the stream is down (engine restart,
 not yet connected), callers fall back to `wait`/`inspect`: the stream only ever makes an answer earlier.
 """
 
@@ -41,11 +45,12 @@ REPLAY_SLACK_SECONDS = 2.0
 class Exit:
     exit_code: int
     at: float  # wall-clock epoch seconds, by the engine's clock
+    oom: bool = False  # an `oom` event for the container came before its `die`
 
     @property
     def plain(self) -> bool:
-        """Exited by itself, not by a signal: the event says all there is to say."""
-        return 0 <= self.exit_code <= 128
+        """Exited by itself, not by a signal, and nothing of it was killed for memory (as far as events tell)."""
+        return 0 <= self.exit_code <= 128 and not self.oom
 
 
 class ExitEvents:
@@ -56,7 +61,9 @@ class ExitEvents:
         self._clock = clock
         self._cond = threading.Condition()
         self._exits: OrderedDict[str, Exit] = OrderedDict()
-        self._watched: set[str] = set()  # started by this process, after the stream's replay point
+        # Started by this process, after the stream's replay point; True: a plain exit may be judged from its event.
+        self._watched: dict[str, bool] = {}
+        self._oom: OrderedDict[str, None] = OrderedDict()  # containers with an `oom` event
         self._connected = False
         self._closed = threading.Event()
         self._stream: Any = None
@@ -85,14 +92,19 @@ class ExitEvents:
             )
             return self._exits.get(container_id)
 
-    def watch(self, container_id: str) -> None:
-        """A container this process starts now: its exit is on the stream (or in its replay)."""
+    def watch(self, container_id: str, *, judge_from_event: bool) -> None:
+        """A container this process starts now: its exit is on the stream (or in its replay). `judge_from_event`:
+        it has no memory limit of its own, so a plain exit with no `oom` event may be judged from the event."""
         with self._cond:
-            self._watched.add(container_id)
+            self._watched[container_id] = judge_from_event
 
     def watched(self, container_id: str) -> bool:
         with self._cond:
             return container_id in self._watched
+
+    def judged_from_event(self, container_id: str) -> bool:
+        with self._cond:
+            return self._watched.get(container_id, False)
 
     def take(self, container_id: str) -> Exit | None:
         """The announced exit, forgotten once read (each container is judged once)."""
@@ -102,7 +114,8 @@ class ExitEvents:
     def forget(self, container_id: str) -> None:
         with self._cond:
             self._exits.pop(container_id, None)
-            self._watched.discard(container_id)
+            self._watched.pop(container_id, None)
+            self._oom.pop(container_id, None)
 
     def close(self) -> None:
         self._closed.set()
@@ -120,7 +133,7 @@ class ExitEvents:
             try:
                 stream = self._api.events(
                     since=self._since - REPLAY_SLACK_SECONDS,
-                    filters={"type": "container", "event": ["die"], "label": [LABEL_JOB_ID]},
+                    filters={"type": "container", "event": ["die", "oom"], "label": [LABEL_JOB_ID]},
                     decode=True,
                 )
                 with self._cond:
@@ -139,9 +152,16 @@ class ExitEvents:
             self._closed.wait(RECONNECT_SECONDS)
 
     def _record(self, event: dict[str, Any]) -> None:
-        if not isinstance(event, dict) or event.get("status") != "die":
+        if not isinstance(event, dict) or event.get("status") not in ("die", "oom"):
             return
         container_id = event.get("id")
+        if event["status"] == "oom":
+            if isinstance(container_id, str):
+                with self._cond:
+                    self._oom[container_id] = None
+                    while len(self._oom) > MAX_REMEMBERED:
+                        self._oom.popitem(last=False)
+            return
         attributes = (event.get("Actor") or {}).get("Attributes") or {}
         try:
             exit_code = int(attributes.get("exitCode"))
@@ -152,7 +172,7 @@ class ExitEvents:
             self._since = max(self._since, at)
             if not isinstance(container_id, str):
                 return
-            self._exits[container_id] = Exit(exit_code, at)
+            self._exits[container_id] = Exit(exit_code, at, oom=container_id in self._oom)
             while len(self._exits) > MAX_REMEMBERED:
                 self._exits.popitem(last=False)
             self._cond.notify_all()
