@@ -197,6 +197,11 @@ class Handler(BaseHTTPRequestHandler):
     def _body(self) -> Any:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        if len(raw) < length:
+            self.close_connection = True  # nothing more will come on it
+            # The client went away mid-request (an agent breaking off a capacity-0 poll): never read that as an
+            # empty body, whose defaults (max_jobs 1) would hand a job to a connection nobody reads.
+            raise ValueError(f"body cut short: {len(raw)} of {length} bytes")
         return json.loads(raw) if raw else {}
 
     def _send(self, status: int, body: Any = None, headers: dict[str, str] | None = None) -> None:
@@ -222,8 +227,9 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         try:
             body = self._body() if method == "POST" else None
-        except ValueError:
-            self._send(400, {"error": "body is not JSON"})
+        except ValueError as exc:
+            said = str(exc)
+            self._send(400, {"error": said if said.startswith("body cut short") else "body is not JSON"})
             return
         if url.path.startswith("/admin/"):
             self._admin(method, url.path, parse_qs(url.query), body)

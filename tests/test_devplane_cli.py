@@ -89,3 +89,20 @@ def test_cancel_of_an_unknown_or_finished_job_says_so_and_adds_nothing(plane):
     run = cli("cancel", "--url", plane.url, "queued-1")
     assert run.returncode == 0 and "cancel requested for job queued-1" in run.stdout
     assert plane.state.jobs["queued-1"].cancel_requested
+
+
+def test_a_request_cut_short_takes_no_job(plane):
+    """An agent breaking off a poll between its headers and its body: the dev plane must not read the missing body
+    as `{}` (max_jobs defaulting to 1) and hand a job to a connection nobody reads any more."""
+    plane.state.submit({"job_id": "kept-1", "image": "busybox"})
+    host, port = plane.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/clusters/dev-cluster/jobs/poll HTTP/1.1\r\nHost: x\r\n"
+                     b"X-Radix-Cluster-Token: dev-cluster-token\r\nX-Radix-Tenant-Id: t\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 80\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)  # no body will come
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    assert b"HTTP/1.1 400" in answer and b"body cut short" in answer, answer[:300]
+    assert plane.state.jobs["kept-1"].state == "queued"
