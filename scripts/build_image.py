@@ -56,23 +56,32 @@ def main() -> int:
     parser.add_argument("--ca-bundle", default="", help="extra CA bundle for pip during the build")
     args = parser.parse_args()
 
-    extra_ca = ROOT / "docker" / "extra-ca" / "ca-certificates.crt"
+    client = docker.from_env(timeout=900)
+    base = args.base_image or usable_base(client)
+    if build(client, ROOT, ROOT / "docker" / "extra-ca", args.tag, base, args.ca_bundle, echo=True):
+        return 1
+    print(f"built {args.tag}")
+    return 0
+
+
+def build(client: docker.DockerClient, context: Path, extra_ca_dir: Path, tag: str, base: str, ca_bundle: str = "",
+          *, echo: bool = False) -> int:
+    """Build `context` (a Dockerfile taking BASE_IMAGE and trusting extra-ca/ for pip) as `tag`; 0 or 1."""
+    extra_ca = extra_ca_dir / "ca-certificates.crt"
     extra_ca.unlink(missing_ok=True)
-    ca_bundle = args.ca_bundle or (str(HOST_CA_BUNDLE) if HOST_CA_BUNDLE.is_file() else "")
+    ca_bundle = ca_bundle or (str(HOST_CA_BUNDLE) if HOST_CA_BUNDLE.is_file() else "")
     if ca_bundle:
         shutil.copyfile(ca_bundle, extra_ca)
-    client = docker.from_env(timeout=900)
-    build_args = {"BASE_IMAGE": args.base_image or usable_base(client)}
     try:
-        for item in client.api.build(path=str(ROOT), tag=args.tag, buildargs=build_args, rm=True, forcerm=True, decode=True):
-            if "stream" in item:
+        for item in client.api.build(path=str(context), tag=tag, buildargs={"BASE_IMAGE": base}, rm=True,
+                                     forcerm=True, decode=True):
+            if echo and "stream" in item:
                 sys.stdout.write(item["stream"])
             if "error" in item:
                 print(f"image build failed: {item['error']}", file=sys.stderr)
                 return 1
     finally:
         extra_ca.unlink(missing_ok=True)
-    print(f"built {args.tag}")
     return 0
 
 

@@ -10,7 +10,6 @@ build (the host's CA bundle is trusted by pip).
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -21,32 +20,17 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import docker  # noqa: E402
 
 import demo  # noqa: E402
-from build_image import HOST_CA_BUNDLE, usable_base  # noqa: E402
+from build_image import build, usable_base  # noqa: E402
 
 IMAGE = "radix-example/sentiment:1"
 EXAMPLE = ROOT / "examples" / "sentiment"
 
 
-def build(client: docker.DockerClient) -> int:
-    extra_ca = EXAMPLE / "extra-ca" / "ca-certificates.crt"
-    if HOST_CA_BUNDLE.is_file():
-        shutil.copyfile(HOST_CA_BUNDLE, extra_ca)
-    try:
-        for item in client.api.build(path=str(EXAMPLE), tag=IMAGE, buildargs={"BASE_IMAGE": usable_base(client)},
-                                     rm=True, forcerm=True, decode=True):
-            if "error" in item:
-                print(f"example image build failed: {item['error']}", file=sys.stderr)
-                return 1
-    finally:
-        extra_ca.unlink(missing_ok=True)
-    print(f"== built {IMAGE}")
-    return 0
-
-
 def main() -> int:
     client = docker.from_env(timeout=900)
-    if build(client):
+    if build(client, EXAMPLE, EXAMPLE / "extra-ca", IMAGE, usable_base(client)):
         return 1
+    print(f"== built {IMAGE}")
     return demo.main(jobs=[json.loads((EXAMPLE / "job.json").read_text())])
 
 
