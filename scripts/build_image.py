@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 import docker
+from debian_base_image import DEFAULT_IMAGE as LOCAL_BASE  # scripts/ is on sys.path (script or importer)
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCAL_BASE = "radix-build/debian-python3:bookworm"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 
