@@ -384,8 +384,11 @@ def image_sizes(client: docker.DockerClient, tiny: bool) -> dict:
     layers (those its base does not have) and the whole image, from `docker history`."""
     tag = "radix-cluster-agent:test" if tiny else "radix-cluster-agent:bench"
     try:
-        image = client.images.get(tag)
+        # The tests' image is this checkout's; a full run always builds, so a stale image is never measured.
+        image = client.images.get(tag) if tiny else None
     except docker.errors.ImageNotFound:
+        image = None
+    if image is None:
         build = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_image.py"), "--tag", tag],
                                capture_output=True, text=True, timeout=1800)
         if build.returncode != 0:
@@ -398,7 +401,8 @@ def image_sizes(client: docker.DockerClient, tiny: bool) -> dict:
     # The image is the base's layers plus the agent's own: what its history adds up to beyond the base's.
     base_bytes = sum(layer["Size"] for layer in client.images.get(base_name).history()) if base_name else 0
     own_bytes = sum(layer["Size"] for layer in image.history()) - base_bytes
-    return {"tag": tag, "base": base_name, "total_mb": image.attrs["Size"] / 1e6, "own_mb": own_bytes / 1e6}
+    return {"tag": tag, "base": base_name, "base_mb": base_bytes / 1e6, "total_mb": image.attrs["Size"] / 1e6,
+            "own_mb": own_bytes / 1e6}
 
 
 def latency_rows(r: dict) -> list[str]:
@@ -442,9 +446,9 @@ def latency_rows(r: dict) -> list[str]:
     if "error" in image:
         rows.append(f"| the agent's image | not built: {image['error']} | | |")
     else:
-        rows.append(f"| the agent's image ({image['tag']}, multi-stage, on {image['base']}): its own layers / the whole "
-                    f"image | {image['own_mb']:.1f} MB / {image['total_mb']:.0f} MB | <= 25 MB / <= 150 MB on "
-                    f"python:3.11-slim | {ok(image['own_mb'] <= 25)} (own layers) |")
+        rows.append(f"| the agent's image ({image['tag']}, multi-stage, on {image['base']}, {image['base_mb']:.0f} MB): its "
+                    f"own layers / the whole image | {image['own_mb']:.1f} MB / {image['total_mb']:.0f} MB | <= 25 MB / "
+                    f"<= 150 MB on the slim base | {ok(image['own_mb'] <= 25 and image['total_mb'] <= 150)} |")
     pulls = r["pulls"]
     rows.append(f"| {pulls['jobs']} parallel jobs on an image not present: pulls seen by the engine | "
                 f"{pulls['pulls'] if pulls['pulls'] is not None else 'not measured: ' + pulls['why']} | 1 | "
