@@ -1,18 +1,25 @@
-"""`python -m devplane serve|submit|jobs|result|cancel`: the development control plane and a tiny client for it.
+"""`python -m devplane serve|submit|jobs|result|cancel|artifacts|artifact`: the development control plane and a
+tiny client for it.
 
 Every mistake (a server that is not running, a port in use, a job file that is missing or not JSON, a duplicate
-or unknown job id) is one line on stderr with the server's own words and a non-zero exit, never a traceback.
+or unknown job id, an unknown artifact) is one line on stderr with the server's own words and a non-zero exit,
+never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
+import http.client
 import json
+import os
+import signal
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import IO
 from urllib.parse import quote
 
 from .server import DevControlPlane
@@ -25,9 +32,18 @@ class CliError(Exception):
 def _call(url: str, method: str = "GET", body: object = None) -> object:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=600) as response:
+    with _open(request) as response:
+        try:
             return json.load(response)
+        except (TimeoutError, ValueError) as exc:
+            raise CliError(f"the dev control plane did not answer usefully: {exc}") from None
+
+
+def _open(request: urllib.request.Request) -> IO[bytes]:
+    """The open response of a 2xx; every failure a CliError in the server's own words."""
+    url = request.full_url
+    try:
+        return urllib.request.urlopen(request, timeout=600)
     except urllib.error.HTTPError as exc:
         try:
             said = json.loads(exc.read()).get("error") or exc.reason
@@ -37,8 +53,61 @@ def _call(url: str, method: str = "GET", body: object = None) -> object:
     except urllib.error.URLError as exc:
         raise CliError(f"cannot reach the dev control plane at {url.split('/admin')[0]} ({exc.reason}): start it with "
                        "`python -m devplane serve`, or pass its address with --url") from None
-    except (TimeoutError, ValueError) as exc:
-        raise CliError(f"the dev control plane did not answer usefully: {exc}") from None
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # a timeout, a dropped connection
+        raise CliError(f"the dev control plane did not answer usefully: {exc or type(exc).__name__}") from None
+
+
+def _download(url: str, target: Path | None) -> int:
+    """Stream an artifact to target (written beside it, renamed into place once whole and checked against the
+    server's sha256) or to stdout; the file is opened only once the server said yes, so an unknown job or path
+    leaves nothing behind."""
+    with _open(urllib.request.Request(url)) as response:
+        expected = response.headers.get("X-Radix-Sha256")
+        if target is None:
+            try:
+                digest = _copy(response, sys.stdout.buffer)
+                sys.stdout.flush()
+            except BrokenPipeError:  # `... | head`: the reader has what it wanted
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 0
+            _check_digest(expected, digest)
+            return 0
+        partial = target.with_name(target.name + ".part")
+        try:
+            with open(partial, "wb") as out:
+                digest = _copy(response, out)
+            _check_digest(expected, digest)
+            os.replace(partial, target)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise CliError(f"cannot write {target}: {exc.strerror or exc}") from None
+        except CliError:
+            partial.unlink(missing_ok=True)
+            raise
+    return 0
+
+
+def _copy(response: IO[bytes], out: IO[bytes]) -> str:
+    """Copy in 1 MiB pieces (an artifact may be larger than memory); the sha256 hex of what came."""
+    digest = hashlib.sha256()
+    while True:
+        try:
+            chunk = response.read(1 << 20)
+        except (OSError, http.client.HTTPException) as exc:
+            raise CliError(f"the dev control plane stopped sending the artifact: {exc or type(exc).__name__}") from None
+        if not chunk:
+            return digest.hexdigest()
+        digest.update(chunk)
+        out.write(chunk)
+
+
+def _check_digest(expected: str | None, digest: str) -> None:
+    if expected and expected != digest:  # a body cut short reads as a short EOF, not an error: this catches it
+        raise CliError(f"the artifact arrived incomplete or damaged (sha256 {digest}, the server has {expected})")
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _job_file(path: Path) -> object:
@@ -82,6 +151,14 @@ def _main(argv: list[str] | None) -> int:
     result.add_argument("--url", default="http://127.0.0.1:8080")
     result.add_argument("--wait", type=float, default=300)
     result.add_argument("job_id")
+    artifacts = sub.add_parser("artifacts", help="list a job's artifacts: path, size, sha256 (and 'not uploaded')")
+    artifacts.add_argument("--url", default="http://127.0.0.1:8080")
+    artifacts.add_argument("job_id")
+    artifact = sub.add_parser("artifact", help="download one stored artifact to FILE or stdout")
+    artifact.add_argument("--url", default="http://127.0.0.1:8080")
+    artifact.add_argument("-o", "--output", type=Path, metavar="FILE", help="write it here (default: stdout)")
+    artifact.add_argument("job_id")
+    artifact.add_argument("path")
     args = parser.parse_args(argv)
 
     if args.command == "serve":
@@ -97,10 +174,14 @@ def _main(argv: list[str] | None) -> int:
                                "choose another with --port") from None
             raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
         print(f"dev control plane on {plane.url} (cluster {args.cluster_id}); serving until Ctrl-C", flush=True)
+        print(f"uploaded artifacts are kept in {plane.state.objects.dir} until it stops", flush=True)
+        signal.signal(signal.SIGTERM, _interrupted)  # `kill` stops it like Ctrl-C: the artifacts' directory goes too
         try:
             plane.serve_forever()
         except KeyboardInterrupt:
             pass
+        finally:
+            plane.state.objects.remove()  # the uploaded artifacts go with the server
         return 0
     if args.command == "submit":
         specs = [_job_file(path) for path in args.files]  # every file checked before any job is submitted
@@ -121,6 +202,15 @@ def _main(argv: list[str] | None) -> int:
         _call(f"{args.url}/admin/jobs/{quote(args.job_id, safe='')}/cancel", "POST", {})
         print(f"cancel requested for job {args.job_id}; `result {args.job_id}` shows when it ended")
         return 0
+    if args.command == "artifacts":
+        listing = _call(f"{args.url}/admin/jobs/{quote(args.job_id, safe='')}/artifacts")
+        for item in listing["artifacts"]:  # type: ignore[index]
+            missing = "" if item["stored"] else "\tnot uploaded"  # planned, never (or not yet) stored
+            print(f"{item['path']}\t{item['size_bytes']}\t{item['sha256']}{missing}")
+        return 0
+    if args.command == "artifact":
+        job, path = quote(args.job_id, safe=""), quote(args.path, safe="/")
+        return _download(f"{args.url}/admin/jobs/{job}/artifacts/{path}", args.output)
     record = _call(f"{args.url}/admin/jobs/{args.job_id}?wait={args.wait}")
     print(json.dumps(record, indent=2))
     return 0 if record.get("result") else 1  # type: ignore[union-attr]

@@ -1,17 +1,36 @@
-"""The development control plane's server: agent endpoints under /v1/clusters/{id}/, an admin API under /admin/.
+"""The development control plane's server: agent endpoints under /v1/clusters/{id}/, an admin API under /admin/,
+an object store for job artifacts under /objects/.
+
+Artifacts (an extension; 404 with extensions off): the agent plans uploads with
+  POST /v1/clusters/{c}/jobs/{id}/artifacts  {"files": [{"path", "size_bytes", "sha256", "content_type"?}]}
+       -> 200 {"uploads": [{"path", "url", "method": "PUT", "headers": {"Content-Type"}}]} (one per file, in order);
+       404 unknown job, 409 job not assigned, 400 a bad field (named). Then PUTs each file to its URL:
+  PUT  /objects/{id}/{path}?expires=E&signature=S   the signature binds job, path, expiry, size and sha256;
+       200 stored; 403 bad signature, expired or another Content-Type; 411 no Content-Length; 413 over
+       max_object_bytes (judged on Content-Length, nothing read); 400 size or sha256 mismatch (nothing kept)
+  GET  /objects/{id}/{path}?expires=E&signature=S   the bytes, under a URL from DevControlPlane.artifact_url()
 
 Admin API (no auth; bind it to loopback):
   POST /admin/jobs                 submit a job (job_id optional)          -> {"job_id": ...}
   GET  /admin/jobs/{id}?wait=S     a job's record, waiting up to S seconds for its result
   GET  /admin/jobs                 every job's record
+  GET  /admin/jobs/{id}/artifacts  {"job_id", "artifacts": [{path, size_bytes, sha256, content_type, stored,
+                                   stored_at, puts}]}: planned and stored uploads
+  GET  /admin/jobs/{id}/artifacts/{path}  a stored artifact's bytes (streamed; header X-Radix-Sha256)
   GET  /admin/heartbeats           heartbeats received, oldest first
-  GET  /admin/stats                counters (polls, completes by job, ...)
-  POST /admin/faults               {"endpoint": "poll|heartbeat|complete|exchange", "responses": [503, ...],
-                                    "delay": seconds?, "clear": bool?} the next answers of that endpoint;
+  GET  /admin/stats                counters (polls, completes by job, ...; artifact_puts and artifact_put_attempts:
+                                   {"job/path": n} PUTs stored and PUTs received)
+  POST /admin/faults               {"endpoint": "poll|heartbeat|complete|exchange|artifacts|objects", "responses":
+                                    [503, ...], "delay": seconds?, "clear": bool?} the next answers of that endpoint;
                                    status 0 drops the connection, 1 answers 200 with a body that is not JSON
+                                   ("objects": the next PUTs; their bodies are never stored)
   POST /admin/jobs/{id}/cancel     ask the agent to cancel a job (sent once in a poll answer, and in every logs
                                    answer while it runs)
-  POST /admin/config               {"long_poll": bool, "extensions": bool, "cancel_via": "poll"|"logs"}
+  POST /admin/config               {"long_poll": bool, "extensions": bool, "cancel_via": "poll"|"logs",
+                                    "url_ttl_seconds": int (3600), "max_object_bytes": int|null (null),
+                                    "max_complete_bytes": int|null (null: a larger complete is a 413, never read),
+                                    "artifact_store": "http://host/prefix?query"|null (uploads go there instead:
+                                    {prefix}/{job_id}/{path}?query; null: the plane's own store)}
   POST /admin/raw_poll             {"body": <any JSON>, "trickle_seconds": S?, "trickle_headers": bool?} the next
                                    poll is answered with exactly that body (200, marked as usual), whatever it holds;
                                    each call queues one answer. Jobs in it with a string job_id become assigned
@@ -26,7 +45,9 @@ Admin API (no auth; bind it to loopback):
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -34,8 +55,13 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from .artifacts import (
+    CHUNK_BYTES, ArtifactError, BodyCutShort, ObjectStore, SignedUpload, Signer, check_files, check_path,
+)
 
 
 @dataclass
@@ -55,6 +81,9 @@ class JobRecord:
     log_gaps: int = 0  # chunks whose offset was past the end (a gap)
     cancel_requested: bool = False
     cancel_sent_at: float | None = None
+    # path -> {"path", "size_bytes", "sha256", "content_type", "stored", "stored_at", "puts"}: the declared file
+    # until an upload is stored, then what was stored
+    artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def view(self) -> dict[str, Any]:
         return {
@@ -73,6 +102,7 @@ class JobRecord:
             "log_requests": self.log_requests,
             "log_gaps": self.log_gaps,
             "cancel_requested": self.cancel_requested,
+            "artifacts": [dict(entry) for entry in self.artifacts.values()],
         }
 
 
@@ -92,10 +122,23 @@ class State:
         self.heartbeats: list[dict[str, Any]] = []
         self.faults: dict[str, deque[int]] = {}
         self.delays: dict[str, float] = {}
-        self.stats: dict[str, int] = {"polls": 0, "heartbeats": 0, "completes": 0, "exchanges": 0}
+        self.stats: dict[str, int] = {"polls": 0, "heartbeats": 0, "completes": 0, "exchanges": 0, "artifacts": 0,
+                                      "completes_refused": 0}
         self.poll_bodies: deque[dict[str, Any]] = deque(maxlen=50)
         self.raw_polls: deque[dict[str, Any]] = deque()  # queued by /admin/raw_poll, answered before any job
         self.draining = False
+        # Artifacts: uploads planned by the agent, PUT to the plane's own object store under signed URLs.
+        self.url_ttl_seconds = 3600  # lifetime of the URLs it hands out; 0 makes them expired at once (tests)
+        self.max_object_bytes: int | None = None  # a PUT with a larger Content-Length is a 413
+        self.max_complete_bytes: int | None = None  # a larger complete is a 413 (a proxy's limit), never read
+        # Another object store to send uploads to (a URL prefix; its query string, if any, goes on every URL): how
+        # the tests put the agent's uploads on a server the project did not write. None: the plane's own store.
+        self.artifact_store: str | None = None
+        self.signer = Signer()
+        self.signed_uploads: dict[str, SignedUpload] = {}  # by signature: what each PUT URL was signed for
+        self.objects = ObjectStore()
+        self.artifact_puts: dict[str, int] = {}  # "job/path" -> PUTs stored
+        self.artifact_put_attempts: dict[str, int] = {}  # "job/path" -> PUTs received, whatever their answer
 
     def submit(self, spec: dict[str, Any]) -> str:
         job_id = spec.get("job_id") or f"job-{uuid.uuid4().hex[:12]}"
@@ -165,9 +208,76 @@ class State:
             queue = self.faults.get(endpoint)
             return queue.popleft() if queue else None
 
+    def plan_uploads(self, job_id: str, files: list[dict[str, Any]], base_url: str) -> list[dict[str, Any]]:
+        """One signed PUT per checked file (call under the lock). The signature binds the declared size and
+        sha256 too, so a URL cannot store other bytes than the ones planned."""
+        record = self.jobs[job_id]
+        expires = int(time.time() + self.url_ttl_seconds)
+        if self.artifact_store:
+            return self._plan_external(job_id, files, self.artifact_store)
+        uploads = []
+        for file in files:
+            path, size, digest = file["path"], file["size_bytes"], file["sha256"]
+            known = record.artifacts.get(path)
+            if known and known["stored"] and (known["size_bytes"], known["sha256"]) == (size, digest):
+                # Already here (an upload whose answer its agent never saw): the agent need not send it again.
+                uploads.append({"path": path, "exists": True})
+                continue
+            signature = self.signer.put(job_id, path, expires, size, digest)
+            self.signed_uploads[signature] = SignedUpload(job_id, path, expires, size, digest, file["content_type"])
+            entry = record.artifacts.get(path)
+            if entry is None or (entry["size_bytes"], entry["sha256"]) != (size, digest):
+                # New, or other bytes than the ones stored: not stored until they come.
+                record.artifacts[path] = entry = {**file, "stored": False, "stored_at": None,
+                                                  "puts": entry["puts"] if entry else 0}
+            entry["content_type"] = file["content_type"]
+            uploads.append({"path": path, "url": f"{base_url}{object_path(job_id, path)}?expires={expires}"
+                                                 f"&signature={signature}",
+                            "method": "PUT", "headers": {"Content-Type": file["content_type"]}})
+        return uploads
+
+    def _plan_external(self, job_id: str, files: list[dict[str, Any]], store: str) -> list[dict[str, Any]]:
+        """PUT URLs on the configured external store: `{prefix}/{job_id}/{path}` plus the prefix's query."""
+        prefix, _, query = store.partition("?")
+        record = self.jobs[job_id]
+        uploads = []
+        for file in files:
+            record.artifacts[file["path"]] = {**file, "stored": None, "stored_at": None, "puts": 0, "store": prefix}
+            url = f"{prefix.rstrip('/')}{object_path(job_id, file['path']).removeprefix('/objects')}"
+            uploads.append({"path": file["path"], "url": f"{url}?{query}" if query else url, "method": "PUT",
+                            "headers": {"Content-Type": file["content_type"]}})
+        return uploads
+
+    def get_url(self, base_url: str, job_id: str, path: str, ttl_seconds: float | None = None) -> str:
+        """A signed GET URL for a stored (or future) artifact: what a control plane hands whoever reads results."""
+        expires = int(time.time() + (self.url_ttl_seconds if ttl_seconds is None else ttl_seconds))
+        signature = self.signer.get(job_id, path, expires)
+        return f"{base_url}{object_path(job_id, path)}?expires={expires}&signature={signature}"
+
+    def count_put(self, key: str, stored: bool) -> None:
+        """One PUT received (counted as it arrives, whatever its answer) or one stored (counted once it is)."""
+        counter = self.artifact_puts if stored else self.artifact_put_attempts
+        with self.lock:
+            counter[key] = counter.get(key, 0) + 1
+
+    def stored_artifact(self, job_id: str, path: str) -> dict[str, Any] | None:
+        with self.lock:
+            record = self.jobs.get(job_id)
+            entry = record.artifacts.get(path) if record else None
+            return dict(entry) if entry and entry["stored"] else None
+
+
+def object_path(job_id: str, path: str) -> str:
+    """The object's URL path: the job id one segment, the path's segments each percent-encoded, slashes kept."""
+    return f"/objects/{quote(job_id, safe='')}/{quote(path, safe='/')}"
+
 
 CANCEL_RESEND_SECONDS = 5.0
 _AGENT_PATH = re.compile(r"^/v1/clusters/(?P<cluster>[^/]+)/(?P<rest>.+)$")
+_PER_JOB = re.compile(r"^jobs/(?P<job>[^/]+)/(?P<call>complete|start|logs|artifacts)$")
+_OBJECT_PATH = re.compile(r"^/objects/(?P<job>[^/]+)/(?P<path>.+)$")
+_HOST = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+LINGER_SECONDS = 10.0  # how long a refused body is still read (and thrown away) so its sender sees the answer
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -217,14 +327,91 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
 
+    def _refuse(self, status: int, error: str, headers: dict[str, str] | None = None) -> None:
+        """Answer without taking the body, then close. What the client still sends is read and thrown away for a
+        while (a lingering close, as nginx does): closing on unread bytes would reset the connection, and the
+        client could lose the answer to the reset. Memory stays bounded: nothing is kept."""
+        self.close_connection = True
+        self._send(status, {"error": error}, {"Connection": "close", **(headers or {})})
+        self._discard_body()
+
+    def _discard_body(self) -> None:
+        try:
+            left = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return
+        deadline = time.monotonic() + LINGER_SECONDS
+        try:
+            self.connection.settimeout(2.0)
+            while left > 0 and time.monotonic() < deadline:
+                chunk = self.rfile.read1(min(left, 1 << 16))
+                if not chunk:
+                    return
+                left -= len(chunk)
+        except (OSError, ValueError):
+            pass  # gone, or silent: the connection closes either way
+
+    def _content_length(self) -> int | None:
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            return None
+        return length if length >= 0 else None
+
+    def _too_large(self) -> str | None:
+        """Why this request's body is refused before it is read (413), or None: a complete past
+        max_complete_bytes (a control plane whose proxy refuses large results) or a PUT past max_object_bytes."""
+        state = self.server.state
+        if state.max_complete_bytes is None and state.max_object_bytes is None:
+            return None  # the usual case, on every request: nothing to parse
+        length = self._content_length() or 0
+        if self.command == "POST" and state.max_complete_bytes is not None and length > state.max_complete_bytes:
+            match = _AGENT_PATH.match(urlsplit(self.path).path)
+            per_job = _PER_JOB.match(match["rest"]) if match else None
+            if per_job and per_job["call"] == "complete":
+                return f"request body of {length} bytes is over this server's limit of {state.max_complete_bytes}"
+        if self.command == "PUT" and state.max_object_bytes is not None and length > state.max_object_bytes:
+            return f"object of {length} bytes is over this store's limit of {state.max_object_bytes}"
+        return None
+
+    def handle_expect_100(self) -> bool:
+        """A client that asks before sending (`Expect: 100-continue`, curl's habit for large bodies) learns of a
+        size refusal before it sends anything; nothing to drain then."""
+        refusal = self._too_large()
+        if refusal is None:
+            return super().handle_expect_100()
+        self.close_connection = True
+        if self.command == "POST":
+            with self.server.state.lock:
+                self.server.state.stats["completes_refused"] += 1
+        else:
+            self._count_object_attempt()
+        self._send(413, {"error": refusal}, {"Connection": "close"})
+        return False
+
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         self._dispatch("GET")
 
     def do_POST(self) -> None:  # noqa: N802
         self._dispatch("POST")
 
+    def do_PUT(self) -> None:  # noqa: N802
+        if not _OBJECT_PATH.match(urlsplit(self.path).path):
+            self._refuse(404, "not found")
+            return
+        self._put_object()
+
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
+        refusal = self._too_large() if method == "POST" else None
+        if refusal is not None:
+            with self.server.state.lock:
+                self.server.state.stats["completes_refused"] += 1
+            self._refuse(413, refusal)
+            return
+        if method == "GET" and _OBJECT_PATH.match(url.path):
+            self._get_object()
+            return
         try:
             body = self._body() if method == "POST" else None
         except ValueError as exc:
@@ -248,10 +435,10 @@ class Handler(BaseHTTPRequestHandler):
     def _agent(self, rest: str, body: Any) -> None:
         state = self.server.state
         endpoint = {"auth/exchange": "exchange", "heartbeat": "heartbeat", "jobs/poll": "poll"}.get(rest)
-        per_job = re.match(r"^jobs/(?P<job>[^/]+)/(?P<call>complete|start|logs)$", rest)
+        per_job = _PER_JOB.match(rest)
         if per_job:
             endpoint = per_job["call"]
-            if endpoint in ("start", "logs") and not state.extensions:
+            if endpoint in ("start", "logs", "artifacts") and not state.extensions:
                 self._send(404, {"error": "not found"})
                 return
         if endpoint is None:
@@ -300,6 +487,8 @@ class Handler(BaseHTTPRequestHandler):
             self._start(unquote(per_job["job"]), body or {})
         elif endpoint == "logs":
             self._logs(unquote(per_job["job"]), body or {})
+        elif endpoint == "artifacts":
+            self._artifacts(unquote(per_job["job"]), body)
         else:
             self._complete(unquote(per_job["job"]), body)
 
@@ -416,6 +605,202 @@ class Handler(BaseHTTPRequestHandler):
                 state.lock.notify_all()
         self._send(200, {"ok": True})
 
+    # --- artifacts: planning, and the object store --------------------------------------------------------
+
+    def _base_url(self) -> str:
+        """Where this request came in (its Host header), so the URLs handed out reach this server the same way;
+        the listening address when the header is missing or not a plain host[:port]."""
+        host = self.headers.get("Host", "")
+        if not _HOST.match(host):
+            address, port = self.server.server_address[:2]
+            host = f"[{address}]:{port}" if ":" in str(address) else f"{address}:{port}"
+        return f"http://{host}"
+
+    def _artifacts(self, job_id: str, body: Any) -> None:
+        state = self.server.state
+        with state.lock:
+            state.stats["artifacts"] += 1
+            record = state.jobs.get(job_id)
+            if record is None:
+                self._send(404, {"error": f"unknown job {job_id}"})
+                return
+            if record.state != "assigned":
+                self._send(409, {"error": f"job {job_id} is {record.state}: artifacts are taken only while it is "
+                                          "assigned"})
+                return
+            try:
+                files = check_files(body)
+            except ArtifactError as exc:
+                self._send(400, {"error": str(exc)})
+                return
+            uploads = state.plan_uploads(job_id, files, self._base_url())
+        self._send(200, {"uploads": uploads})
+
+    def _object_target(self) -> tuple[str, str, dict[str, list[str]]]:
+        """(job id, path, query) of an /objects/ URL; ArtifactError when the path is one no upload could have:
+        absolute, '..', empty segments, NUL (percent-encoded or not: checked after decoding)."""
+        url = urlsplit(self.path)
+        match = _OBJECT_PATH.match(url.path)
+        assert match is not None  # routed here because it matched
+        job_id, path = unquote(match["job"]), unquote(match["path"])
+        check_path(path, "path")
+        return job_id, path, parse_qs(url.query)
+
+    def _signed(self, query: dict[str, list[str]]) -> tuple[int, str]:
+        """(expires, signature) from the query, or ArtifactError."""
+        try:
+            expires, signature = int(query["expires"][0]), query["signature"][0]
+        except (KeyError, IndexError, ValueError):
+            raise ArtifactError("the URL needs an integer expires and a signature") from None
+        return expires, signature
+
+    def _count_object_attempt(self) -> None:
+        match = _OBJECT_PATH.match(urlsplit(self.path).path)
+        if match:
+            self.server.state.count_put(f"{unquote(match['job'])}/{unquote(match['path'])}", stored=False)
+
+    def _put_object(self) -> None:
+        """Store one planned upload. Everything that can be judged before a byte of the body is read is judged
+        first (size limit, path, signature binding job, path, expiry, size and sha256, Content-Type, declared
+        size); then the body is streamed to disk and its sha256 checked."""
+        state = self.server.state
+        self._count_object_attempt()
+        delay = state.delays.get("objects")
+        if delay:
+            time.sleep(delay)
+        fault = state.next_fault("objects")
+        if fault is not None:
+            self._object_fault(fault)
+            return
+        length = self._content_length()
+        if length is None:
+            self._refuse(411, "a PUT needs a Content-Length (chunked bodies are not taken)")
+            return
+        refusal = self._too_large()  # first, like the proxy in front of a real store
+        if refusal is not None:
+            self._refuse(413, refusal)
+            return
+        try:
+            job_id, path, query = self._object_target()
+            expires, signature = self._signed(query)
+        except ArtifactError as exc:
+            self._refuse(400, str(exc))
+            return
+        with state.lock:
+            signed = state.signed_uploads.get(signature)
+        if (signed is None or (signed.job_id, signed.path, signed.expires) != (job_id, path, expires)
+                or not state.signer.same(signature, state.signer.put(job_id, path, expires, signed.size_bytes,
+                                                                     signed.sha256))):
+            self._refuse(403, "signature does not match: not a URL this server handed out for this object")
+            return
+        if time.time() >= expires:
+            self._refuse(403, f"URL expired at {expires} (unix time): plan the upload again")
+            return
+        if self.headers.get("Content-Type") != signed.content_type:
+            self._refuse(403, f"Content-Type {self.headers.get('Content-Type')!r} is not the signed "
+                              f"{signed.content_type!r}: send the headers the upload plan gave")
+            return
+        if length != signed.size_bytes:
+            self._refuse(400, f"size mismatch: Content-Length {length}, declared size_bytes {signed.size_bytes}")
+            return
+        self._store(signed)
+
+    def _store(self, signed: SignedUpload) -> None:
+        state = self.server.state
+        self.connection.settimeout(60.0)  # a sender silent for a minute has gone: never hold a thread forever
+        try:
+            received, digest = state.objects.receive(self.rfile, signed.size_bytes)
+        except BodyCutShort as exc:
+            self._refuse(400, str(exc))
+            return
+        except OSError as exc:  # the store's disk: full, gone
+            self._refuse(500, f"cannot store the object: {exc}")
+            return
+        finally:
+            self.connection.settimeout(None)
+        if digest != signed.sha256:
+            state.objects.discard(received)
+            self._send(400, {"error": f"sha256 mismatch: declared {signed.sha256}, received {digest}"})
+            return
+        try:
+            state.objects.commit(received, signed.job_id, signed.path)
+        except OSError as exc:  # a reset cleared the store under this upload
+            state.objects.discard(received)
+            self._send(500, {"error": f"cannot store the object: {exc}"})
+            return
+        with state.lock:
+            record = state.jobs.get(signed.job_id)
+            if record is not None:
+                entry = record.artifacts.get(signed.path) or {"puts": 0}
+                record.artifacts[signed.path] = {
+                    **entry, "path": signed.path, "size_bytes": signed.size_bytes, "sha256": signed.sha256,
+                    "content_type": signed.content_type, "stored": True, "stored_at": time.time(),
+                    "puts": entry["puts"] + 1,
+                }
+        state.count_put(f"{signed.job_id}/{signed.path}", stored=True)
+        self._send(200, {"ok": True, "path": signed.path, "size_bytes": signed.size_bytes, "sha256": signed.sha256})
+
+    def _object_fault(self, fault: int) -> None:
+        """An injected answer to a PUT (`/admin/faults` endpoint "objects"); the body is never stored."""
+        state = self.server.state
+        with state.lock:
+            state.stats["faults_objects"] = state.stats.get("faults_objects", 0) + 1
+        if fault == 0:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+        elif fault == 1:
+            self.close_connection = True
+            data = b"<html>proxy error</html>"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+            self._discard_body()
+        else:
+            self._refuse(fault, f"injected fault {fault}", {"Retry-After": "0"} if fault in (429, 503) else None)
+
+    def _get_object(self) -> None:
+        """A stored object under a signed GET URL (`DevControlPlane.artifact_url`)."""
+        state = self.server.state
+        try:
+            job_id, path, query = self._object_target()
+            expires, signature = self._signed(query)
+        except ArtifactError as exc:
+            self._send(400, {"error": str(exc)})
+            return
+        if not state.signer.same(signature, state.signer.get(job_id, path, expires)):
+            self._send(403, {"error": "signature does not match: not a URL this server handed out for this object"})
+            return
+        if time.time() >= expires:
+            self._send(403, {"error": f"URL expired at {expires} (unix time)"})
+            return
+        self._send_object(job_id, path)
+
+    def _send_object(self, job_id: str, path: str) -> None:
+        """The stored bytes, streamed from disk in pieces."""
+        state = self.server.state
+        entry = state.stored_artifact(job_id, path)
+        try:
+            source = open(state.objects.location(job_id, path), "rb") if entry else None  # noqa: SIM115
+        except FileNotFoundError:  # cleared by a reset since
+            source = None
+        if source is None:
+            self._send(404, {"error": f"job {job_id} has no stored artifact {path!r} (`python -m devplane artifacts "
+                                      f"{job_id}` lists what it has)"})
+            return
+        with source:
+            size = os.fstat(source.fileno()).st_size
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", entry["content_type"])
+                self.send_header("Content-Length", str(size))
+                self.send_header("X-Radix-Sha256", entry["sha256"])
+                self.end_headers()
+                shutil.copyfileobj(source, self.wfile, CHUNK_BYTES)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+
     # --- admin ---------------------------------------------------------------------------------------------
 
     def _admin(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> None:
@@ -442,14 +827,43 @@ class Handler(BaseHTTPRequestHandler):
                 view = record.view() if record else None
             self._send(200 if view else 404, view or {"error": f"unknown job {unquote(parts[2])} (`python -m devplane jobs` "
                                                               "lists the ones it has)"})
+        elif method == "GET" and len(parts) == 4 and parts[:2] == ["admin", "jobs"] and parts[3] == "artifacts":
+            job_id = unquote(parts[2])
+            with state.lock:
+                record = state.jobs.get(job_id)
+                listing = [dict(entry) for entry in record.artifacts.values()] if record else None
+            if listing is None:
+                self._send(404, {"error": f"unknown job {job_id} (`python -m devplane jobs` lists the ones it has)"})
+            else:
+                self._send(200, {"job_id": job_id, "artifacts": listing})
+        elif method == "GET" and len(parts) >= 5 and parts[:2] == ["admin", "jobs"] and parts[3] == "artifacts":
+            job_id = unquote(parts[2])
+            with state.lock:
+                known = job_id in state.jobs
+            if not known:
+                self._send(404, {"error": f"unknown job {job_id} (`python -m devplane jobs` lists the ones it has)"})
+            else:
+                self._send_object(job_id, unquote("/".join(parts[4:])))
         elif method == "POST" and len(parts) == 4 and parts[:2] == ["admin", "jobs"] and parts[3] == "cancel":
             state.request_cancel(unquote(parts[2]))
             self._send(200, {"ok": True})
         elif method == "POST" and parts == ["admin", "config"]:
+            try:
+                limits = _limits(body)
+            except ValueError as exc:
+                self._send(400, {"error": str(exc)})
+                return
+            store = body.get("artifact_store", state.artifact_store) if isinstance(body, dict) else None
+            if store is not None and not (isinstance(store, str) and store.startswith(("http://", "https://"))):
+                self._send(400, {"error": "artifact_store: an http(s) URL prefix is needed (or null)"})
+                return
             with state.lock:
+                state.artifact_store = store
                 for key in ("long_poll", "extensions", "cancel_via"):
                     if key in body:
                         setattr(state, key, body[key])
+                for key, value in limits.items():
+                    setattr(state, key, value)
             self._send(200, {"ok": True})
         elif method == "POST" and parts == ["admin", "raw_poll"]:
             if not isinstance(body, dict) or ("body" not in body and not isinstance(body.get("body_text"), str)):
@@ -467,7 +881,9 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(200, {"heartbeats": list(state.heartbeats)})
         elif method == "GET" and parts == ["admin", "stats"]:
             with state.lock:
-                self._send(200, {**state.stats, "last_polls": list(state.poll_bodies)})
+                self._send(200, {**state.stats, "last_polls": list(state.poll_bodies),
+                                 "artifact_puts": dict(state.artifact_puts),
+                                 "artifact_put_attempts": dict(state.artifact_put_attempts)})
         elif method == "POST" and parts == ["admin", "faults"]:
             with state.lock:
                 endpoint = body.get("endpoint", "")
@@ -482,11 +898,32 @@ class Handler(BaseHTTPRequestHandler):
             with state.lock:
                 state.jobs.clear(); state.queue.clear(); state.heartbeats.clear()  # noqa: E702
                 state.faults.clear(); state.delays.clear(); state.raw_polls.clear()  # noqa: E702
+                state.signed_uploads.clear(); state.artifact_puts.clear()  # noqa: E702
+                state.artifact_put_attempts.clear()
+                state.objects.clear()
                 for key in state.stats:
                     state.stats[key] = 0
             self._send(200, {"ok": True})
         else:
             self._send(404, {"error": "unknown admin endpoint"})
+
+
+def _limits(body: Any) -> dict[str, Any]:
+    """The artifact settings of an /admin/config body, checked: max_object_bytes and max_complete_bytes (an int
+    >= 0, or null for no limit) and url_ttl_seconds (an int >= 0; 0 hands out URLs already expired)."""
+    limits: dict[str, Any] = {}
+    for key in ("max_object_bytes", "max_complete_bytes", "url_ttl_seconds"):
+        if not isinstance(body, dict) or key not in body:
+            continue
+        value = body[key]
+        if value is None and key != "url_ttl_seconds":
+            limits[key] = None
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            limits[key] = value
+        else:
+            raise ValueError(f"{key}: a non-negative integer is needed" + ("" if key == "url_ttl_seconds" else
+                                                                            " (or null: no limit)"))
+    return limits
 
 
 class DevServer(ThreadingHTTPServer):
@@ -513,7 +950,8 @@ class DevServer(ThreadingHTTPServer):
 
 
 class DevControlPlane:
-    """The server with its own thread: `start()`, `.url`, `.state`, `stop()`."""
+    """The server with its own thread: `start()`, `.url`, `.state`, `stop()` (which also removes the object
+    store's directory), `artifact_url()`."""
 
     def __init__(
         self,
@@ -546,15 +984,30 @@ class DevControlPlane:
     def serve_forever(self) -> None:
         self._server.serve_forever()
 
+    def artifact_url(self, job_id: str, path: str, ttl_seconds: float | None = None) -> str:
+        """A signed GET URL for an artifact (default lifetime: the plane's url_ttl_seconds)."""
+        return self.state.get_url(self.url, job_id, path, ttl_seconds)
+
+    def artifact_file(self, job_id: str, path: str) -> Path | None:
+        """Where a stored artifact's bytes lie on disk (for tests), or None if it was never stored."""
+        if self.state.stored_artifact(job_id, path) is None:
+            return None
+        return self.state.objects.location(job_id, path)
+
     def pause(self) -> None:
-        """Go down: the port refuses connections until resume(); the state is kept (an outage, not a loss)."""
-        self.stop()
+        """Go down: the port refuses connections until resume(); the state is kept (an outage, not a loss), stored
+        artifacts included."""
+        self._halt()
 
     def resume(self) -> None:
         self._server = DevServer(self._address, self.state, self._verbose)
         self.start()
 
     def stop(self) -> None:
+        self._halt()
+        self.state.objects.remove()
+
+    def _halt(self) -> None:
         self._server.closing = True
         with self.state.lock:
             self.state.lock.notify_all()

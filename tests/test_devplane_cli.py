@@ -1,11 +1,14 @@
 """The development control plane's CLI: every mistake is one line with the cause and a non-zero exit."""
 
+import hashlib
 import json
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from devplane import DevControlPlane
@@ -106,3 +109,81 @@ def test_a_request_cut_short_takes_no_job(plane):
             answer += chunk
     assert b"HTTP/1.1 400" in answer and b"body cut short" in answer, answer[:300]
     assert plane.state.jobs["kept-1"].state == "queued"
+
+
+def stored_artifact(plane, job_id: str, path: str, data: bytes) -> None:
+    """An assigned job with one uploaded artifact, the way an agent makes one: plan, then PUT."""
+    agent = {"X-Radix-Cluster-Token": "dev-cluster-token", "X-Radix-Tenant-Id": "t"}
+    with httpx.Client(base_url=plane.url, timeout=30) as client:
+        if job_id not in plane.state.jobs:
+            client.post("/admin/jobs", json={"job_id": job_id, "image": "busybox"})
+            client.post("/v1/clusters/dev-cluster/jobs/poll", headers=agent, json={"max_jobs": 1, "wait_seconds": 0})
+        files = [{"path": path, "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}]
+        [upload] = client.post(f"/v1/clusters/dev-cluster/jobs/{job_id}/artifacts", headers=agent,
+                               json={"files": files}).json()["uploads"]
+        assert client.put(upload["url"], content=data, headers=upload["headers"]).status_code == 200
+
+
+def test_artifacts_lists_a_jobs_uploads_and_artifact_downloads_one(plane, tmp_path):
+    stored_artifact(plane, "art-1", "out/a.txt", b"alpha\n")
+    stored_artifact(plane, "art-1", "out/b b.bin", bytes(range(256)))
+    listing = cli("artifacts", "--url", plane.url, "art-1")
+    assert listing.returncode == 0, listing.stderr
+    lines = [line.split("\t") for line in listing.stdout.splitlines()]
+    assert [line[:2] for line in lines] == [["out/a.txt", "6"], ["out/b b.bin", "256"]]
+    assert all(len(line) == 3 and len(line[2]) == 64 for line in lines)
+    to_stdout = subprocess.run([sys.executable, "-m", "devplane", "artifact", "--url", plane.url, "art-1",
+                                "out/b b.bin"], cwd=ROOT, capture_output=True, timeout=60)
+    assert to_stdout.returncode == 0 and to_stdout.stdout == bytes(range(256)), to_stdout.stderr
+    target = tmp_path / "a.txt"
+    to_file = cli("artifact", "--url", plane.url, "art-1", "out/a.txt", "-o", str(target))
+    assert to_file.returncode == 0 and to_file.stdout == "", to_file.stderr
+    assert target.read_bytes() == b"alpha\n" and not (tmp_path / "a.txt.part").exists()
+
+
+def test_artifact_mistakes_are_one_line(plane, tmp_path):
+    stored_artifact(plane, "art-1", "a.txt", b"a")
+    one_line_error(cli("artifacts", "--url", plane.url, "no-such-job"), "404", "unknown job no-such-job")
+    one_line_error(cli("artifact", "--url", plane.url, "no-such-job", "a.txt"), "404", "unknown job no-such-job")
+    target = tmp_path / "out.txt"
+    one_line_error(cli("artifact", "--url", plane.url, "art-1", "nope.txt", "-o", str(target)), "404",
+                   "no stored artifact 'nope.txt'", "python -m devplane artifacts art-1")
+    assert not target.exists()  # nothing written for a refusal
+    one_line_error(cli("artifact", "--url", plane.url, "art-1", "a.txt", "-o", str(tmp_path / "no" / "dir.txt")),
+                   "cannot write", "dir.txt")
+    url = f"http://127.0.0.1:{free_port()}"
+    one_line_error(cli("artifacts", "--url", url, "art-1"), "cannot reach the dev control plane")
+    one_line_error(cli("artifact", "--url", url, "art-1", "a.txt"), "cannot reach the dev control plane")
+
+
+def test_result_shows_the_completions_artifacts(plane):
+    stored_artifact(plane, "art-1", "a.txt", b"a")
+    completion = {"status": "succeeded", "artifacts": [{"path": "a.txt", "size_bytes": 1}]}
+    plane.state.jobs["art-1"].result, plane.state.jobs["art-1"].state = completion, "done"
+    run = cli("result", "--url", plane.url, "--wait", "0", "art-1")
+    assert run.returncode == 0, run.stderr
+    record = json.loads(run.stdout)
+    assert record["result"]["artifacts"] == completion["artifacts"]
+    assert [(a["path"], a["stored"]) for a in record["artifacts"]] == [("a.txt", True)]
+
+
+def test_serve_removes_its_object_store_when_stopped():
+    """Uploaded artifacts live in a temporary directory of the server's: Ctrl-C or `kill` takes it away."""
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        serve = subprocess.Popen([sys.executable, "-m", "devplane", "serve", "--port", str(free_port())], cwd=ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            url = serve.stdout.readline().split()[4]
+            job = httpx.post(f"{url}/admin/jobs", json={"image": "busybox"}).json()["job_id"]
+            agent = {"X-Radix-Cluster-Token": "dev-cluster-token", "X-Radix-Tenant-Id": "t"}
+            httpx.post(f"{url}/v1/clusters/dev-cluster/jobs/poll", headers=agent, json={"max_jobs": 1})
+            files = [{"path": "a.txt", "size_bytes": 1, "sha256": hashlib.sha256(b"a").hexdigest()}]
+            [upload] = httpx.post(f"{url}/v1/clusters/dev-cluster/jobs/{job}/artifacts", headers=agent,
+                                  json={"files": files}).json()["uploads"]
+            assert httpx.put(upload["url"], content=b"a", headers=upload["headers"]).status_code == 200
+            store = Path(serve.stdout.readline().split(" kept in ")[1].split()[0])
+            assert len(list(store.iterdir())) == 1
+        finally:
+            serve.send_signal(stop)
+            assert serve.wait(10) == 0, serve.stderr.read()
+        assert not store.exists()
