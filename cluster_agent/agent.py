@@ -38,6 +38,7 @@ from .received_job import ReceivedJob
 from .redaction import Redactor
 from .settings import Settings
 from .slots import JobSlots
+from .transfer import JobData, refused_result
 
 __all__ = ["Agent"]
 
@@ -62,8 +63,10 @@ class Agent:
         disk: DiskGuard | None = None,
         redactor: Redactor | None = None,
         jobs_dir_held: Callable[[], bool] | None = None,
+        data: JobData | None = None,
     ) -> None:
         self._jobs_dir_held = jobs_dir_held  # the jobs directory's lock (jobs_lock.py) still this agent's
+        self._data = data  # inputs, the input cache and artifact uploads, shared by all jobs
         self._settings = settings
         self._redactor = redactor or Redactor()  # the agent's secrets, kept out of every job's result too
         self._metrics = metrics
@@ -75,7 +78,7 @@ class Agent:
         self._clock = clock
         self.stopping = threading.Event()  # graceful: take no new work
         self._abandon = threading.Event()  # exit now: stop retrying deliveries
-        self._delivery = ResultDelivery(client, self._abandon, metrics)
+        self._delivery = ResultDelivery(client, self._abandon, metrics, refused_as_too_large=self._shrink)
         self._slots = JobSlots(settings.max_concurrent_jobs)
         self._jobs = JobTable()
         self._threads: list[threading.Thread] = []
@@ -92,6 +95,10 @@ class Agent:
         if metrics is not None:
             metrics.running_jobs.set_function(lambda: len(self._jobs.running()))
             metrics.free_slots.set_function(self._slots.free)
+
+    def _shrink(self, job_id: str, completion: Completion, size: int, directory: JobDirectory | None) -> Completion:
+        return refused_result(job_id, completion, size, directory.path if directory else None,
+                              self._data.uploads if self._data else None)
 
     def poller_alive(self) -> bool:
         return self._poller.alive()
@@ -284,7 +291,7 @@ class Agent:
         )
         handle.run = JobRun(
             job, settings=self._settings, executor=self._executor, gpu_pool=self._gpus, clock=self._clock,
-            observer=handle.live, adopted=adopted, engine=self._engine, redactor=self._redactor,
+            observer=handle.live, adopted=adopted, engine=self._engine, redactor=self._redactor, data=self._data,
         )
         self._slots.enter(job_id, adopted=adopted is not None)
         self.jobs_accepted += 1

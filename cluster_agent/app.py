@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import __version__, healthcheck
 from .agent import Agent
@@ -27,13 +27,14 @@ from .job_runner import JobRun
 from .jobs_lock import claim as claim_jobs_workdir
 from .logs import configure, escape_controls
 from .metrics import Metrics
-from .models import FailureReason
+from .models import Capabilities, FailureReason
 from .modes import open_mode
 from .ops_server import OpsServer
 from .preflight import check_jobs_workdir, resolve_token
 from .received_job import ReceivedJob
 from .redaction import Redactor
 from .settings import Settings
+from .transfer import JobData
 
 log = logging.getLogger("cluster_agent")
 
@@ -81,9 +82,10 @@ def _run_agent(argv: list[str], redactor: Redactor) -> int:
     client.set_token(token)
     mode.disk.check()
 
-    heartbeat = Heartbeat(client, mode.capabilities, settings.heartbeat_interval)
+    data = JobData.from_settings(settings, planner=client)
+    heartbeat = Heartbeat(client, _with_cache(mode.capabilities, data), settings.heartbeat_interval)
     agent = Agent(settings, client, mode.executor, mode.gpus, heartbeat, metrics=metrics, disk=mode.disk,
-                  redactor=redactor, jobs_dir_held=jobs_lock.still_held)
+                  redactor=redactor, jobs_dir_held=jobs_lock.still_held, data=data)
     agent.stopping = stop
     ops = _start_ops_server(settings, metrics, agent)
     healthcheck.write_beacon(ops.healthz_url if ops is not None else None, settings.health_file)
@@ -93,8 +95,17 @@ def _run_agent(argv: list[str], redactor: Redactor) -> int:
         if ops is not None:
             ops.stop()
         mode.close()
+        data.close()
         client.close()
         jobs_lock.release()
+
+
+def _with_cache(capabilities: Callable[[], Capabilities], data: JobData) -> Callable[[], Capabilities]:
+    """The heartbeat's capabilities, with the input cache's size and free space when there is a cache."""
+    if data.cache is None:
+        return capabilities
+    cache = data.cache
+    return lambda: capabilities().model_copy(update={"input_cache": cache.stats()})
 
 
 def _start_ops_server(settings: Settings, metrics: Metrics, agent: Agent) -> OpsServer | None:

@@ -59,6 +59,7 @@ def container_spec(
     gpu_count: int,
     host_has_gpus: bool,
     timeout: float,
+    read_only_files: list[tuple[Path, str]] | None = None,
 ) -> ContainerSpec:
     """The container for `spec`, given `gpus` (pinned by UUID), with `timeout` seconds (the job's own, or for an
     adopted job the one its labels promise) and `workspace` mounted at /workspace."""
@@ -79,6 +80,7 @@ def container_spec(
         command=torchrun_command(spec, gpu_count),
         env=env,
         workspace=workspace,
+        read_only_files=list(read_only_files or []),
         labels={
             LABEL_JOB_ID: spec.job_id,
             LABEL_CLUSTER_ID: cluster_id,

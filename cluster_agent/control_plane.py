@@ -158,6 +158,7 @@ def _poll_result(data: dict[str, Any], long_poll: bool, secrets: Redactor, *, wa
 class Delivery(Enum):
     DELIVERED = "delivered"
     NOT_WANTED = "not_wanted"  # 404/409/410
+    TOO_LARGE = "too_large"  # 413: the server (or a proxy in front of it) refuses a body this large
     ABANDONED = "abandoned"  # gave up because the agent is exiting
 
 
@@ -333,6 +334,29 @@ class ControlPlaneClient:
             return False
         return isinstance(reply, dict) and reply.get("cancel") is True
 
+    def plan_artifacts(self, job_id: str, files: list[dict[str, Any]], *, cancel: threading.Event,
+                       attempts: int = 6) -> list[dict[str, Any]]:
+        """`POST /jobs/{id}/artifacts` (extension): where to upload each file. `files`: [{path, size_bytes, sha256,
+        content_type}]. Returns the answer's `uploads` items that are objects (the caller checks each). Raises
+        ExtensionUnsupported on a 404, ControlPlaneError when retries are used up or the server refuses."""
+        if not self.supports("artifacts"):
+            raise ExtensionUnsupported("artifacts endpoint not supported", status=404)
+        try:
+            answer = self._transport.send(
+                f"jobs/{path_segment(job_id)}/artifacts", {"files": files}, cancel=cancel, attempts=attempts,
+                retry_on=_unavailable,
+            )
+        except ControlPlaneError as exc:
+            if exc.status == 404:
+                self._mark_unsupported("artifacts")
+                raise ExtensionUnsupported("artifacts endpoint not supported", status=404) from None
+            raise
+        body = self._transport.json(answer, "artifacts")
+        uploads = body.get("uploads") if isinstance(body, dict) else None
+        if not isinstance(uploads, list):
+            raise MalformedResponse("artifacts answered without an uploads list")
+        return [item for item in uploads if isinstance(item, dict)]
+
     def complete(self, job_id: str, completion: Completion, *, cancel: threading.Event) -> Delivery:
         """`POST /jobs/{id}/complete`, retried until a 2xx or a 404/409/410, or until `cancel` is set.
 
@@ -346,10 +370,12 @@ class ControlPlaneClient:
                 completion.to_wire(),
                 headers={"Idempotency-Key": idempotency_key(job_id)},
                 cancel=cancel,
-                retry_on=lambda exc: isinstance(exc, ControlPlaneError) and exc.status not in RESULT_NOT_WANTED,
+                retry_on=lambda exc: isinstance(exc, ControlPlaneError) and exc.status not in (*RESULT_NOT_WANTED, 413),
                 body_optional=True,
             )
         except ControlPlaneError as exc:
+            if exc.status == 413:
+                return Delivery.TOO_LARGE  # the same body would be refused forever: the caller sends a smaller one
             if exc.status in RESULT_NOT_WANTED:
                 log.warning(
                     "control plane no longer wants the result of job %s (HTTP %s); dropping it",

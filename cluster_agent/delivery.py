@@ -6,8 +6,10 @@ Idempotency-Key, so the control plane records it once.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+from typing import Callable
 
 from pydantic import ValidationError
 
@@ -17,18 +19,24 @@ from .errors import ControlPlaneError
 from .job_dir import JobDirectory
 from .metrics import Metrics
 from .models import Completion
+from .transfer import refused_result
 
 __all__ = ["ResultDelivery"]
 
 log = logging.getLogger(__name__)
 
 
+# (job_id, the refused completion, its size in bytes, its directory) -> a smaller completion that says why
+Shrink = Callable[[str, Completion, int, JobDirectory | None], Completion]
+
+
 class ResultDelivery:
     def __init__(
         self, client: ControlPlaneClient, abandon: threading.Event, metrics: Metrics | None = None, *,
-        clock: Clock = SYSTEM_CLOCK,
+        clock: Clock = SYSTEM_CLOCK, refused_as_too_large: Shrink | None = None,
     ) -> None:
         self._client = client
+        self._shrink = refused_as_too_large
         self._clock = clock
         self._metrics = metrics
         self._abandon = abandon
@@ -63,6 +71,8 @@ class ResultDelivery:
             self._metrics.result_after_exit.observe(max(0.0, self._clock.wall() - exited_at))
         try:
             outcome = self._client.complete(job_id, completion, cancel=self._abandon)
+            if outcome is Delivery.TOO_LARGE:
+                outcome = self._deliver_smaller(job_id, completion, directory)
             if self._metrics is not None and outcome is Delivery.DELIVERED:
                 self._metrics.completion_latency.observe(self._clock.monotonic() - started)
         except ControlPlaneError as exc:
@@ -79,6 +89,25 @@ class ResultDelivery:
             log.info("job %s: result delivered", job_id, extra={
                 "job_id": job_id, "event": "delivered", "duration_s": round(self._clock.monotonic() - started, 3)})
         return True
+
+    def _deliver_smaller(self, job_id: str, completion: Completion, directory: JobDirectory | None) -> Delivery:
+        """The control plane (or a proxy before it) refused the result as too large (413): the same body would be
+        refused forever, and dropping it would leave the job without a result. A failed completion that says so
+        replaces it (spooled in its place), and goes out instead."""
+        size = len(json.dumps(completion.to_wire()).encode())
+        log.error("job %s: the control plane refused its result as too large (HTTP 413, %d bytes); sending a failed "
+                  "result that says so instead", job_id, size)
+        if self._shrink is not None:
+            smaller = self._shrink(job_id, completion, size, directory)
+        else:
+            smaller = refused_result(job_id, completion, size, None, None)
+        if directory is not None:
+            self.spool(job_id, smaller, directory)
+        outcome = self._client.complete(job_id, smaller, cancel=self._abandon)
+        if outcome is Delivery.TOO_LARGE:
+            raise ControlPlaneError("the control plane refused even the short failed result as too large (HTTP 413); "
+                                    "check its (or its proxy's) request body limit", status=413)
+        return outcome
 
     def deliver_spooled(self, directory: JobDirectory, body: dict) -> bool:
         try:

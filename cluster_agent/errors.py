@@ -36,6 +36,7 @@ __all__ = [
     "RequestNotSendable",
     "SlurmRefused",
     "TokenRejected",
+    "TransferFailed",
 ]
 
 
@@ -112,3 +113,9 @@ class RequestNotSendable(ControlPlaneError):
 
 class PollInterrupted(AgentError):
     """The agent broke off its own `max_jobs: 0` poll (a slot freed, or shutdown)."""
+
+
+class TransferFailed(AgentError):
+    """An input download or an artifact upload failed for good: retries used up, or an answer no retry changes
+    (a 404, a checksum mismatch, a file over its limit). The message names the file and the URL without its
+    query string (transfer/urls.py), and says what to check."""

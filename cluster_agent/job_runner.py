@@ -14,8 +14,9 @@ from datetime import datetime, timezone
 from typing import Callable, Protocol
 
 from .container_config import container_spec, gpus_for
+from .clock import Clock
 from .container_watch import ContainerWatch, StopRequest
-from .errors import EngineUnavailable, ImageGone, JobFailed
+from .errors import EngineUnavailable, ImageGone, JobFailed, TransferFailed
 from .engine_watch import EngineWatch
 from .executors import LABEL_GPU_IDS, LABEL_TIMEOUT, STOP_GRACE_SECONDS, ContainerSpec, ContainerState, Executor
 from .gpu_pool import GpuAllocator
@@ -25,6 +26,7 @@ from .output import MAX_OUTPUT_DEPTH, OutputCollector
 from .received_job import ReceivedJob
 from .redaction import Redactor
 from .settings import Settings
+from .transfer import JobData, StagedInputs, stage_inputs
 from .verdict import judge
 
 __all__ = ["JobObserver", "JobRun"]
@@ -65,8 +67,11 @@ class JobRun:
         adopted: ContainerState | None = None,
         engine: EngineWatch | None = None,
         redactor: Redactor | None = None,
+        data: JobData | None = None,
     ) -> None:
         self._redactor = redactor or Redactor()
+        # Inputs and artifacts; run-job and tests that move no data get their own, without a control plane.
+        self._data = data
         self.job = job
         self.job_id = job.job_id
         self._settings = settings
@@ -83,6 +88,7 @@ class JobRun:
         self.directory: JobDirectory | None = None
         self._given_gpus: list[GpuInfo] = []
         self._gpu_count = 0
+        self._staged: StagedInputs | None = None
         # (engine create+start, the agent's own share) of the time from the poll answer to a running container
         self.start_timing: tuple[float, float] | None = None
         # When its container exited (wall clock, the engine's word): the start of the agent's dead time.
@@ -177,9 +183,46 @@ class JobRun:
         self._check_image_allowed(spec.image)
         auth = spec.registry_auth.to_engine() if spec.registry_auth else None
         self._executor.prepare_image(spec.image, self._settings.pull_policy, auth)
-        gpus = self._gpus.acquire(spec.job_id, self._gpu_count, self._stop.event)
-        if gpus is None:
-            return self._stopped_before_start()
+        try:
+            if spec.inputs:
+                self._stage_inputs(spec)
+                if self._stop.event.is_set():
+                    return self._stopped_before_start()
+            gpus = self._gpus.acquire(spec.job_id, self._gpu_count, self._stop.event)
+            if gpus is None:
+                return self._stopped_before_start()
+            return self._run_container(spec, gpus, auth)
+        finally:
+            if self._data is not None:
+                self._data.release(spec.job_id)
+
+    def _stage_inputs(self, spec: JobSpec) -> None:
+        """Download the job's inputs (or find them in the cache) before its container exists: their time is not
+        the job's. Raises JobFailed(input_unavailable) naming the input and its URL without the query string."""
+        assert self.directory is not None
+        data = self._job_data()
+        try:
+            self._staged = stage_inputs(
+                spec.job_id, spec.inputs, self.directory.workspace, downloader=data.downloader, cache=data.cache,
+                limit=data.max_input_bytes, cancel=self._stop.event, clock=Clock(monotonic=self._clock),
+            )
+        except TransferFailed as exc:
+            if self._stop.event.is_set():
+                return  # canceled while downloading: the caller reports the stop
+            raise JobFailed(FailureReason.INPUT_UNAVAILABLE, str(exc)) from None
+        except OSError as exc:
+            raise JobFailed(FailureReason.AGENT_ERROR, f"cannot place the job's inputs in its workspace: "
+                            f"{exc.strerror or exc}; check free space of --jobs-workdir") from None
+        log.info("job %s: inputs ready: %d bytes downloaded, %d from the cache, in %.2f s", spec.job_id,
+                 self._staged.downloaded_bytes, self._staged.cached_bytes, self._staged.seconds,
+                 extra={"job_id": spec.job_id, "event": "inputs"})
+
+    def _job_data(self) -> JobData:
+        if self._data is None:
+            self._data = JobData.from_settings(self._settings, planner=None)
+        return self._data
+
+    def _run_container(self, spec: JobSpec, gpus: list[GpuInfo], auth: dict[str, str] | None) -> Completion:
         try:
             self._given_gpus = gpus
             container_id = self._start_container(spec, auth)
@@ -221,6 +264,9 @@ class JobRun:
         """A container a previous agent started: wait for it with its real start time, then judge it."""
         uuids = [u for u in state.labels.get(LABEL_GPU_IDS, "").split(",") if u]
         self._given_gpus = self._gpus.claim(spec.job_id, uuids)
+        if self._data is not None and self._data.cache is not None:
+            # Its container mounts these: a restarted agent must not evict them while it runs.
+            self._data.cache.pin(spec.job_id, [item.sha256 for item in spec.inputs if item.sha256])
         try:
             if state.status == "created":
                 # The previous agent died between create and start: the job never ran, so start it now.
@@ -238,6 +284,8 @@ class JobRun:
             return self._watch(spec, state.id, started_wall=state.started_at or self._wall(), replay=True)
         finally:
             self._gpus.release(spec.job_id)
+            if self._data is not None:
+                self._data.release(spec.job_id)
 
     def _announce_start(self, container_id: str) -> float | None:
         """Send the start call once the job really runs (a scheduler may queue it first; an engine runs it at once).
@@ -271,6 +319,7 @@ class JobRun:
         return container_spec(
             spec, self._settings, workspace=self.directory.workspace, gpus=self._given_gpus,
             gpu_count=self._gpu_count, host_has_gpus=bool(self._gpus.total), timeout=self._timeout(spec),
+            read_only_files=self._staged.mounts if self._staged else None,
         )
 
     def _timeout(self, spec: JobSpec) -> float:
@@ -300,10 +349,20 @@ class JobRun:
             queue_seconds=None if replay else round(queue_seconds, 3),
             gpu_ids=self.gpu_ids or None,
         )
-        return judge(
+        if self._staged is not None:
+            metrics.input_seconds = round(self._staged.seconds, 3)
+            metrics.input_bytes = self._staged.total_bytes
+            metrics.input_cached_bytes = self._staged.cached_bytes
+        completion = judge(
             self._settings.tenant_id, spec, ending, self.directory.workspace, collected, metrics,
             self._settings.max_output_bytes,
         )
+        if spec.artifacts:
+            # Whatever the status: a failed or stopped job's checkpoints are often what its user needs most.
+            completion = self._job_data().uploads.finish(
+                spec.job_id, spec.artifacts, self.directory.workspace, self.directory.path, completion
+            )
+        return completion
 
     # --- results -------------------------------------------------------------------------------------------
 

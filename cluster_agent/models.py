@@ -12,10 +12,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 __all__ = [
+    "ArtifactError",
+    "ArtifactRecord",
     "Capabilities",
     "Completion",
     "FailureReason",
     "GpuInfo",
+    "InputFile",
     "JobMetrics",
     "JobSpec",
     "JobStatus",
@@ -52,6 +55,9 @@ class FailureReason(StrEnum):
     INVALID_OUTPUT = "invalid_output"
     AGENT_ERROR = "agent_error"
     INTERRUPTED = "interrupted"
+    # Extensions (docs/protocol.md "Inputs and artifacts"): only jobs that carry inputs or artifacts can get them.
+    INPUT_UNAVAILABLE = "input_unavailable"
+    ARTIFACT_UPLOAD_FAILED = "artifact_upload_failed"
 
 
 class OutputSource(StrEnum):
@@ -89,6 +95,70 @@ class RegistryAuth(BaseModel):
         if self.serveraddress:
             auth["serveraddress"] = self.serveraddress
         return auth
+
+
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+# The files the agent itself reads and writes in a workspace: an input may not land on (or under) them.
+WORKSPACE_RESERVED = ("input.json", "output.json")
+MAX_INPUTS = 1000
+MAX_ARTIFACT_PATTERNS = 100
+
+
+def workspace_relative(value: str, what: str) -> str:
+    """A path (or glob) inside /workspace: relative, no `..` or `.` segment, no empty segment, no NUL; returned
+    normalized (no trailing slash). Raises ValueError naming `what`."""
+    if not isinstance(value, str) or not value or len(value) > 1024 or "\x00" in value:
+        raise ValueError(f"{what} must be a non-empty relative path of at most 1024 characters")
+    if value.startswith("/"):
+        raise ValueError(f"{what} {value[:140]!r} is absolute; give it relative to /workspace, e.g. 'data/model.bin'")
+    parts = value.rstrip("/").split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"{what} {value[:140]!r} has an empty, '.' or '..' segment; give a plain path under /workspace")
+    return "/".join(parts)
+
+
+class InputFile(BaseModel):
+    """One input file: downloaded from `url` to /workspace/`path` before the container starts."""
+
+    model_config = ConfigDict(extra="allow")
+
+    url: str = Field(min_length=1, max_length=8192)
+    path: str
+    sha256: str | None = None
+    size_bytes: int | None = Field(default=None, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+        except ValueError:
+            raise ValueError("url is not a URL") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in value):
+            # Only the scheme and host are shown: the rest may carry a presigned signature.
+            raise ValueError(f"url must be an http(s) URL, not {parts.scheme or 'no scheme'}://{parts.hostname or ''}")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        value = workspace_relative(value, "inputs[].path")
+        top = value.split("/")[0]
+        if top in WORKSPACE_RESERVED:
+            raise ValueError(f"inputs[].path {value!r} overlaps {top}, which the agent writes; choose another path")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.lower()
+        if not SHA256_PATTERN.fullmatch(value):
+            raise ValueError("inputs[].sha256 must be 64 hexadecimal digits (the file's SHA-256)")
+        return value
 
 
 # execve(2): one argument or environment string may hold at most MAX_ARG_STRLEN (32 pages, 131072 bytes with its
@@ -129,6 +199,27 @@ class JobSpec(_Lenient):
     timeout_seconds: float | None = Field(default=None, gt=0)
     resources: Resources = Field(default_factory=Resources)
     registry_auth: RegistryAuth | None = None
+    inputs: list[InputFile] = Field(default_factory=list, max_length=MAX_INPUTS)
+    artifacts: list[str] = Field(default_factory=list, max_length=MAX_ARTIFACT_PATTERNS)
+
+    @field_validator("inputs", "artifacts", mode="before")
+    @classmethod
+    def _optional_lists(cls, value: Any) -> Any:
+        return _none_as_empty(value, [])
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_apart(cls, value: list[InputFile]) -> list[InputFile]:
+        paths = sorted(item.path for item in value)
+        for first, second in zip(paths, paths[1:]):
+            if second == first or second.startswith(first + "/"):
+                raise ValueError(f"inputs {first!r} and {second!r} overlap; give each input its own path")
+        return value
+
+    @field_validator("artifacts")
+    @classmethod
+    def _artifact_patterns(cls, value: list[str]) -> list[str]:
+        return [workspace_relative(pattern, "artifacts[]") for pattern in value]
 
     @field_validator("job_id")
     @classmethod
@@ -208,6 +299,10 @@ class JobMetrics(BaseModel):
     queue_seconds: float | None = None
     gpu_ids: list[str] | None = None
     output_source: OutputSource | None = None
+    # Inputs: moved before the container started, not part of runtime_seconds or the job's timeout.
+    input_seconds: float | None = None
+    input_bytes: int | None = None
+    input_cached_bytes: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
         data = self.model_dump(mode="json", exclude_none=True)
@@ -215,8 +310,24 @@ class JobMetrics(BaseModel):
         return data
 
 
+class ArtifactRecord(BaseModel):
+    """One uploaded artifact, as the completion lists it."""
+
+    path: str
+    size_bytes: int
+    sha256: str
+
+
+class ArtifactError(BaseModel):
+    """An artifact that was not uploaded, and why (never the upload URL: it may carry a signature)."""
+
+    path: str
+    error: str
+
+
 class Completion(BaseModel):
-    """The body of `POST /jobs/{job_id}/complete`."""
+    """The body of `POST /jobs/{job_id}/complete`. `artifacts`/`artifact_errors` are extensions, sent only for a
+    job that asked for artifacts."""
 
     tenant_id: str
     status: JobStatus
@@ -224,6 +335,8 @@ class Completion(BaseModel):
     metrics: JobMetrics
     error_message: str | None = None
     failure_reason: FailureReason | None = None
+    artifacts: list[ArtifactRecord] | None = None
+    artifact_errors: list[ArtifactError] | None = None
 
     @classmethod
     def not_run(
@@ -243,6 +356,9 @@ class Completion(BaseModel):
     def to_wire(self) -> dict[str, Any]:
         body = self.model_dump(mode="json")
         body["metrics"] = self.metrics.to_wire()
+        for extension in ("artifacts", "artifact_errors"):
+            if body[extension] is None:
+                del body[extension]  # a core control plane sees the core body
         return body
 
 

@@ -176,6 +176,29 @@ class Settings(BaseSettings):
     pull_stall_seconds: float = Field(
         default=120.0, gt=0, description="A pull that reports no progress for this long fails as image_unavailable."
     )
+    # Data in and out (docs/protocol.md "Inputs and artifacts")
+    cache_dir: Path | None = Field(
+        default=None,
+        description="Content-addressed cache of job inputs that carry a sha256 (shared by jobs, read-only to them); "
+        "unset: no cache, each job downloads its own inputs.",
+    )
+    cache_max_bytes: int = Field(
+        default=100 * 1024**3, ge=0, description="Size the input cache is kept under, least recently used evicted first."
+    )
+    max_input_bytes: int = Field(
+        default=50 * 1024**3, ge=0, description="Most bytes of input files one job may ask for."
+    )
+    max_artifact_bytes: int = Field(
+        default=20 * 1024**3, ge=0, description="Most bytes of artifacts one job may upload."
+    )
+    max_artifact_file_bytes: int = Field(
+        # S3's limit for one PUT (presigned URLs are single PUTs): a larger file would be refused after the upload.
+        default=5 * 1024**3, ge=0, description="Largest single artifact file (S3's limit for one PUT: 5 GiB).",
+    )
+    max_artifact_files: int = Field(default=1000, ge=0, description="Most artifact files one job may upload.")
+    transfer_retries: int = Field(
+        default=5, ge=0, le=100, description="Retries of one input download or artifact upload after a network error or a 5xx.",
+    )
     docker_host: str | None = Field(
         default=None, description="Docker engine address; default: DOCKER_HOST, else unix:///var/run/docker.sock."
     )
@@ -258,6 +281,16 @@ class Settings(BaseSettings):
             raise ValueError(f"{text!r} is a relative path; give an absolute one, e.g. {Path.cwd() / value}")
         return value
 
+    @field_validator("cache_dir")
+    @classmethod
+    def _cache_dir(cls, value: Path | None) -> Path | None:
+        if value is None or str(value) == "":
+            return None
+        if "\x00" in str(value) or not value.is_absolute():
+            # Cached inputs are mounted into containers by their host path.
+            raise ValueError(f"{str(value)!r} is not an absolute path; give one, e.g. /var/cache/radix-inputs")
+        return value
+
     @field_validator("allowed_images")
     @classmethod
     def _allowed_images(cls, value: str) -> str:
@@ -319,6 +352,17 @@ class Settings(BaseSettings):
                     f"--api-base / RADIX_API_BASE: {self.api_base} is plain http to a non-loopback host, which would send the cluster "
                     "token in clear; use https, or pass --allow-insecure-http if you really mean it"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _cache_apart(self) -> Settings:
+        cache, jobs = self.cache_dir, self.jobs_workdir
+        if cache is not None and (cache == jobs or cache.is_relative_to(jobs) or jobs.is_relative_to(cache)):
+            # The agent removes job directories it does not know in --jobs-workdir, and the cache evicts entries.
+            raise ValueError(
+                f"--cache-dir {cache} and --jobs-workdir {jobs} overlap; give the cache a directory of its own, "
+                "e.g. /var/cache/radix-inputs"
+            )
         return self
 
     def require_agent_settings(self) -> None:

@@ -39,6 +39,8 @@ class ContainerSpec:
     env: dict[str, str]
     workspace: Path  # host path, mounted read-write at /workspace and used as working directory
     labels: dict[str, str]
+    # Read-only file mounts: (host path, path relative to /workspace); the job's cached inputs.
+    read_only_files: list[tuple[Path, str]] = field(default_factory=list)
     gpus: list[GpuInfo] = field(default_factory=list)  # given to this job only; how is the executor's business
     cpus: float | None = None
     memory_mb: int | None = None

@@ -116,7 +116,10 @@ class DockerExecutor:
         host_config: dict[str, Any] = {
             # A mount, not a bind: the engine refuses a missing source instead of creating it (as root), so a
             # container started late, after its workspace was removed, cannot bring the directory back.
-            "mounts": [Mount(target=WORKSPACE, source=str(spec.workspace), type="bind", read_only=False)],
+            "mounts": [Mount(target=WORKSPACE, source=str(spec.workspace), type="bind", read_only=False)] + [
+                Mount(target=f"{WORKSPACE}/{target}", source=str(source), type="bind", read_only=True)
+                for source, target in spec.read_only_files
+            ],
             "binds": binds,
             "privileged": False,
             "security_opt": list(policy.security_opt),

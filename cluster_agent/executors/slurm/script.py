@@ -10,6 +10,8 @@ the container with the same grace as the Docker executor, well inside Slurm's Ki
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import shlex
 import string
@@ -67,7 +69,9 @@ def engine_run_args(spec: ContainerSpec) -> list[str]:
     policy = hardening(spec)
     args = ["--workdir", WORKSPACE, "--network", policy.network,
             # --mount, not --volume: a missing source is an error, never a directory the engine creates as root.
-            "--mount", f"type=bind,source={spec.workspace},target={WORKSPACE}"]
+            "--mount", _mount(spec.workspace, WORKSPACE)]
+    for source, target in spec.read_only_files:
+        args += ["--mount", _mount(source, f"{WORKSPACE}/{target}", "readonly")]
     if policy.init:
         args.append("--init")
     for option in policy.security_opt:
@@ -91,6 +95,14 @@ def engine_run_args(spec: ContainerSpec) -> list[str]:
     for name, value in sorted(spec.env.items()):
         args += ["--env", f"{name}={value}"]
     return args
+
+
+def _mount(source: Path, target: str, *flags: str) -> str:
+    """A `--mount` value. The engines parse it as one CSV record, so a field holding a comma or a quote is
+    quoted the CSV way (docker's opts/mount.go reads it with encoding/csv)."""
+    out = io.StringIO()
+    csv.writer(out, lineterminator="").writerow(["type=bind", f"source={source}", f"target={target}", *flags])
+    return out.getvalue()
 
 
 class _Template(string.Template):

@@ -1,0 +1,385 @@
+"""A finished job's artifacts: the workspace files its globs match, uploaded where the control plane says.
+
+Collecting reads a tree the job controlled, as root: every directory is opened relative to its parent with
+O_NOFOLLOW, a symbolic link is never followed (one that matches is listed as skipped, not uploaded), anything but a
+regular file is skipped (a skip fails no job: it is no file to upload), and the walk is bounded (depth, entries, files, bytes). Each file's size and SHA-256 are taken from
+the same descriptor the upload later reads, so what is listed is what is sent.
+
+Progress is spooled in the job's directory (`artifacts.json`, the agent's, never the workspace's): an agent killed
+mid-upload is followed by one that adopts the exited container, collects again and uploads only what is not
+recorded as done with the same size and digest. A file the store refuses with a 4xx is reported and not retried;
+network errors and 5xx are retried with backoff (--transfer-retries).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import mimetypes
+import os
+import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+from wcmatch import glob as wcglob
+
+from ..errors import ControlPlaneError, ExtensionUnsupported
+from ..files import read_json, write_json_atomic
+from ..models import ArtifactError, ArtifactRecord, Completion, FailureReason, JobStatus
+from ..redaction import Redactor
+from .urls import redact_url, url_secrets
+
+__all__ = ["ArtifactPlanner", "ArtifactUpload", "Collected", "collect_artifacts"]
+
+log = logging.getLogger(__name__)
+
+MAX_DEPTH = 64
+MAX_ENTRIES = 100_000  # directory entries looked at, whatever they are
+PARALLEL_UPLOADS = 4
+PROGRESS_FILE = "artifacts.json"
+GLOB_FLAGS = wcglob.GLOBSTAR | wcglob.DOTGLOB  # `**` crosses directories; `*` matches dot files too
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class ArtifactPlanner(Protocol):
+    """The control plane's half: where each file goes (ControlPlaneClient.plan_artifacts)."""
+
+    def plan_artifacts(self, job_id: str, files: list[dict[str, Any]], *, cancel: threading.Event) -> list[dict[str, Any]]: ...
+
+
+@dataclass
+class Collected:
+    path: str
+    size_bytes: int
+    sha256: str
+    content_type: str
+
+    def wire(self) -> dict[str, Any]:
+        return {"path": self.path, "size_bytes": self.size_bytes, "sha256": self.sha256, "content_type": self.content_type}
+
+
+@dataclass
+class _Limits:
+    files: int
+    total_bytes: int
+    file_bytes: int
+
+
+def collect_artifacts(workspace: Path, patterns: list[str], *, max_files: int, max_bytes: int,
+                      max_file_bytes: int) -> tuple[list[Collected], list[ArtifactError], list[ArtifactError]]:
+    """The regular files under `workspace` that match `patterns` (globs relative to /workspace, `**` for any
+    depth), with their sizes and digests; the files that could not be taken (limits, unreadable: `errors`); and
+    what matched but is no file to upload (links, FIFOs, devices: `skipped`, which fails no job)."""
+    limits = _Limits(max_files, max_bytes, max_file_bytes)
+    found: list[Collected] = []
+    errors: list[ArtifactError] = []
+    skipped: list[ArtifactError] = []
+    try:
+        top = os.open(workspace, _DIR_FLAGS)
+    except OSError as exc:
+        return [], [ArtifactError(path=".", error=f"the workspace cannot be read: {exc.strerror or exc}")], []
+    total = 0
+    seen = 0
+    stack: list[tuple[int, str, int]] = [(top, "", 0)]  # (directory fd, its path, depth)
+    try:
+        while stack:
+            fd, prefix, depth = stack.pop()
+            try:
+                names = sorted(os.listdir(fd))
+            except OSError as exc:
+                errors.append(ArtifactError(path=prefix or ".", error=f"cannot be listed: {exc.strerror or exc}"))
+                os.close(fd)
+                continue
+            for name in names:
+                seen += 1
+                if seen > MAX_ENTRIES:
+                    errors.append(ArtifactError(path=prefix or ".", error=f"more than {MAX_ENTRIES} entries in the "
+                                                "workspace: the rest was not searched"))
+                    stack.append((fd, prefix, depth))  # closed below
+                    return found, errors, skipped
+                relative = f"{prefix}{name}"
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    if depth + 1 >= MAX_DEPTH:
+                        if _could_match(relative, patterns):
+                            errors.append(ArtifactError(path=relative, error=f"deeper than {MAX_DEPTH} levels: not searched"))
+                        continue
+                    try:
+                        stack.append((os.open(name, _DIR_FLAGS, dir_fd=fd), relative + "/", depth + 1))
+                    except OSError:
+                        continue  # swapped for a link or removed: nothing to collect there
+                    continue
+                if not wcglob.globmatch(relative, patterns, flags=GLOB_FLAGS):
+                    continue
+                if stat.S_ISLNK(st.st_mode):
+                    skipped.append(ArtifactError(path=relative, error="skipped: a symbolic link (links are never followed)"))
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    skipped.append(ArtifactError(path=relative, error="skipped: not a regular file"))
+                    continue
+                problem = _over_limits(st.st_size, len(found), total, limits)
+                if problem:
+                    errors.append(ArtifactError(path=relative, error=problem))
+                    continue
+                item = _digest(fd, name, relative)
+                if isinstance(item, ArtifactError):
+                    errors.append(item)
+                    continue
+                found.append(item)
+                total += item.size_bytes
+            os.close(fd)
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
+    return found, errors, skipped
+
+
+def _could_match(directory: str, patterns: list[str]) -> bool:
+    return any(pattern.startswith("**") or pattern.startswith(directory.split("/")[0]) for pattern in patterns)
+
+
+def _over_limits(size: int, count: int, total: int, limits: _Limits) -> str | None:
+    if size > limits.file_bytes:
+        return f"{size} bytes, over the limit of {limits.file_bytes} per file (--max-artifact-file-bytes)"
+    if count + 1 > limits.files:
+        return f"more than {limits.files} files (--max-artifact-files)"
+    if total + size > limits.total_bytes:
+        return f"the job's artifacts would pass {limits.total_bytes} bytes (--max-artifact-bytes)"
+    return None
+
+
+def _digest(dir_fd: int, name: str, relative: str) -> Collected | ArtifactError:
+    try:
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        return ArtifactError(path=relative, error=f"cannot be opened: {exc.strerror or exc}")
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ArtifactError(path=relative, error="not a regular file: not uploaded")
+        digest = hashlib.sha256()
+        size = 0
+        while chunk := os.read(fd, 4 * 1024 * 1024):
+            digest.update(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        return ArtifactError(path=relative, error=f"cannot be read: {exc.strerror or exc}")
+    finally:
+        os.close(fd)
+    content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return Collected(relative, size, digest.hexdigest(), content_type)
+
+
+def open_in(workspace: Path, relative: str) -> int:
+    """A read descriptor for `relative` under `workspace`, each component opened without following a link."""
+    parts = relative.split("/")
+    fd = os.open(workspace, _DIR_FLAGS)
+    try:
+        for part in parts[:-1]:
+            next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+        file_fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+        os.close(file_fd)
+        raise OSError(f"{relative} is not a regular file")
+    return file_fd
+
+
+class _Retry(Exception):
+    pass
+
+
+class ArtifactUpload:
+    """Uploads one job's artifacts and records them in its completion. One per agent; thread-safe."""
+
+    def __init__(self, planner: ArtifactPlanner | None, *, retries: int = 5, max_files: int = 1000,
+                 max_bytes: int = 20 * 1024**3, max_file_bytes: int = 5 * 1024**3, timeout: float = 300.0,
+                 backoff_max: float = 30.0, transport: httpx.BaseTransport | None = None) -> None:
+        self._planner = planner
+        self._retries = retries
+        self._limits = (max_files, max_bytes, max_file_bytes)
+        self._backoff_max = backoff_max
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=30.0), transport=transport,
+                                  headers={"User-Agent": "radix-cluster-agent"})
+
+    def close(self) -> None:
+        self._http.close()
+
+    def finish(self, job_id: str, patterns: list[str], workspace: Path, job_dir: Path,
+               completion: Completion) -> Completion:
+        """`completion` with `artifacts` (uploaded, this run or an earlier one) and `artifact_errors`; a job that
+        succeeded but whose artifacts did not all go up is failed/artifact_upload_failed (a job that failed keeps
+        its own reason)."""
+        max_files, max_bytes, max_file_bytes = self._limits
+        found, errors, skipped = collect_artifacts(workspace, patterns, max_files=max_files, max_bytes=max_bytes,
+                                                   max_file_bytes=max_file_bytes)
+        progress = _Progress(job_dir / PROGRESS_FILE)
+        done = [item for item in found if progress.done(item)]
+        pending = [item for item in found if not progress.done(item)]
+        if done:
+            log.info("job %s: %d artifact(s) were uploaded by an earlier agent; not sent again", job_id, len(done))
+        if pending:
+            errors += self._upload(job_id, pending, workspace, progress)
+        uploaded = [ArtifactRecord(path=item.path, size_bytes=item.size_bytes, sha256=item.sha256)
+                    for item in found if progress.done(item)]
+        log.info("job %s: %d artifact(s) uploaded, %d not", job_id, len(uploaded), len(errors),
+                 extra={"job_id": job_id, "event": "artifacts"})
+        update: dict[str, Any] = {"artifacts": uploaded, "artifact_errors": (errors + skipped) or None}
+        if errors and completion.status is JobStatus.SUCCEEDED:
+            first = "; ".join(f"{e.path}: {e.error}" for e in errors[:3])
+            more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+            update |= {"status": JobStatus.FAILED, "failure_reason": FailureReason.ARTIFACT_UPLOAD_FAILED,
+                       "error_message": f"{len(errors)} artifact(s) not uploaded: {first}{more}"}
+        return completion.model_copy(update=update)
+
+    def upload_one(self, job_id: str, directory: Path, relative: str, job_dir: Path) -> ArtifactRecord | ArtifactError:
+        """Upload one file the agent wrote itself (`directory`/`relative`), recorded in the job's progress."""
+        found, errors, _ = collect_artifacts(directory, [relative], max_files=1, max_bytes=2**63, max_file_bytes=2**63)
+        if errors or not found:
+            return errors[0] if errors else ArtifactError(path=relative, error="not found")
+        progress = _Progress(job_dir / PROGRESS_FILE)
+        item = found[0]
+        if not progress.done(item):
+            failed = self._upload(job_id, [item], directory, progress)
+            if failed:
+                return failed[0]
+        return ArtifactRecord(path=item.path, size_bytes=item.size_bytes, sha256=item.sha256)
+
+    def _upload(self, job_id: str, pending: list[Collected], workspace: Path, progress: _Progress) -> list[ArtifactError]:
+        if self._planner is None:
+            return [ArtifactError(path=item.path, error="no control plane to upload to (run-job keeps no artifacts)")
+                    for item in pending]
+        try:
+            plans = self._planner.plan_artifacts(job_id, [item.wire() for item in pending], cancel=threading.Event())
+        except ExtensionUnsupported:
+            reason = "the control plane has no artifacts endpoint (HTTP 404); it cannot take artifacts"
+            return [ArtifactError(path=item.path, error=reason) for item in pending]
+        except ControlPlaneError as exc:
+            reason = f"the control plane did not say where to upload it: {exc}"
+            return [ArtifactError(path=item.path, error=reason) for item in pending]
+        by_path: dict[str, dict[str, Any]] = {}
+        for plan in plans:
+            if isinstance(plan.get("path"), str):
+                by_path.setdefault(plan["path"], plan)
+        errors: list[ArtifactError] = []
+        work: list[tuple[Collected, dict[str, Any]]] = []
+        for item in pending:
+            plan = by_path.get(item.path)
+            if plan is not None and plan.get("exists") is True:
+                progress.record(item)  # the store has these bytes already (an upload whose answer was lost)
+                continue
+            problem = _plan_problem(plan)
+            if problem:
+                errors.append(ArtifactError(path=item.path, error=problem))
+            else:
+                work.append((item, plan))  # type: ignore[arg-type]
+        with ThreadPoolExecutor(max_workers=PARALLEL_UPLOADS, thread_name_prefix=f"upload-{job_id}") as pool:
+            outcomes = list(pool.map(lambda pair: self._put(pair[0], pair[1], workspace, progress), work))
+        errors += [outcome for outcome in outcomes if outcome is not None]
+        return errors
+
+    def _put(self, item: Collected, plan: dict[str, Any], workspace: Path, progress: _Progress) -> ArtifactError | None:
+        url = plan["url"]
+        redactor = Redactor(url_secrets(url))
+        headers = {str(k): str(v) for k, v in (plan.get("headers") or {}).items()}
+        headers["Content-Length"] = str(item.size_bytes)
+        method = str(plan.get("method") or "PUT").upper()
+
+        def once() -> None:
+            try:
+                fd = open_in(workspace, item.path)
+            except OSError as exc:
+                raise _Final(f"cannot be opened: {exc.strerror or exc}") from None
+            with os.fdopen(fd, "rb") as body:
+                try:
+                    response = self._http.request(method, url, content=_Body(body, item.size_bytes), headers=headers)
+                except httpx.TransportError as exc:
+                    raise _Retry(redactor.redact(f"{type(exc).__name__}: {exc}")) from None
+            reason = f"HTTP {response.status_code} {response.reason_phrase}".strip()
+            if response.status_code in (408, 429) or response.status_code >= 500:
+                raise _Retry(reason)
+            if not 200 <= response.status_code < 300:
+                raise _Final(f"refused by the store ({reason}); not retried")
+
+        retrying = Retrying(
+            stop=stop_after_attempt(self._retries + 1), wait=wait_exponential(multiplier=0.5, max=self._backoff_max),
+            retry=retry_if_exception(lambda exc: isinstance(exc, _Retry)), reraise=True,
+        )
+        try:
+            retrying(once)
+        except _Retry as exc:
+            return ArtifactError(path=item.path, error=f"upload to {redact_url(url)} failed: {exc} (gave up after "
+                                 f"{self._retries + 1} attempts)")
+        except _Final as exc:
+            return ArtifactError(path=item.path, error=f"upload to {redact_url(url)}: {exc}")
+        progress.record(item)
+        return None
+
+
+class _Final(Exception):
+    pass
+
+
+class _Body:
+    """The file's bytes, at most `size` of them (the digest was taken of exactly these), in 1 MiB chunks."""
+
+    def __init__(self, file: Any, size: int) -> None:
+        self._file = file
+        self._left = size
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        while self._left > 0:
+            chunk = self._file.read(min(1024 * 1024, self._left))
+            if not chunk:
+                return
+            self._left -= len(chunk)
+            yield chunk
+
+
+def _plan_problem(plan: dict[str, Any] | None) -> str | None:
+    if plan is None:
+        return "the control plane gave no upload URL for it"
+    url = plan.get("url")
+    if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
+        return "the control plane's upload URL is not an http(s) URL"
+    method = plan.get("method", "PUT")
+    if not isinstance(method, str) or method.upper() not in ("PUT", "POST"):
+        return "the control plane asked for an upload method other than PUT or POST"
+    headers = plan.get("headers") or {}
+    if not isinstance(headers, dict) or not all(isinstance(v, (str, int)) for v in headers.values()):
+        return "the control plane's upload headers are not a string map"
+    return None
+
+
+class _Progress:
+    """artifacts.json in the job's directory: {path: {size_bytes, sha256}} of what is uploaded."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        data = read_json(path)
+        self._done: dict[str, Any] = data if isinstance(data, dict) else {}
+
+    def done(self, item: Collected) -> bool:
+        record = self._done.get(item.path)
+        return isinstance(record, dict) and record.get("sha256") == item.sha256 and record.get("size_bytes") == item.size_bytes
+
+    def record(self, item: Collected) -> None:
+        with self._lock:
+            self._done[item.path] = {"size_bytes": item.size_bytes, "sha256": item.sha256}
+            try:
+                write_json_atomic(self._path, self._done, mode=0o600)
+            except OSError as exc:
+                log.warning("artifact progress not recorded in %s (%s): a restart would upload %s again",
+                            self._path, exc, item.path)
