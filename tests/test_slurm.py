@@ -366,3 +366,11 @@ def test_jobs_the_probe_and_the_start_up_check_share_where_jobs_go(tmp_path):
     agent = settings(tmp_path, slurm_partition="gpu", slurm_account="ml", slurm_sbatch_args="--reservation=r1")
     assert cluster_args(agent) == ["--partition=gpu", "--account=ml", "--reservation=r1"]
     assert set(cluster_args(agent)) <= set(sbatch_args(spec(tmp_path), agent, tmp_path / "s"))
+
+
+def test_cached_inputs_reach_the_node_s_container_read_only_even_with_commas_in_the_path(tmp_path):
+    from cluster_agent.executors.slurm.script import engine_run_args
+
+    args = engine_run_args(spec(tmp_path, read_only_files=[(Path("/cache/sha256/ab"), "in/a,b.bin")]))
+    mounts = [args[i + 1] for i, arg in enumerate(args) if arg == "--mount"]
+    assert mounts[1] == 'type=bind,source=/cache/sha256/ab,"target=/workspace/in/a,b.bin",readonly'

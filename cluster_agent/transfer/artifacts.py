@@ -229,7 +229,11 @@ class ArtifactUpload:
         pending = [item for item in found if not progress.done(item)]
         if done:
             log.info("job %s: %d artifact(s) were uploaded by an earlier agent; not sent again", job_id, len(done))
-        if pending:
+        if pending and self._planner is None:
+            # run-job: no control plane to ask where files go. Not the job's failure: listed, the job stands.
+            skipped += [ArtifactError(path=item.path, error="skipped: run-job has no control plane to upload to")
+                        for item in pending]
+        elif pending:
             errors += self._upload(job_id, pending, workspace, progress)
         uploaded = [ArtifactRecord(path=item.path, size_bytes=item.size_bytes, sha256=item.sha256)
                     for item in found if progress.done(item)]
@@ -258,8 +262,7 @@ class ArtifactUpload:
 
     def _upload(self, job_id: str, pending: list[Collected], workspace: Path, progress: _Progress) -> list[ArtifactError]:
         if self._planner is None:
-            return [ArtifactError(path=item.path, error="no control plane to upload to (run-job keeps no artifacts)")
-                    for item in pending]
+            return [ArtifactError(path=item.path, error="no control plane to upload to (run-job)") for item in pending]
         try:
             plans = self._planner.plan_artifacts(job_id, [item.wire() for item in pending], cancel=threading.Event())
         except ExtensionUnsupported:

@@ -98,7 +98,7 @@ def test_concurrent_jobs_share_one_cached_download_that_they_cannot_change(cp, s
     store.put("shared.bin", data)
     item = {"url": store.url("shared.bin"), "path": "in/shared.bin", "sha256": sha(data)}
     cache = tmp_path / "cache"
-    start_agent("--cache-dir", str(cache), "--max-concurrent-jobs", "3")
+    start_agent("--cache-dir", str(cache), "--max-concurrent-jobs", "3", "--heartbeat-interval", "1")
     tamper = ("echo evil > in/shared.bin 2>/dev/null; rm -f in/shared.bin 2>/dev/null; chmod 666 in/shared.bin 2>/dev/null; "
               + SCRIPT.format(path="in/shared.bin"))
     ids = [cp.submit(command=["sh", "-c", tamper], inputs=[item], timeout_seconds=30) for _ in range(3)]
@@ -110,8 +110,10 @@ def test_concurrent_jobs_share_one_cached_download_that_they_cannot_change(cp, s
     assert sum(r["metrics"]["input_cached_bytes"] for r in results) == 2 * len(data)
     entry = cache / "sha256" / sha(data)
     assert entry.read_bytes() == data and entry.stat().st_mode & 0o777 == 0o444
-    beats = eventually(lambda: [b for b in cp.heartbeats() if "input_cache" in b["capabilities"]], what="a heartbeat")
-    assert beats[-1]["capabilities"]["input_cache"]["entries"] >= 0
+    beats = eventually(lambda: [b for b in cp.heartbeats() if b["capabilities"].get("input_cache", {}).get("entries")],
+                       what="a heartbeat with the cache")
+    reported = beats[-1]["capabilities"]["input_cache"]
+    assert reported["entries"] == 1 and reported["size_bytes"] == len(data) and reported["free_bytes"] > 0
 
 
 def test_the_cache_evicts_least_recently_used_and_refetches_a_corrupt_entry(cp, start_agent, busybox, store, tmp_path):
