@@ -12,6 +12,9 @@
 6. per-job latency at the engine's limit (bench/latency.py): the trivial-job loop (one job, then four in flight)
    against a bare SDK loop, container exit -> complete and poll answered -> running from the engine's events, the
    agent's cost at 0, 32 and 128 running jobs, and pulls of one missing image asked for by parallel jobs.
+7. the agent's image: its own layers and the whole.
+8. job data (bench/transfer.py): a 1 GiB input and artifact through the agent against curl on one nginx, the
+   agent's peak RSS meanwhile, and a job whose input is in the cache.
 
 Usage: bench/run.py [--tiny] [--out FILE]   (--tiny: a few seconds, for `make test`)
 """
@@ -35,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import docker  # noqa: E402
+import transfer  # noqa: E402 - bench/transfer.py, beside this script
 
 from devplane import DevControlPlane  # noqa: E402
 from devplane.images import BUSYBOX_IMAGE, ensure_busybox_image  # noqa: E402
@@ -320,6 +324,10 @@ def main() -> int:
     results["image"] = image_sizes(client, tiny)
     print("image", results["image"], flush=True)
 
+    # 8. job data through the agent against curl (inputs, artifacts, the cache)
+    results["transfer"] = transfer.data_transfer(start_agent, TOKEN, tiny=tiny)
+    print("transfer", results["transfer"], flush=True)
+
     write_report(args.out, results, tiny)
     print(f"wrote {args.out}")
     return 0
@@ -494,6 +502,7 @@ def write_report(path: Path, r: dict, tiny: bool) -> None:
         f"| NVML sample, fake NVML, per GPU | {r['nvml_fake_ms_per_gpu'] * 1000:.1f} us | | |",
         "| NVML sample, real H100, per GPU (docs/gpu.md) | 71 us | 8 GPUs < 2 ms | met |",
         *latency_rows(r),
+        *transfer.transfer_rows(r["transfer"], ok),
         "",
         "Reproduce: `make bench` (a Docker engine must answer; `make test` runs `bench/run.py --tiny` as a smoke test).",
         "",

@@ -303,6 +303,9 @@ class JobMetrics(BaseModel):
     input_seconds: float | None = None
     input_bytes: int | None = None
     input_cached_bytes: int | None = None
+    # Artifacts: collected, hashed and uploaded after the container ended (uploaded bytes only).
+    artifact_seconds: float | None = None
+    artifact_bytes: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
         data = self.model_dump(mode="json", exclude_none=True)

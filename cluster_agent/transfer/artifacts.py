@@ -28,6 +28,7 @@ import httpx
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 from wcmatch import glob as wcglob
 
+from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ControlPlaneError, ExtensionUnsupported
 from ..files import read_json, write_json_atomic
 from ..models import ArtifactError, ArtifactRecord, Completion, FailureReason, JobStatus
@@ -205,8 +206,10 @@ class ArtifactUpload:
 
     def __init__(self, planner: ArtifactPlanner | None, *, retries: int = 5, max_files: int = 1000,
                  max_bytes: int = 20 * 1024**3, max_file_bytes: int = 5 * 1024**3, timeout: float = 300.0,
-                 backoff_max: float = 30.0, transport: httpx.BaseTransport | None = None) -> None:
+                 backoff_max: float = 30.0, transport: httpx.BaseTransport | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self._planner = planner
+        self._clock = clock
         self._retries = retries
         self._limits = (max_files, max_bytes, max_file_bytes)
         self._backoff_max = backoff_max
@@ -221,6 +224,7 @@ class ArtifactUpload:
         """`completion` with `artifacts` (uploaded, this run or an earlier one) and `artifact_errors`; a job that
         succeeded but whose artifacts did not all go up is failed/artifact_upload_failed (a job that failed keeps
         its own reason)."""
+        began = self._clock.monotonic()
         max_files, max_bytes, max_file_bytes = self._limits
         found, errors, skipped = collect_artifacts(workspace, patterns, max_files=max_files, max_bytes=max_bytes,
                                                    max_file_bytes=max_file_bytes)
@@ -239,7 +243,11 @@ class ArtifactUpload:
                     for item in found if progress.done(item)]
         log.info("job %s: %d artifact(s) uploaded, %d not", job_id, len(uploaded), len(errors),
                  extra={"job_id": job_id, "event": "artifacts"})
-        update: dict[str, Any] = {"artifacts": uploaded, "artifact_errors": (errors + skipped) or None}
+        metrics = completion.metrics.model_copy(update={
+            "artifact_seconds": round(self._clock.monotonic() - began, 3),
+            "artifact_bytes": sum(item.size_bytes for item in uploaded)})
+        update: dict[str, Any] = {"artifacts": uploaded, "artifact_errors": (errors + skipped) or None,
+                                  "metrics": metrics}
         if errors and completion.status is JobStatus.SUCCEEDED:
             first = "; ".join(f"{e.path}: {e.error}" for e in errors[:3])
             more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""

@@ -17,7 +17,9 @@ def test_bench_runs_and_writes_its_report(tmp_path, busybox):
                     "log delivery", "NVML sample", "--tiny mode", "trivial-job loop, one job in flight",
                     "4 slots and 4 jobs in flight", "container exit (engine's die event) -> complete",
                     "poll answered -> container running", "running jobs", "cost of each further running job",
-                    "parallel jobs on an image not present: pulls seen by the engine | 1 |", "the agent's image ("):
+                    "parallel jobs on an image not present: pulls seen by the engine | 1 |", "the agent's image (",
+                    "download of a 16 MiB input", "upload of a 16 MiB artifact", "peak RSS while moving them",
+                    "input is in the cache: poll answered -> start call"):
         assert section in report, section
 
 
