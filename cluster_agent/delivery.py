@@ -18,6 +18,7 @@ from .control_plane import ControlPlaneClient, Delivery
 from .errors import ControlPlaneError
 from .job_dir import JobDirectory
 from .metrics import Metrics
+from .failure_class import classify
 from .models import Completion
 from .transfer import refused_result
 
@@ -62,6 +63,9 @@ class ResultDelivery:
         """Spool, deliver, and say whether the job is done with (True: its directory and container may go).
         `exited_at` (wall-clock epoch seconds) is when the job's container exited, for
         radix_agent_result_after_exit_seconds."""
+        if completion.metrics.failure_class is None:
+            # Made outside a job's run (a vanished container, a job that arrived during shutdown): classed here.
+            completion = classify(completion, memory_limited=False)
         if directory is not None and not spooled:
             self.spool(job_id, completion, directory)
         with self._changed:

@@ -79,9 +79,10 @@ class MalformedResponse(ControlPlaneError):
 class JobFailed(AgentError):
     """A job cannot succeed; `reason` is the failure_reason reported to the control plane."""
 
-    def __init__(self, reason: FailureReason, message: str) -> None:
+    def __init__(self, reason: FailureReason, message: str, *, retryable: bool | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.retryable = retryable  # known at the failure (an input's 404 vs a network error); None: by the reason
 
 
 class ImageGone(JobFailed):
@@ -117,5 +118,9 @@ class PollInterrupted(AgentError):
 
 class TransferFailed(AgentError):
     """An input download or an artifact upload failed for good: retries used up, or an answer no retry changes
-    (a 404, a checksum mismatch, a file over its limit). The message names the file and the URL without its
-    query string (transfer/urls.py), and says what to check."""
+    (a 404, a checksum mismatch, a file over its limit: `permanent`, which no other node would change either).
+    The message names the file and the URL without its query string (transfer/urls.py), and says what to check."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent

@@ -18,6 +18,7 @@ from .clock import Clock
 from .container_watch import ContainerWatch, StopRequest
 from .errors import EngineUnavailable, ImageGone, JobFailed, TransferFailed
 from .engine_watch import EngineWatch
+from .failure_class import classify
 from .executors import LABEL_GPU_IDS, LABEL_TIMEOUT, STOP_GRACE_SECONDS, ContainerSpec, ContainerState, Executor
 from .gpu_pool import GpuAllocator
 from .job_dir import JobDirectory
@@ -89,6 +90,7 @@ class JobRun:
         self._given_gpus: list[GpuInfo] = []
         self._gpu_count = 0
         self._staged: StagedInputs | None = None
+        self._retryable: bool | None = None  # what the failure's own code knew of it (failure_class.py)
         # (engine create+start, the agent's own share) of the time from the poll answer to a running container
         self.start_timing: tuple[float, float] | None = None
         # When its container exited (wall clock, the engine's word): the start of the agent's dead time.
@@ -125,7 +127,8 @@ class JobRun:
                 f"the job's output cannot be sent as a result ({type(exc).__name__}: {exc}); write plain JSON, at most "
                 f"{MAX_OUTPUT_DEPTH} levels deep",
             )
-        return completion
+        spec = self.job.spec
+        return classify(completion, memory_limited=bool(spec and spec.resources.memory_mb), retryable=self._retryable)
 
     def _without_job_secrets(self, completion: Completion) -> Completion:
         """Neither the agent's secrets nor the job's registry password (a registry may echo it into an error)
@@ -145,6 +148,7 @@ class JobRun:
             spec = self._validate()
             return self._run(spec)
         except JobFailed as exc:
+            self._retryable = exc.retryable
             return self._result(JobStatus.FAILED, exc.reason, str(exc), started=started)
         except EngineUnavailable as exc:
             return self._result(JobStatus.FAILED, FailureReason.AGENT_ERROR, f"container engine error: {exc}", started=started)
@@ -209,7 +213,7 @@ class JobRun:
         except TransferFailed as exc:
             if self._stop.event.is_set():
                 return  # canceled while downloading: the caller reports the stop
-            raise JobFailed(FailureReason.INPUT_UNAVAILABLE, str(exc)) from None
+            raise JobFailed(FailureReason.INPUT_UNAVAILABLE, str(exc), retryable=not exc.permanent) from None
         except OSError as exc:
             raise JobFailed(FailureReason.AGENT_ERROR, f"cannot place the job's inputs in its workspace: "
                             f"{exc.strerror or exc}; check free space of --jobs-workdir") from None

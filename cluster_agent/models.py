@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
@@ -303,6 +303,9 @@ class JobMetrics(BaseModel):
     input_seconds: float | None = None
     input_bytes: int | None = None
     input_cached_bytes: int | None = None
+    # Failed jobs: whether another try elsewhere can help (failure_class.py has the table).
+    failure_class: Literal["job", "infrastructure"] | None = None
+    retryable: bool | None = None
     # Artifacts: collected, hashed and uploaded after the container ended (uploaded bytes only).
     artifact_seconds: float | None = None
     artifact_bytes: int | None = None

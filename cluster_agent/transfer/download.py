@@ -70,7 +70,7 @@ class Downloader:
         redactor = Redactor(url_secrets(url))
         if size_bytes is not None and size_bytes > limit:
             raise TransferFailed(f"{where}: its declared size ({size_bytes} bytes) is over the limit of {limit} bytes "
-                                 "per job (--max-input-bytes)")
+                                 "per job (--max-input-bytes)", permanent=True)
         fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         state = _State(fd, hashing=sha256 is not None)
         try:
@@ -92,10 +92,10 @@ class Downloader:
         digest = state.hash.hexdigest() if state.hash is not None else None
         if size_bytes is not None and state.size != size_bytes:
             raise TransferFailed(f"{where}: got {state.size} bytes, but the job says size_bytes {size_bytes}; check the "
-                                 "URL or the size in the job")
+                                 "URL or the size in the job", permanent=True)
         if sha256 is not None and digest != sha256:
             raise TransferFailed(f"{where}: its SHA-256 is {digest}, but the job says {sha256}; the file changed "
-                                 "or the URL names another one")
+                                 "or the URL names another one", permanent=True)
         return Fetched(state.size, digest)
 
     def _attempt(self, url: str, state: _State, limit: int, size_bytes: int | None, cancel: threading.Event,
@@ -111,10 +111,10 @@ class Downloader:
                 total = _expected_total(response, state)
                 if total is not None and total > limit:
                     raise TransferFailed(f"{where}: it is {total} bytes, over the limit of {limit} bytes per job "
-                                         "(--max-input-bytes)")
+                                         "(--max-input-bytes)", permanent=True)
                 if size_bytes is not None and total is not None and total != size_bytes:
                     raise TransferFailed(f"{where}: the server says it is {total} bytes, but the job says "
-                                         f"size_bytes {size_bytes}; check the URL or the size in the job")
+                                         f"size_bytes {size_bytes}; check the URL or the size in the job", permanent=True)
                 # As read from the socket: a chunker would hold up to a chunk that a broken connection loses.
                 for chunk in response.iter_raw():
                     if cancel.is_set():
@@ -122,7 +122,7 @@ class Downloader:
                     state.append(chunk)
                     if state.size > limit:
                         raise TransferFailed(f"{where}: more than the limit of {limit} bytes per job "
-                                             "(--max-input-bytes)")
+                                             "(--max-input-bytes)", permanent=True)
                 if total is not None and state.size < total:
                     raise _Retry(f"the connection ended after {state.size} of {total} bytes")
         except httpx.TransportError as exc:
@@ -150,7 +150,8 @@ class Downloader:
         if status in (408, 429) or status >= 500:
             raise _Retry(reason)
         state.restart()
-        raise TransferFailed(f"{where}: {reason}; check the URL and that it is still valid (presigned URLs expire)")
+        raise TransferFailed(f"{where}: {reason}; check the URL and that it is still valid (presigned URLs expire)",
+                             permanent=True)
 
 
 class _State:

@@ -45,7 +45,7 @@ def stage_inputs(
     declared = sum(item.size_bytes or 0 for item in inputs)
     if declared > limit:
         raise TransferFailed(f"the job's inputs declare {declared} bytes, over the limit of {limit} bytes per job "
-                             "(--max-input-bytes); ask for less or raise the limit")
+                             "(--max-input-bytes); ask for less or raise the limit", permanent=True)
     for item in inputs:
         target = workspace / item.path
         _make_parents(workspace, item.path)
@@ -62,7 +62,7 @@ def stage_inputs(
             size = entry.stat().st_size
             if size > remaining:
                 raise TransferFailed(f"input {item.path}: {size} bytes, over what is left of the limit of {limit} "
-                                     "bytes per job (--max-input-bytes)")
+                                     "bytes per job (--max-input-bytes)", permanent=True)
             # The mount target: a plain empty file the engine mounts the entry over.
             os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444))
             staged.mounts.append((entry, item.path))
@@ -89,4 +89,4 @@ def _make_parents(workspace: Path, relative: str) -> None:
             os.chmod(current, 0o777)
         except FileExistsError:
             if current.is_symlink() or not current.is_dir():
-                raise TransferFailed(f"input {relative}: {part} is not a directory (another input is a file there)") from None
+                raise TransferFailed(f"input {relative}: {part} is not a directory (another input is a file there)", permanent=True) from None

@@ -39,7 +39,10 @@ def refused_result(job_id: str, completion: Completion, size: int, job_dir: Path
         note += "; keep output.json small, or declare artifacts and write large results as files"
     failed = completion.status is not JobStatus.SUCCEEDED
     message = f"{completion.error_message}; {note}" if failed and completion.error_message else note
+    metrics = completion.metrics if failed else completion.metrics.model_copy(
+        update={"failure_class": "job", "retryable": False})  # its output is too large wherever it runs
     return completion.model_copy(update={
+        "metrics": metrics,
         "status": completion.status if failed else JobStatus.FAILED,
         "failure_reason": completion.failure_reason if failed else FailureReason.INVALID_OUTPUT,
         "error_message": message[:4096],

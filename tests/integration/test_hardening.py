@@ -62,6 +62,7 @@ def test_pull_policy_never_does_not_pull(cp, start_agent):
     missing = cp.run(image="radix-test/not-here:1", command=["true"])
     assert missing["failure_reason"] == "image_unavailable"
     assert "--pull-policy is never" in missing["error_message"]
+    assert missing["metrics"]["retryable"] is True  # a node that has the image can run it
 
 
 def test_pull_policy_always_pulls_even_a_present_image(cp, start_agent):

@@ -90,6 +90,10 @@ def test_an_input_that_cannot_be_had_fails_the_job_without_leaking_the_url(cp, s
                 "size_mismatch": "size", "server_error": "HTTP 503"}[case]
     assert expected in message, message
     assert "t0ps3cr3tvalue" not in message and "t0ps3cr3tvalue" not in agent.log
+    # A server error might pass on another node; a 404, a wrong checksum or size, a limit would not.
+    retryable = case == "server_error"
+    assert result["metrics"]["retryable"] is retryable
+    assert result["metrics"]["failure_class"] == ("infrastructure" if retryable else "job")
     assert "should-not-run" not in json.dumps(result)
 
 

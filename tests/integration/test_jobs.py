@@ -61,6 +61,7 @@ def test_non_zero_exit(cp, agent):
     assert result["metrics"]["exit_code"] == 3
     assert "exited with code 3" in result["error_message"] and "it broke" in result["error_message"]
     assert result["output_payload"] == {"stdout": "partial\n", "stderr": "it broke\n"}
+    assert result["metrics"]["failure_class"] == "job" and result["metrics"]["retryable"] is False
 
 
 def test_invalid_output_json(cp, agent):
@@ -90,6 +91,9 @@ def test_missing_image(cp, agent):
     assert "radix-test/does-not-exist" in result["error_message"]
     # The engine's own reason is passed on.
     assert "denied" in result["error_message"] or "not found" in result["error_message"] or "lookup" in result["error_message"] or "dial" in result["error_message"]
+    # Unreachable registry (these machines): another node may reach it. A registry that says "not found": the name.
+    unreachable = "lookup" in result["error_message"] or "dial" in result["error_message"]
+    assert result["metrics"]["failure_class"] == ("infrastructure" if unreachable else "job"), result
 
 
 def test_command_missing_from_the_image(cp, agent):
@@ -151,6 +155,7 @@ def test_oom_under_a_small_memory_limit(cp, agent):
     result = cp.run(command=["sh", "-c", "head -c 400m /dev/zero | tail > /dev/null"], resources={"memory_mb": 32})
     assert result["status"] == "failed"
     assert result["failure_reason"] == "oom", result
+    assert result["metrics"]["failure_class"] == "job"  # within its own limit: no other node would do better
     assert "out of memory" in result["error_message"] and "32 MiB" in result["error_message"]
 
 
