@@ -1,7 +1,10 @@
 """Live jobs on the real engine: start calls, log streaming, cancellation, parallel jobs, limits."""
 
+import os
 import threading
 import time
+
+import pytest
 
 
 from tests.integration.conftest import eventually
@@ -95,7 +98,7 @@ def test_cancel_from_a_poll_answer(cp, start_agent, docker_client):
     assert took < 15
     assert record["result"]["status"] == "canceled"
     assert record["result"]["failure_reason"] == "canceled"
-    eventually(lambda: not docker_client.containers.list(all=True, filters={"label": f"radix.job_id={job_id}"}), what="container gone")
+    eventually(lambda: not docker_client.containers.list(all=True, sparse=True, filters={"label": f"radix.job_id={job_id}"}), what="container gone")
 
 
 def test_cancel_of_a_job_that_ignores_sigterm_kills_it_after_10_s(cp, start_agent, docker_client):
@@ -219,3 +222,36 @@ def test_pids_limit_stops_a_fork_bomb(cp, start_agent):
     result = cp.run(command=["sh", "-c", "i=0; while [ $i -lt 100 ]; do sleep 5 & i=$((i+1)); done; wait"], timeout_seconds=30)
     assert result["status"] == "failed" or "can't fork" in result["output_payload"].get("stderr", "")
     assert "fork" in (result["error_message"] or "") + result["output_payload"].get("stderr", "")
+
+
+@pytest.mark.parametrize("end", ["cancel", "timeout"])
+def test_no_process_of_a_stopped_job_survives_it(cp, start_agent, docker_client, end):
+    # PID 1 and its children all ignore SIGTERM, and the children keep running in the background: the grace ends
+    # in SIGKILL for all of them and the container is removed, so nothing of the job is left on the host.
+    marker = f"{31000 + (end == 'timeout')}"
+    script = (f"trap '' TERM; (trap '' TERM; sleep {marker}) & (trap '' TERM; while true; do sleep 1; done) & "
+              f"sleep {marker}")
+    start_agent()
+    job_id = cp.submit(command=["sh", "-c", script], timeout_seconds=3 if end == "timeout" else 60)
+    wait_running(docker_client, job_id)
+    eventually(lambda: _host_processes(marker), what="the job's processes seen from the host")
+    if end == "cancel":
+        cp.cancel(job_id)
+    result = cp.result(job_id, wait=40)["result"]
+    assert result["failure_reason"] == ("canceled" if end == "cancel" else "timeout"), result
+    eventually(lambda: not docker_client.containers.list(all=True, sparse=True, filters={"label": f"radix.job_id={job_id}"}),
+               what="container gone")
+    assert _host_processes(marker) == []
+
+
+def _host_processes(marker: str) -> list[str]:
+    found = []
+    for proc in os.listdir("/proc"):
+        if proc.isdigit():
+            try:
+                cmdline = open(f"/proc/{proc}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if cmdline[:2] == [b"sleep", marker.encode()]:
+                found.append(proc)
+    return found

@@ -38,4 +38,4 @@ def test_engine_restart_mid_job_is_survived_and_reported_truthfully(cp, start_ag
     assert len(beats) >= 3
     assert cp.run(command=["echo", '{"after": "restart"}'], wait=120)["output_payload"] == {"after": "restart"}
     assert agent.proc.poll() is None
-    eventually(lambda: not docker_client.containers.list(all=True, filters={"label": f"radix.job_id={job_id}"}), what="container removed")
+    eventually(lambda: not docker_client.containers.list(all=True, sparse=True, filters={"label": f"radix.job_id={job_id}"}), what="container removed")
