@@ -48,6 +48,8 @@ def classify(completion: Completion, *, memory_limited: bool, retryable: bool | 
 def _class(reason: FailureReason, message: str, memory_limited: bool, retryable: bool | None) -> FailureClass:
     if reason in _JOB_REASONS:
         return "job"
+    if reason is FailureReason.GPU_ERROR:
+        return "infrastructure"
     if reason is FailureReason.OOM:
         return "job" if memory_limited else "infrastructure"
     if reason is FailureReason.IMAGE_UNAVAILABLE:

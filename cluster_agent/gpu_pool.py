@@ -1,14 +1,28 @@
-"""Which GPU belongs to which job. A GPU is never given to two jobs; a job waits until all it asks for are free."""
+"""Which GPU belongs to which job. A GPU is never given to two jobs; a job waits until all it asks for are free.
+
+A GPU is free only when it is free: a job's GPUs are released into "draining", and go back to the pool once NVML
+lists no compute process on them (a `torchrun` grandchild or a container not fully removed can outlive its job).
+One still busy after DRAIN_GRACE_SECONDS is held out and reported (heartbeat health, log), and comes back by itself
+once its processes are gone.
+"""
 
 from __future__ import annotations
 
+import logging
 import threading
-from typing import Protocol
+import time
+from typing import Callable, Protocol
 
 from .errors import JobFailed
 from .models import FailureReason, GpuInfo
 
-__all__ = ["GpuAllocator", "GpuPool"]
+__all__ = ["DRAIN_GRACE_SECONDS", "GpuAllocator", "GpuPool"]
+
+log = logging.getLogger(__name__)
+
+# How long a finished job's GPU may still show compute processes before it is held out (a process's exit and the
+# driver's clean-up of its contexts take a moment after the container is gone).
+DRAIN_GRACE_SECONDS = 30.0
 
 
 class GpuAllocator(Protocol):
@@ -27,13 +41,25 @@ class GpuAllocator(Protocol):
     def acquire(self, job_id: str, count: int, cancel: threading.Event) -> list[GpuInfo] | None: ...
     def claim(self, job_id: str, uuids: list[str]) -> list[GpuInfo]: ...
     def release(self, job_id: str) -> None: ...
+    def faults_of(self, job_id: str) -> dict[str, list[str]]: ...
 
 
 class GpuPool:
-    def __init__(self, gpus: list[GpuInfo]) -> None:
+    """`compute_pids(uuid)`: the PIDs NVML lists as compute processes on a GPU, or None when it cannot tell (then
+    the GPU is taken as free); without it (no NVML), released GPUs are free at once."""
+
+    def __init__(self, gpus: list[GpuInfo], *, compute_pids: Callable[[str], list[int] | None] | None = None,
+                 drain_grace: float = DRAIN_GRACE_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
         self._gpus = list(gpus)
         self._owner: dict[str, str] = {}  # uuid -> job_id
         self._unhealthy: dict[str, list[str]] = {}  # uuid -> reasons: never given to a new job
+        self._unhealthy_since: dict[str, float] = {}  # uuid -> when it last turned unhealthy (clock)
+        self._draining: dict[str, tuple[str, float]] = {}  # uuid -> (the job it served, released at)
+        self._held: dict[str, str] = {}  # uuid -> why: busy past the grace
+        self._given_at: dict[str, float] = {}  # job_id -> when it was given its GPUs (clock)
+        self._compute_pids = compute_pids
+        self._drain_grace = drain_grace
+        self._clock = clock
         self._changed = threading.Condition()
 
     @property
@@ -49,7 +75,8 @@ class GpuPool:
             return len(self._usable())
 
     def _usable(self) -> list[GpuInfo]:
-        return [g for g in self._gpus if g.uuid not in self._owner and g.uuid not in self._unhealthy]
+        return [g for g in self._gpus if g.uuid not in self._owner and g.uuid not in self._unhealthy
+                and g.uuid not in self._draining]
 
     def owner(self, uuid: str) -> str | None:
         with self._changed:
@@ -59,9 +86,33 @@ class GpuPool:
         """Health from telemetry: an unhealthy GPU keeps its current job but gets no new one until healthy."""
         with self._changed:
             if reasons:
+                if uuid not in self._unhealthy:
+                    self._unhealthy_since[uuid] = self._clock()
                 self._unhealthy[uuid] = reasons
             elif self._unhealthy.pop(uuid, None) is not None:
                 self._changed.notify_all()
+
+    def faults_of(self, job_id: str) -> dict[str, list[str]]:
+        """The GPUs `job_id` holds that turned unhealthy since it was given them (a critical XID, fallen off the
+        bus, over a health limit), with why. Asked before `release`."""
+        with self._changed:
+            since = self._given_at.get(job_id, float("inf"))
+            return {u: list(self._unhealthy[u]) for u, owner in self._owner.items()
+                    if owner == job_id and u in self._unhealthy and self._unhealthy_since.get(u, -1.0) >= since}
+
+    def watch_processes(self, compute_pids: Callable[[str], list[int] | None]) -> None:
+        """From now on, released GPUs drain through `compute_pids` (NVML opened after the pool was made)."""
+        with self._changed:
+            self._compute_pids = compute_pids
+
+    def draining(self) -> bool:
+        with self._changed:
+            return bool(self._draining)
+
+    def held(self) -> dict[str, str]:
+        """GPUs held out because a finished job's processes are still on them: uuid -> why."""
+        with self._changed:
+            return dict(self._held)
 
     def check_request(self, job_id: str, count: int) -> None:
         if count > len(self._gpus):
@@ -78,11 +129,13 @@ class GpuPool:
             return []
         with self._changed:
             while True:
+                self._check_draining()
                 free = self._usable()
                 if len(free) >= count:
                     chosen = free[:count]
                     for gpu in chosen:
                         self._owner[gpu.uuid] = job_id
+                    self._given_at[job_id] = self._clock()
                     return chosen
                 if cancel.is_set():
                     return None
@@ -94,10 +147,39 @@ class GpuPool:
             chosen = [gpu for gpu in self._gpus if gpu.uuid in uuids]
             for gpu in chosen:
                 self._owner[gpu.uuid] = job_id
+            self._given_at[job_id] = self._clock()
             return chosen
 
     def release(self, job_id: str) -> None:
+        """The job is over: its GPUs drain (see the module docstring) and then go back to the pool."""
         with self._changed:
+            self._given_at.pop(job_id, None)
             for uuid in [u for u, owner in self._owner.items() if owner == job_id]:
                 del self._owner[uuid]
+                if self._compute_pids is not None:
+                    self._draining[uuid] = (job_id, self._clock())
+            self._check_draining()
             self._changed.notify_all()
+
+    def check_draining(self) -> None:
+        """Free the draining GPUs that have no compute process left; hold out those busy past the grace. Called
+        by the telemetry's sample loop and by jobs waiting for GPUs."""
+        with self._changed:
+            self._check_draining()
+
+    def _check_draining(self) -> None:
+        for uuid, (job_id, released) in list(self._draining.items()):
+            try:
+                pids = self._compute_pids(uuid) if self._compute_pids is not None else None
+            except Exception:  # noqa: BLE001 - a GPU NVML cannot read is judged by its health, not here
+                pids = None
+            if not pids:
+                del self._draining[uuid]
+                if self._held.pop(uuid, None) is not None:
+                    log.warning("GPU %s: the processes left by job %s are gone; back in service", uuid, job_id)
+                self._changed.notify_all()
+            elif uuid not in self._held and self._clock() - released >= self._drain_grace:
+                why = (f"compute processes {sorted(pids)} still on it {self._drain_grace:g} s after job {job_id} "
+                       "ended: held out until they exit")
+                self._held[uuid] = why
+                log.error("GPU %s: %s", uuid, why)

@@ -94,9 +94,22 @@ class GpuTelemetry:
         while not self._stop.is_set():
             try:
                 self.sample()
+                self._pool.check_draining()
             except Exception:  # telemetry must never take the agent down
                 log.exception("GPU sample failed")
-            self._stop.wait(interval)
+            # Draining GPUs are looked at every second: the next job waits for them.
+            self._stop.wait(min(interval, 1.0) if self._pool.draining() else interval)
+
+    def compute_pids(self, uuid: str) -> list[int] | None:
+        """PIDs of the compute processes NVML sees on a GPU; None when it cannot tell (no handle, lost)."""
+        handle = self._handles.get(uuid)
+        if handle is None or not self._open:
+            return None
+        try:
+            processes = self._get("nvmlDeviceGetComputeRunningProcesses", handle)
+        except GpuLost:
+            return None
+        return None if processes is None else [int(p.pid) for p in processes]
 
     def report(self) -> list[dict[str, Any]]:
         """The heartbeat's `gpus`: static identity plus the latest telemetry and health of each GPU."""
@@ -170,9 +183,12 @@ class GpuTelemetry:
             with self._lock:
                 xids = list(self._xids.get(gpu.uuid, []))
             found = gpu_health.reasons(data, xids, self._max_temperature)
+            self._pool.set_unhealthy(gpu.uuid, found)
+            held = self._pool.held().get(gpu.uuid)
+            if held:
+                found = [*found, held]  # reported, though the pool holds it out for its own reason
             data["health"] = {"healthy": not found, "reasons": found}
             data["job_id"] = self._pool.owner(gpu.uuid)
-            self._pool.set_unhealthy(gpu.uuid, found)
             result[gpu.uuid] = data
         self.last_sample_seconds = self._clock() - started
         with self._lock:

@@ -237,9 +237,24 @@ class JobRun:
             self._record_container(container_id)
             log.info("job %s: started container %s (%s)", spec.job_id, container_id[:12], spec.image,
                      extra={"job_id": spec.job_id, "event": "started", "container_id": container_id})
-            return self._watch(spec, container_id, started_wall=started_wall or self._wall(), replay=False)
+            completion = self._watch(spec, container_id, started_wall=started_wall or self._wall(), replay=False)
+            return self._with_gpu_faults(completion)
         finally:
             self._gpus.release(spec.job_id)
+
+    def _with_gpu_faults(self, completion: Completion) -> Completion:
+        """A job whose GPU faulted while it ran failed whatever it exited with: its results may be wrong, and
+        another node can run it (docs/gpu.md lists the faults). A canceled job stays canceled."""
+        faults = self._gpus.faults_of(self.job_id or "")
+        if not faults or completion.status is JobStatus.CANCELED:
+            return completion
+        named = "; ".join(f"GPU {uuid}: {', '.join(reasons)}" for uuid, reasons in faults.items())
+        log.error("job %s: its GPU faulted while it ran (%s): failed as gpu_error", self.job_id, named)
+        return completion.model_copy(update={
+            "status": JobStatus.FAILED, "failure_reason": FailureReason.GPU_ERROR,
+            "error_message": f"a GPU of the job faulted while it ran ({named}); the GPU takes no new job until it is "
+                             "healthy: run the job again (another node, or this one once the GPU recovers)",
+        })
 
     def _start_container(self, spec: JobSpec, auth: dict[str, str] | None) -> str | None:
         """Start the job's container under the stop lock (a stop never misses it); None: stopped before it started.
@@ -285,7 +300,8 @@ class JobRun:
                 # Still queued by a scheduler: no start call went out yet, and its timeout has not begun.
                 started_wall = self._announce_start(state.id)
                 return self._watch(spec, state.id, started_wall=started_wall or self._wall(), replay=True)
-            return self._watch(spec, state.id, started_wall=state.started_at or self._wall(), replay=True)
+            return self._with_gpu_faults(
+                self._watch(spec, state.id, started_wall=state.started_at or self._wall(), replay=True))
         finally:
             self._gpus.release(spec.job_id)
             if self._data is not None:

@@ -58,6 +58,8 @@ class FailureReason(StrEnum):
     # Extensions (docs/protocol.md "Inputs and artifacts"): only jobs that carry inputs or artifacts can get them.
     INPUT_UNAVAILABLE = "input_unavailable"
     ARTIFACT_UPLOAD_FAILED = "artifact_upload_failed"
+    # Extension (docs/gpu.md): a GPU of the job faulted while it ran (critical XID, fell off the bus, health limit).
+    GPU_ERROR = "gpu_error"
 
 
 class OutputSource(StrEnum):

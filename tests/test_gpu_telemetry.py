@@ -258,3 +258,33 @@ def test_the_xid_listener_records_critical_events_from_nvml():
         assert pool.free_count() == 0
     finally:
         t.close()
+
+
+def test_a_leftover_compute_process_holds_the_gpu_out_and_shows_in_its_health():
+    from types import SimpleNamespace
+
+    now = [0.0]
+    fake = FakeNvml(**{"GPU-0": {"processes": [SimpleNamespace(pid=999, usedGpuMemory=0)]}})
+    gpus = [gpu(0)]
+    pool = GpuPool(gpus, drain_grace=30, clock=lambda: now[0])
+    t = GpuTelemetry(gpus, pool, nvml=fake)
+    t.open()
+    pool.watch_processes(t.compute_pids)
+    assert t.compute_pids("GPU-0") == [999]
+    pool.acquire("job-a", 1, threading.Event())
+    pool.release("job-a")
+    now[0] = 31.0
+    pool.check_draining()
+    health = t.sample()["GPU-0"]["health"]
+    assert health["healthy"] is False and "999" in health["reasons"][0]
+    fake.gpus["GPU-0"]["processes"] = []
+    pool.check_draining()
+    assert t.sample()["GPU-0"]["health"] == {"healthy": True, "reasons": []} and pool.free_count() == 1
+
+
+def test_compute_pids_of_a_lost_gpu_is_unknown():
+    fake = FakeNvml(**{"GPU-0": {"processes": GPU_IS_LOST}})
+    gpus = [gpu(0)]
+    t = GpuTelemetry(gpus, GpuPool(gpus), nvml=fake)
+    t.open()
+    assert t.compute_pids("GPU-0") is None

@@ -123,3 +123,59 @@ def test_pool_wait_ends_when_cancelled():
     cancel = threading.Event()
     cancel.set()
     assert pool.acquire("b", 1, cancel) is None
+
+
+class Processes:
+    """What NVML would list per GPU; a test changes it as processes come and go."""
+
+    def __init__(self):
+        self.pids: dict[str, list[int]] = {}
+
+    def __call__(self, uuid):
+        return self.pids.get(uuid, [])
+
+
+def test_a_released_gpu_drains_until_no_compute_process_is_left_on_it():
+    now = [0.0]
+    processes = Processes()
+    pool = GpuPool(_gpus(1), compute_pids=processes, drain_grace=30, clock=lambda: now[0])
+    (gpu,) = pool.acquire("job-a", 1, threading.Event())
+    processes.pids[gpu.uuid] = [4242]  # a torchrun grandchild outlived its container
+    pool.release("job-a")
+    assert pool.free_count() == 0 and pool.held() == {}
+    now[0] = 31.0
+    pool.check_draining()
+    assert "4242" in pool.held()[gpu.uuid] and "job-a" in pool.held()[gpu.uuid]
+    assert pool.acquire("job-b", 1, _SetEvent()) is None  # never handed out while busy
+    processes.pids[gpu.uuid] = []
+    pool.check_draining()
+    assert pool.held() == {} and pool.free_count() == 1
+
+
+def test_a_job_waiting_for_a_draining_gpu_gets_it_once_it_is_free():
+    processes = Processes()
+    pool = GpuPool(_gpus(1), compute_pids=processes)
+    (gpu,) = pool.acquire("job-a", 1, threading.Event())
+    processes.pids[gpu.uuid] = [7]
+    pool.release("job-a")
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire("job-b", 1, threading.Event())))
+    waiter.start()
+    waiter.join(1.0)
+    assert waiter.is_alive() and not got
+    processes.pids[gpu.uuid] = []
+    waiter.join(3.0)
+    assert got and got[0][0].uuid == gpu.uuid
+
+
+def test_without_nvml_a_released_gpu_is_free_at_once():
+    pool = GpuPool(_gpus(1))
+    pool.acquire("a", 1, threading.Event())
+    pool.release("a")
+    assert pool.free_count() == 1
+
+
+class _SetEvent(threading.Event):
+    def __init__(self):
+        super().__init__()
+        self.set()

@@ -252,3 +252,27 @@ def test_an_image_gone_twice_is_image_unavailable(settings):
     completion = JobRun(ReceivedJob.parse({"job_id": "j1", "image": "img:1"}), settings=settings,
                         executor=AlwaysGone(), gpu_pool=GpuPool([])).execute()
     assert completion.failure_reason is FailureReason.IMAGE_UNAVAILABLE and "No such image" in completion.error_message
+
+
+def test_a_gpu_that_faults_while_the_job_runs_fails_it_as_gpu_error_and_takes_no_new_job(settings):
+    pool = GpuPool(GPUS)
+
+    class FaultingEngine(FakeExecutor):
+        def wait(self, cid, timeout):
+            pool.set_unhealthy(GPUS[0].uuid, ["critical XID 79 (fallen off the bus)"])
+            return super().wait(cid, timeout)
+
+    completion = run(settings, FaultingEngine(), pool, resources={"gpus": 1})
+    assert completion.status is JobStatus.FAILED and completion.failure_reason is FailureReason.GPU_ERROR
+    assert "GPU-0" in completion.error_message and "XID 79" in completion.error_message
+    assert completion.metrics.failure_class == "infrastructure" and completion.metrics.retryable is True
+    assert pool.free_count() == 1  # GPU-0 is out until healthy
+    pool.set_unhealthy(GPUS[0].uuid, [])
+    assert pool.free_count() == 2
+
+
+def test_a_gpu_unhealthy_before_the_job_is_not_its_fault(settings):
+    pool = GpuPool(GPUS)
+    pool.set_unhealthy(GPUS[1].uuid, ["temperature 95 C over 90"])
+    completion = run(settings, FakeExecutor(), pool, resources={"gpus": 1})  # gets GPU-0, the healthy one
+    assert completion.status is JobStatus.SUCCEEDED

@@ -138,6 +138,7 @@ def open_mode(settings: Settings, metrics: Metrics | None = None) -> ExecutionMo
         warn_loopback_api_base(executor, settings.api_base)
     gpus = detect_gpus()
     pool = GpuPool(gpus)
+    telemetry: GpuTelemetry | None = None
     engine = executor.info()
     capabilities = host_capabilities(
         gpus,
@@ -150,10 +151,11 @@ def open_mode(settings: Settings, metrics: Metrics | None = None) -> ExecutionMo
         log.info("%d GPU(s); they reach containers through: %s", len(gpus), executor.gpu_injection.name)
         if executor.gpu_injection.name == "none":
             log.warning("GPU jobs will fail on this host until it can inject GPUs into containers")
-    telemetry: GpuTelemetry | None = None
     if metrics is not None:
         telemetry = GpuTelemetry(gpus, pool, max_temperature=settings.gpu_max_temperature)
         if telemetry.open():
+            # A finished job's GPUs go back only once NVML sees no compute process left on them.
+            pool.watch_processes(telemetry.compute_pids)
             telemetry.start(settings.gpu_health_interval)
             metrics.add_gpu_source(telemetry.latest)
     engine_root = engine.get("DockerRootDir")
