@@ -33,6 +33,7 @@ from .job_table import JobHandle, JobTable
 from .live_job import LiveJob
 from .metrics import Metrics
 from .models import Completion, FailureReason
+from .node_health import NodeHealth
 from .poller import Poller
 from .received_job import ReceivedJob
 from .redaction import Redactor
@@ -64,7 +65,9 @@ class Agent:
         redactor: Redactor | None = None,
         jobs_dir_held: Callable[[], bool] | None = None,
         data: JobData | None = None,
+        node: NodeHealth | None = None,
     ) -> None:
+        self._node = node  # self-test and quarantine: a quarantined node asks for no jobs
         self._jobs_dir_held = jobs_dir_held  # the jobs directory's lock (jobs_lock.py) still this agent's
         self._data = data  # inputs, the input cache and artifact uploads, shared by all jobs
         self._settings = settings
@@ -100,6 +103,10 @@ class Agent:
         return refused_result(job_id, completion, size, directory.path if directory else None,
                               self._data.uploads if self._data else None)
 
+    def node_changed(self) -> None:
+        """Quarantine began or ended: the poll in flight asked for the old capacity; ask again."""
+        self._poller.wake()
+
     def poller_alive(self) -> bool:
         return self._poller.alive()
 
@@ -114,6 +121,9 @@ class Agent:
         self._heartbeat.beat("active")  # one before the first poll (contract)
         self._heartbeat.start()
         self._recover()
+        if self._node is not None:
+            self._node.self_test()  # before the first poll: a node that cannot run a job takes none
+            self._node.start()
         self._poller.start()
         while not self.stopping.is_set():
             # A dead poller stops the touches, so the image's HEALTHCHECK turns unhealthy.
@@ -137,6 +147,8 @@ class Agent:
             len(running), "are left to the next agent" if leave else "will be stopped if still running", grace,
         )
         self._poller.wake()
+        if self._node is not None:
+            self._node.stop()
         self._heartbeat.drain()
         if leave:
             # Containers keep running; the next agent adopts them. Flush what is in flight.
@@ -250,6 +262,8 @@ class Agent:
     # --- taking work ---------------------------------------------------------------------------------------
 
     def _capacity(self) -> int:
+        if self._node is not None and self._node.quarantined:
+            return 0
         free = self._slots.free()
         if self._settings.max_jobs:
             free = min(free, max(0, self._settings.max_jobs - self.jobs_accepted))
@@ -380,6 +394,8 @@ class Agent:
         spec = run.job.spec if run is not None else None
         if self._disk is not None and spec is not None and completion.metrics.exit_code is not None:
             self._disk.image_used(spec.image)
+        if self._node is not None:
+            self._node.job_finished(job_id, completion, spec.image if spec is not None else None)
         if self._metrics is not None:
             self._metrics.jobs.labels(status=completion.status.value, failure_reason=reason or "").inc()
             self._metrics.job_duration.observe(completion.metrics.runtime_seconds)

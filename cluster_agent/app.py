@@ -29,6 +29,7 @@ from .logs import configure, escape_controls
 from .metrics import Metrics
 from .models import Capabilities, FailureReason
 from .modes import open_mode
+from .node_health import NodeHealth
 from .ops_server import OpsServer
 from .preflight import check_jobs_workdir, resolve_token
 from .received_job import ReceivedJob
@@ -83,11 +84,22 @@ def _run_agent(argv: list[str], redactor: Redactor) -> int:
     mode.disk.check()
 
     data = JobData.from_settings(settings, planner=client)
-    heartbeat = Heartbeat(client, _with_cache(mode.capabilities, data), settings.heartbeat_interval)
+    changed: list[Callable[[], None]] = []
+    heartbeat_box: list[Heartbeat] = []
+    node = NodeHealth(
+        settings, engine_probe=mode.executor.probe, gpus=lambda: mode.gpus.usable_gpus(),
+        token_rejected=lambda: bool(heartbeat_box) and heartbeat_box[0].token_rejected,
+        on_change=lambda: [call() for call in changed],
+    )
+    heartbeat = Heartbeat(client, _with_extras(mode.capabilities, data, node), settings.heartbeat_interval)
+    heartbeat_box.append(heartbeat)
     agent = Agent(settings, client, mode.executor, mode.gpus, heartbeat, metrics=metrics, disk=mode.disk,
-                  redactor=redactor, jobs_dir_held=jobs_lock.still_held, data=data)
+                  redactor=redactor, jobs_dir_held=jobs_lock.still_held, data=data, node=node)
+    changed.append(agent.node_changed)
     agent.stopping = stop
-    ops = _start_ops_server(settings, metrics, agent)
+    signal.signal(signal.SIGUSR1, lambda _signum, _frame: threading.Thread(
+        target=node.clear, args=("the operator (SIGUSR1)",), name="clear-quarantine", daemon=True).start())
+    ops = _start_ops_server(settings, metrics, agent, node.report)
     healthcheck.write_beacon(ops.healthz_url if ops is not None else None, settings.health_file)
     try:
         return agent.run()
@@ -100,22 +112,29 @@ def _run_agent(argv: list[str], redactor: Redactor) -> int:
         jobs_lock.release()
 
 
-def _with_cache(capabilities: Callable[[], Capabilities], data: JobData) -> Callable[[], Capabilities]:
-    """The heartbeat's capabilities, with the input cache's size and free space when there is a cache."""
-    if data.cache is None:
-        return capabilities
+def _with_extras(capabilities: Callable[[], Capabilities], data: JobData, node: NodeHealth) -> Callable[[], Capabilities]:
+    """The heartbeat's capabilities, with the node's health (self-test, quarantine) and the input cache's size and
+    free space when there is a cache."""
     cache = data.cache
-    return lambda: capabilities().model_copy(update={"input_cache": cache.stats()})
+
+    def report() -> Capabilities:
+        extras: dict[str, Any] = {"health": node.report()}
+        if cache is not None:
+            extras["input_cache"] = cache.stats()
+        return capabilities().model_copy(update=extras)
+
+    return report
 
 
-def _start_ops_server(settings: Settings, metrics: Metrics, agent: Agent) -> OpsServer | None:
+def _start_ops_server(settings: Settings, metrics: Metrics, agent: Agent,
+                      node: Callable[[], dict[str, Any]] | None = None) -> OpsServer | None:
     if not settings.metrics_port:
         return None
     # Polls come back at least every long-poll hold or poll interval: a silence of twice that (plus retries) is not.
     stale_after = settings.health_stale_seconds or 2 * max(settings.long_poll_seconds, settings.poll_interval) + 60
     try:
         ops = OpsServer(settings.metrics_host, settings.metrics_port, metrics, loop_alive=agent.poller_alive,
-                        stale_after=stale_after)
+                        stale_after=stale_after, node=node)
     except OSError as exc:
         raise ConfigError(
             f"--metrics-port / RADIX_METRICS_PORT: cannot listen on {settings.metrics_host}:{settings.metrics_port} "

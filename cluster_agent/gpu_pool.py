@@ -42,6 +42,7 @@ class GpuAllocator(Protocol):
     def claim(self, job_id: str, uuids: list[str]) -> list[GpuInfo]: ...
     def release(self, job_id: str) -> None: ...
     def faults_of(self, job_id: str) -> dict[str, list[str]]: ...
+    def usable_gpus(self) -> list[GpuInfo]: ...
 
 
 class GpuPool:
@@ -104,6 +105,12 @@ class GpuPool:
         """From now on, released GPUs drain through `compute_pids` (NVML opened after the pool was made)."""
         with self._changed:
             self._compute_pids = compute_pids
+
+    def usable_gpus(self) -> list[GpuInfo]:
+        """The GPUs the agent would hand out: all but the unhealthy and the held-out ones (the self-test checks
+        these)."""
+        with self._changed:
+            return [g for g in self._gpus if g.uuid not in self._unhealthy and g.uuid not in self._held]
 
     def draining(self) -> bool:
         with self._changed:

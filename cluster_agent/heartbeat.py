@@ -30,6 +30,7 @@ class Heartbeat:
         self._status = "active"
         self._thread: threading.Thread | None = None
         self.sent = 0
+        self.token_rejected = False  # the last heartbeat was refused for the token (the self-test's token check)
 
     def beat(self, status: str = "active", *, attempts: int = 3) -> bool:
         """Send one heartbeat; failures are logged, never raised (the next tick is the retry)."""
@@ -37,11 +38,13 @@ class Heartbeat:
             self._client.heartbeat(status, self._capabilities(), cancel=self._stop, attempts=attempts)
         except TokenRejected as exc:
             log.error("%s", exc)  # the message names the endpoint already
+            self.token_rejected = True
             return False
         except ControlPlaneError as exc:
             log.warning("heartbeat failed: %s", exc)
             return False
         self.sent += 1
+        self.token_rejected = False
         log.debug("heartbeat sent (%s)", status)
         return True
 

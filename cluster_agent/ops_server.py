@@ -10,7 +10,7 @@ import json
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -23,9 +23,11 @@ log = logging.getLogger(__name__)
 
 class OpsServer:
     def __init__(
-        self, host: str, port: int, metrics: Metrics, *, loop_alive: Callable[[], bool], stale_after: float
+        self, host: str, port: int, metrics: Metrics, *, loop_alive: Callable[[], bool], stale_after: float,
+        node: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         ops = self
+        self._node = node
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
@@ -78,6 +80,9 @@ class OpsServer:
             "last_control_plane_exchange_seconds_ago": None if age == float("inf") else round(age, 1),
             "stale_after_seconds": self._stale_after,
         }
+        if self._node is not None:
+            # Quarantine is reported, not a liveness failure: restarting the container would not mend the node.
+            body["node"] = self._node()
         return alive and recent, body
 
     def start(self) -> None:

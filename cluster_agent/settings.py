@@ -176,6 +176,18 @@ class Settings(BaseSettings):
     pull_stall_seconds: float = Field(
         default=120.0, gt=0, description="A pull that reports no progress for this long fails as image_unavailable."
     )
+    # Node health (docs/operations.md "Self-test and quarantine")
+    self_test_interval: float = Field(
+        default=300.0, ge=0, description="Seconds between self-tests (engine, jobs directory, GPUs, token); 0: only at start.",
+    )
+    quarantine_after: int = Field(
+        default=3, ge=0,
+        description="Quarantine the node (take no jobs) after this many infrastructure failures in a row; 0: never.",
+    )
+    self_test_image: str | None = Field(
+        default=None,
+        description="An image on this host the self-test creates a container from; unset: the last image a job ran.",
+    )
     # Data in and out (docs/protocol.md "Inputs and artifacts")
     cache_dir: Path | None = Field(
         default=None,

@@ -101,6 +101,9 @@ class Executor(Protocol):
     def ping(self) -> None:
         """Raise EngineUnavailable unless the engine answers."""
 
+    def probe(self, image: str | None) -> None:
+        """The self-test's engine check (node_health.py): raise unless the engine can run a job's container here."""
+
     def prepare_image(self, image: str, policy: str = "if-not-present", auth: dict[str, str] | None = None) -> None:
         """Make `image` available locally; JobFailed(image_unavailable) with the engine's reason if it cannot."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from typing import Any
 
 import docker
@@ -18,7 +19,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest, Mount
 
 from ...clock import SYSTEM_CLOCK, Clock
-from ...errors import EngineUnavailable, ImageGone, JobFailed
+from ...errors import AgentError, EngineUnavailable, ImageGone, JobFailed
 from ...gpu_injection import GpuInjection, NvidiaRuntimeInjection
 from ...models import FailureReason
 from ..base import LABEL_CLUSTER_ID, WORKSPACE, ContainerSpec, ContainerState, ExitInfo, OutputSink
@@ -31,6 +32,8 @@ from .reaper import ContainerReaper
 __all__ = ["DockerExecutor", "connect"]
 
 log = logging.getLogger(__name__)
+
+LABEL_SELF_TEST = "radix.self_test"  # the self-test's containers, never a job's
 
 # How long a wait relies on the engine's events alone before it checks the container's state itself.
 EVENTS_WAIT_SECONDS = 30.0
@@ -102,6 +105,23 @@ class DockerExecutor:
     def info(self) -> dict[str, Any]:
         with engine_call("read engine info"):
             return self._api.info()
+
+    def probe(self, image: str | None) -> None:
+        """The self-test's engine check: the engine answers and, given an image on this host, creates and removes
+        a container from it (never started, no network). Raises EngineUnavailable, or AgentError with the engine's
+        reason (a broken storage driver, a full engine root)."""
+        self.ping()
+        if image is None:
+            return
+        try:
+            with engine_call("self-test: create a container"):
+                created = self._api.create_container(
+                    image, command=["true"], name=f"radix-self-test-{uuid.uuid4().hex[:12]}",
+                    labels={LABEL_SELF_TEST: "1"}, host_config=self._api.create_host_config(network_mode="none"))
+            with engine_call("self-test: remove the container"):
+                self._api.remove_container(created["Id"], force=True)
+        except APIError as exc:
+            raise AgentError(f"the engine cannot create a container from {image}: {explain(exc)}") from None
 
     def prepare_image(self, image: str, policy: str = "if-not-present", auth: dict[str, str] | None = None) -> None:
         self._images.prepare(image, policy, auth)

@@ -185,6 +185,9 @@ class SlurmGpus:
     def release(self, job_id: str) -> None:
         pass
 
+    def usable_gpus(self) -> list[GpuInfo]:
+        return []  # on the nodes, Slurm's
+
     def faults_of(self, job_id: str) -> dict[str, list[str]]:
         return {}  # Slurm's nodes watch their own GPUs (its health check program drains a bad node)
 

@@ -81,6 +81,10 @@ class SlurmExecutor:
     def ping(self) -> None:
         self.cli.ping()
 
+    def probe(self, image: str | None) -> None:
+        """The self-test's engine check: Slurm answers (the nodes' engines are Slurm's to watch)."""
+        self.ping()
+
     def prepare_image(self, image: str, policy: str = "if-not-present", auth: dict[str, str] | None = None) -> None:
         """Nothing to do here: the batch script pulls on the node Slurm picks (the login node needs no engine)."""
 

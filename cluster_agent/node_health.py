@@ -1,0 +1,220 @@
+"""Bad nodes take no work: the node's self-test, and quarantine after infrastructure failures (issue 17).
+
+The self-test asks whether this node can run a job at all, before the first poll and every --self-test-interval:
+
+    engine     the engine answers, and creates and removes a container from an image already on this host
+               (--self-test-image, else the last image a job ran here; only the ping before any job ran)
+    jobs_dir   a file can be written in --jobs-workdir (free space is the disk guard's: disk.py)
+    gpus       each GPU the agent would hand out still has its device node (/dev/nvidiaN) and answers NVML
+    token      the control plane accepted the cluster token at the last heartbeat
+
+The node is quarantined after --quarantine-after infrastructure failures in a row (failure_class.py; a job's own
+failures reset nothing and count nothing), or when the self-test fails. Quarantined, it asks for no jobs (polls
+with max_jobs 0), says so in every heartbeat (`health`) and once in its log, keeps delivering results and
+heartbeats, and runs the self-test again with backoff (30 s doubling to 10 min): once it passes, the node takes
+work again. A GPU that failed is held out alone by the GPU pool; the others keep working. An operator sees the
+state in /healthz (`node`) and clears it with SIGUSR1 (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from .clock import SYSTEM_CLOCK, Clock
+from .models import Completion, GpuInfo, JobStatus
+from .settings import Settings
+
+__all__ = ["Check", "NodeHealth"]
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST_SECONDS = 30.0
+BACKOFF_MAX_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+class NodeHealth:
+    """Thread-safe. `engine_probe(image)` raises (any exception, its message the detail) when the engine cannot
+    create and remove a container; `gpus()` lists the GPUs the agent would hand out; `token_rejected()` says the
+    last heartbeat was refused for the token."""
+
+    def __init__(
+        self, settings: Settings, *, engine_probe: Callable[[str | None], None], gpus: Callable[[], list[GpuInfo]],
+        token_rejected: Callable[[], bool], on_change: Callable[[], None] = lambda: None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._settings = settings
+        self._engine_probe = engine_probe
+        self._gpus = gpus
+        self._token_rejected = token_rejected
+        self._on_change = on_change
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._streak: list[str] = []  # infrastructure failures in a row: "job-id: reason"
+        self._quarantined: str | None = None  # why
+        self._since: float | None = None  # wall clock
+        self._failing: list[Check] = []
+        self._last_image: str | None = settings.self_test_image
+        self._wake = threading.Event()
+        self._test_now = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- what others ask ----------------------------------------------------------------------------------
+
+    @property
+    def quarantined(self) -> bool:
+        with self._lock:
+            return self._quarantined is not None
+
+    def report(self) -> dict[str, Any]:
+        """The heartbeat's and /healthz's `health`: state, why, the failing checks, since when (ISO 8601)."""
+        with self._lock:
+            return {
+                "state": "quarantined" if self._quarantined else "healthy",
+                "reason": self._quarantined,
+                "failing_checks": [{"name": c.name, "detail": c.detail} for c in self._failing],
+                "since": datetime.fromtimestamp(self._since, timezone.utc).isoformat() if self._since else None,
+                "infrastructure_failures_in_a_row": len(self._streak),
+            }
+
+    # --- what happens ---------------------------------------------------------------------------------------
+
+    def job_finished(self, job_id: str, completion: Completion, image: str | None) -> None:
+        """Count a finished job: infrastructure failures in a row quarantine the node; anything else resets."""
+        if completion.status is JobStatus.CANCELED:
+            return
+        limit = self._settings.quarantine_after
+        with self._lock:
+            if completion.status is JobStatus.FAILED and completion.metrics.failure_class == "infrastructure":
+                self._streak.append(f"{job_id}: {completion.failure_reason.value if completion.failure_reason else '?'}")
+            else:
+                self._streak.clear()
+                if completion.metrics.exit_code is not None and image:
+                    self._last_image = self._settings.self_test_image or image  # present here: it just ran
+            streak = list(self._streak)
+        if limit and len(streak) >= limit:
+            self._enter(f"{len(streak)} infrastructure failures in a row ({'; '.join(streak[-limit:])})", [])
+
+    def clear(self, who: str) -> None:
+        """The operator's word (SIGUSR1): take work again now; the self-test runs at once all the same."""
+        with self._lock:
+            was = self._quarantined
+            self._quarantined, self._since, self._failing = None, None, []
+            self._streak.clear()
+        if was:
+            log.warning("quarantine cleared by %s (it was: %s); taking work again", who, was)
+            self._on_change()
+        self._test_now = True
+        self._wake.set()
+
+    def self_test(self) -> list[Check]:
+        """Run every check; returns them all. A failure quarantines the node; a pass ends a quarantine."""
+        checks = [self._check_engine(), self._check_jobs_dir(), self._check_gpus(), self._check_token()]
+        failing = [c for c in checks if not c.ok]
+        if failing:
+            self._enter("self-test failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failing), failing)
+        else:
+            with self._lock:
+                was = self._quarantined
+                self._quarantined, self._since, self._failing = None, None, []
+                self._streak.clear()
+            if was:
+                log.warning("self-test passed: quarantine over (it was: %s); taking work again", was)
+                self._on_change()
+        return checks
+
+    def _enter(self, why: str, failing: list[Check]) -> None:
+        with self._lock:
+            first = self._quarantined is None
+            self._quarantined = why
+            self._failing = failing
+            if first:
+                self._since = self._clock.wall()
+        if first:
+            log.error("node quarantined: %s; taking no jobs until the self-test passes (SIGUSR1 clears it)", why)
+            self._on_change()
+            self._wake.set()  # the loop switches to the backoff schedule (no test at once)
+
+    # --- the checks -----------------------------------------------------------------------------------------
+
+    def _check_engine(self) -> Check:
+        with self._lock:
+            image = self._last_image
+        try:
+            self._engine_probe(image)
+        except Exception as exc:  # noqa: BLE001 - any failure is the check's verdict
+            return Check("engine", False, f"{type(exc).__name__}: {exc}"[:500])
+        return Check("engine", True, f"created and removed a container from {image}" if image else "answers")
+
+    def _check_jobs_dir(self) -> Check:
+        """Writable. Free space is the disk guard's (disk.py): it takes no job while low and resumes the moment
+        there is room, which a quarantine's backoff would only delay."""
+        root = self._settings.jobs_workdir
+        probe = root / f".self-test-{uuid.uuid4().hex[:8]}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, b"radix self-test\n")
+            finally:
+                os.close(fd)
+                probe.unlink(missing_ok=True)
+        except OSError as exc:
+            return Check("jobs_dir", False, f"{root} cannot be written: {exc.strerror or exc}")
+        return Check("jobs_dir", True)
+
+    def _check_gpus(self) -> Check:
+        missing = [f"GPU {gpu.uuid}: /dev/nvidia{gpu.index} is gone" for gpu in self._gpus()
+                   if not Path(f"/dev/nvidia{gpu.index}").exists()]
+        return Check("gpus", not missing, "; ".join(missing))
+
+    def _check_token(self) -> Check:
+        if self._token_rejected():
+            return Check("token", False, "the control plane refused the cluster token at the last heartbeat")
+        return Check("token", True)
+
+    # --- the loop -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Self-test every --self-test-interval seconds, and with backoff while quarantined."""
+        self._thread = threading.Thread(target=self._loop, name="self-test", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _loop(self) -> None:
+        backoff = BACKOFF_FIRST_SECONDS
+        while not self._stop.is_set():
+            if self.quarantined:
+                wait = backoff
+                backoff = min(backoff * 2, BACKOFF_MAX_SECONDS)
+            else:
+                wait = self._settings.self_test_interval or BACKOFF_MAX_SECONDS
+                backoff = min(BACKOFF_FIRST_SECONDS, wait)
+            woken = self._wake.wait(wait)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            if woken and not self._test_now:
+                continue  # the state changed: wait again on the schedule it calls for
+            self._test_now = False
+            if self.quarantined or self._settings.self_test_interval:
+                try:
+                    self.self_test()
+                except Exception:  # the self-test must never take the agent down
+                    log.exception("self-test failed to run")

@@ -1,0 +1,123 @@
+"""Self-test and quarantine (cluster_agent/node_health.py), with fakes for the engine, GPUs and token."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from cluster_agent.errors import EngineUnavailable
+from cluster_agent.failure_class import classify
+from cluster_agent.models import Completion, FailureReason, GpuInfo, JobMetrics, JobStatus
+from cluster_agent.node_health import NodeHealth
+from cluster_agent.settings import Settings
+
+
+class Engine:
+    def __init__(self):
+        self.fault: Exception | None = None
+        self.images: list[str | None] = []
+
+    def __call__(self, image):
+        self.images.append(image)
+        if self.fault:
+            raise self.fault
+
+
+@pytest.fixture
+def parts(tmp_path):
+    engine, changes, token = Engine(), [], {"rejected": False}
+    node = NodeHealth(Settings(jobs_workdir=tmp_path, quarantine_after=3), engine_probe=engine, gpus=lambda: [],
+                      token_rejected=lambda: token["rejected"], on_change=lambda: changes.append(1))
+    return node, engine, changes, token
+
+
+def failed(reason: FailureReason, memory_limited: bool = False) -> Completion:
+    completion = Completion(tenant_id="t", status=JobStatus.FAILED, failure_reason=reason, error_message="x",
+                            metrics=JobMetrics(runtime_seconds=1.0, exit_code=1 if reason is FailureReason.EXIT_CODE else None))
+    return classify(completion, memory_limited=memory_limited)
+
+
+def ok() -> Completion:
+    return Completion(tenant_id="t", status=JobStatus.SUCCEEDED, metrics=JobMetrics(runtime_seconds=1, exit_code=0))
+
+
+def test_three_infrastructure_failures_in_a_row_quarantine_and_a_passing_self_test_ends_it(parts):
+    node, engine, changes, _ = parts
+    for n in range(2):
+        node.job_finished(f"j{n}", failed(FailureReason.AGENT_ERROR), "img:1")
+    assert not node.quarantined
+    node.job_finished("j2", failed(FailureReason.INTERRUPTED), "img:1")
+    assert node.quarantined and changes == [1]
+    report = node.report()
+    assert report["state"] == "quarantined" and "3 infrastructure failures in a row" in report["reason"]
+    assert "j2: interrupted" in report["reason"] and report["since"]
+    checks = node.self_test()
+    assert all(c.ok for c in checks) and not node.quarantined and changes == [1, 1]
+    assert node.report()["state"] == "healthy"
+
+
+def test_the_jobs_own_failures_never_quarantine_and_break_a_streak(parts):
+    node, *_ = parts
+    for n in range(10):
+        node.job_finished(f"a{n}", failed(FailureReason.AGENT_ERROR), None)
+        node.job_finished(f"b{n}", failed(FailureReason.EXIT_CODE), "img:1")
+    node.job_finished("c", failed(FailureReason.OOM, memory_limited=True), "img:1")
+    node.job_finished("d", Completion.not_run("t", FailureReason.CANCELED, "canceled"), "img:1")
+    assert not node.quarantined
+
+
+def test_a_failing_self_test_quarantines_with_the_failing_checks(parts, tmp_path):
+    node, engine, _, token = parts
+    engine.fault = EngineUnavailable("Docker engine does not answer: connection refused")
+    token["rejected"] = True
+    node.self_test()
+    report = node.report()
+    assert report["state"] == "quarantined"
+    assert {c["name"] for c in report["failing_checks"]} == {"engine", "token"}
+    assert "connection refused" in report["reason"]
+    engine.fault, token["rejected"] = None, False
+    node.self_test()
+    assert not node.quarantined
+
+
+def test_the_engine_check_creates_from_the_last_image_a_job_ran(parts):
+    node, engine, *_ = parts
+    node.self_test()
+    node.job_finished("j", ok(), "python:3.11-slim")
+    node.self_test()
+    assert engine.images == [None, "python:3.11-slim"]
+
+
+def test_an_unwritable_jobs_directory_fails_the_self_test(tmp_path):
+    jobs = tmp_path / "jobs"  # missing: nothing can be written there
+    node = NodeHealth(Settings(jobs_workdir=jobs), engine_probe=Engine(), gpus=lambda: [], token_rejected=lambda: False)
+    node.self_test()
+    assert node.report()["failing_checks"][0]["name"] == "jobs_dir"
+
+
+def test_a_gpu_whose_device_node_is_gone_fails_the_self_test(tmp_path):
+    ghost = GpuInfo(index=97, uuid="GPU-ghost", name="fake", memory_total_mb=1)
+    assert not os.path.exists("/dev/nvidia97")
+    node = NodeHealth(Settings(jobs_workdir=tmp_path), engine_probe=Engine(), gpus=lambda: [ghost],
+                      token_rejected=lambda: False)
+    node.self_test()
+    (check,) = node.report()["failing_checks"]
+    assert check["name"] == "gpus" and "/dev/nvidia97" in check["detail"]
+
+
+def test_the_operator_clears_a_quarantine(parts):
+    node, *_ = parts
+    for n in range(3):
+        node.job_finished(f"j{n}", failed(FailureReason.AGENT_ERROR), None)
+    assert node.quarantined
+    node.clear("the operator (SIGUSR1)")
+    assert not node.quarantined and node.report()["infrastructure_failures_in_a_row"] == 0
+
+
+def test_quarantine_after_zero_never_quarantines_on_failures(tmp_path):
+    node = NodeHealth(Settings(jobs_workdir=tmp_path, quarantine_after=0), engine_probe=Engine(), gpus=lambda: [],
+                      token_rejected=lambda: False)
+    for n in range(5):
+        node.job_finished(f"j{n}", failed(FailureReason.AGENT_ERROR), None)
+    assert not node.quarantined
