@@ -82,6 +82,8 @@ class Agent:
         self.stopping = threading.Event()  # graceful: take no new work
         self._abandon = threading.Event()  # exit now: stop retrying deliveries
         self._delivery = ResultDelivery(client, self._abandon, metrics, refused_as_too_large=self._shrink)
+        if data is not None:
+            data.uploads.abandon = self._abandon  # an exiting agent leaves unfinished uploads to the next one
         self._slots = JobSlots(settings.max_concurrent_jobs)
         self._jobs = JobTable()
         self._threads: list[threading.Thread] = []

@@ -380,7 +380,8 @@ class JobRun:
         if spec.artifacts:
             # Whatever the status: a failed or stopped job's checkpoints are often what its user needs most.
             completion = self._job_data().uploads.finish(
-                spec.job_id, spec.artifacts, self.directory.workspace, self.directory.path, completion
+                spec.job_id, spec.artifacts, self.directory.workspace, self.directory.path, completion,
+                exclude=frozenset(target for _, target in (self._staged.mounts if self._staged else [])),
             )
         return completion
 

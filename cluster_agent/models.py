@@ -9,6 +9,7 @@ import re
 from enum import StrEnum
 from typing import Any, Literal
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 __all__ = [
@@ -141,6 +142,13 @@ class InputFile(BaseModel):
         if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in value):
             # Only the scheme and host are shown: the rest may carry a presigned signature.
             raise ValueError(f"url must be an http(s) URL, not {parts.scheme or 'no scheme'}://{parts.hostname or ''}")
+        if any(ord(c) < 0x20 or c == "\x7f" for c in value):
+            raise ValueError("url holds a control character; percent-encode it")
+        try:
+            httpx.URL(value)
+            _ = parts.port  # raises on a port that is not a number
+        except (httpx.InvalidURL, ValueError, UnicodeError):
+            raise ValueError(f"url is not a valid URL (host {parts.hostname!r}); check its host and port") from None
         return value
 
     @field_validator("path")

@@ -208,6 +208,11 @@ class Settings(BaseSettings):
         default=5 * 1024**3, ge=0, description="Largest single artifact file (S3's limit for one PUT: 5 GiB).",
     )
     max_artifact_files: int = Field(default=1000, ge=0, description="Most artifact files one job may upload.")
+    transfer_timeout: float = Field(
+        default=3600.0, gt=0,
+        description="Longest one download or upload attempt may take, in seconds, whatever the server trickles (a "
+        "stalled one, under 64 KiB in 60 s, is cut sooner); raise it for files that take longer.",
+    )
     transfer_retries: int = Field(
         default=5, ge=0, le=100, description="Retries of one input download or artifact upload after a network error or a 5xx.",
     )

@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +21,15 @@ import httpx
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from ..errors import TransferFailed
+from ..http_transport import DeadlineTransport, request_deadline
 from ..redaction import Redactor
 from .urls import redact_url, url_secrets
 
 __all__ = ["Downloader", "Fetched"]
 
 CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+STALL_SECONDS = 60.0  # an attempt that receives under STALL_BYTES in this long is cut off and tried again
+STALL_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -49,11 +53,14 @@ class Downloader:
     whatever access it needs (a presigned query string)."""
 
     def __init__(self, *, retries: int = 5, timeout: float = 60.0, backoff_max: float = 30.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 attempt_timeout: float = 3600.0, transport: httpx.BaseTransport | None = None) -> None:
         self._retries = retries
         self._backoff_max = backoff_max
+        self._attempt_timeout = attempt_timeout
+        # DeadlineTransport: each attempt ends by `attempt_timeout` whatever the server trickles (http_transport.py).
         self._http = httpx.Client(
-            follow_redirects=True, timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)), transport=transport,
+            follow_redirects=True, timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
+            transport=transport or DeadlineTransport(),
             headers={"Accept-Encoding": "identity", "User-Agent": "radix-cluster-agent"},
         )
 
@@ -63,8 +70,8 @@ class Downloader:
     def fetch(self, url: str, dest: Path, *, limit: int, sha256: str | None = None, size_bytes: int | None = None,
               cancel: threading.Event | None = None, name: str = "input") -> Fetched:
         """Download `url` into `dest` (created or truncated; never followed if it is a link). At most `limit`
-        bytes. Raises TransferFailed (message names `name` and the redacted URL) or, when `cancel` is set,
-        TransferFailed saying so."""
+        bytes. Raises TransferFailed (message names `name` and the redacted URL; also when `cancel` is set), or
+        OSError when the file cannot be written here (a full disk: the node's fault, not the input's)."""
         cancel = cancel or threading.Event()
         where = f"{name} from {redact_url(url)}"
         redactor = Redactor(url_secrets(url))
@@ -104,7 +111,7 @@ class Downloader:
             raise _Canceled
         headers = {"Range": f"bytes={state.size}-"} if state.size else {}
         try:
-            with self._http.stream("GET", url, headers=headers) as response:
+            with request_deadline(self._attempt_timeout), self._http.stream("GET", url, headers=headers) as response:
                 self._check_status(response, state, size_bytes, where)
                 if response.status_code == 416:
                     return  # already complete: the body is an error page, not file content
@@ -115,6 +122,7 @@ class Downloader:
                 if size_bytes is not None and total is not None and total != size_bytes:
                     raise TransferFailed(f"{where}: the server says it is {total} bytes, but the job says "
                                          f"size_bytes {size_bytes}; check the URL or the size in the job", permanent=True)
+                window_start, window_size = time.monotonic(), state.size
                 # As read from the socket: a chunker would hold up to a chunk that a broken connection loses.
                 for chunk in response.iter_raw():
                     if cancel.is_set():
@@ -123,13 +131,22 @@ class Downloader:
                     if state.size > limit:
                         raise TransferFailed(f"{where}: more than the limit of {limit} bytes per job "
                                              "(--max-input-bytes)", permanent=True)
+                    if total is not None and state.size > total:
+                        raise TransferFailed(f"{where}: the server sent more than the {total} bytes it announced",
+                                             permanent=True)
+                    if time.monotonic() - window_start >= STALL_SECONDS:
+                        if state.size - window_size < STALL_BYTES:
+                            raise _Retry(f"the server sent under {STALL_BYTES} bytes in {STALL_SECONDS:g} s")
+                        window_start, window_size = time.monotonic(), state.size
                 if total is not None and state.size < total:
                     raise _Retry(f"the connection ended after {state.size} of {total} bytes")
-        except httpx.TransportError as exc:
+        except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
             # httpx names the URL in some errors: its query string must not reach a message.
             raise _Retry(redactor.redact(f"{type(exc).__name__}: {exc}") or type(exc).__name__) from None
-        except OSError as exc:
-            raise TransferFailed(f"{where}: cannot write it to disk: {exc.strerror or exc}") from None
+        except (httpx.HTTPError, ValueError, UnicodeError) as exc:
+            # Redirect loops, URLs no client can send: no retry changes them.
+            raise TransferFailed(f"{where}: {redactor.redact(f'{type(exc).__name__}: {exc}')[:300]}",
+                                 permanent=True) from None
 
     @staticmethod
     def _check_status(response: httpx.Response, state: _State, size_bytes: int | None, where: str) -> None:

@@ -27,10 +27,11 @@ class JobData:
             cache = InputCache(settings.cache_dir, settings.cache_max_bytes)
             cache.open()
         return cls(
-            downloader=Downloader(retries=settings.transfer_retries),
+            downloader=Downloader(retries=settings.transfer_retries, attempt_timeout=settings.transfer_timeout),
             uploads=ArtifactUpload(
                 planner, retries=settings.transfer_retries, max_files=settings.max_artifact_files,
                 max_bytes=settings.max_artifact_bytes, max_file_bytes=settings.max_artifact_file_bytes,
+                attempt_timeout=settings.transfer_timeout,
             ),
             cache=cache,
             max_input_bytes=settings.max_input_bytes,

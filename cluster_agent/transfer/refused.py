@@ -27,7 +27,11 @@ def refused_result(job_id: str, completion: Completion, size: int, job_dir: Path
     note = f"the job's result ({size} bytes) is larger than the control plane accepts (HTTP 413)"
     artifacts = list(completion.artifacts or [])
     errors = list(completion.artifact_errors or [])
-    if completion.artifacts is not None and completion.output_payload not in ({}, None):
+    already = next((a for a in artifacts if a.path == OUTPUT_ARTIFACT), None)
+    if already is not None:
+        # The job's own output.json matched its artifact globs and went up already: it is the full output.
+        note += f"; its full output is the artifact {OUTPUT_ARTIFACT}"
+    elif completion.artifacts is not None and completion.output_payload not in ({}, None):
         outcome = _upload_output(job_id, completion, job_dir, uploads)
         if isinstance(outcome, ArtifactError):
             errors.append(outcome)

@@ -18,7 +18,8 @@ def redact_url(url: str) -> str:
         return "[an unparsable URL]"
     if ":" in host:
         host = f"[{host}]"
-    return urlunsplit((parts.scheme, host + port, parts.path, "[REDACTED]" if parts.query else "", ""))
+    path = "/".join(segment.split(";")[0] + (";[REDACTED]" if ";" in segment else "") for segment in parts.path.split("/"))
+    return urlunsplit((parts.scheme, host + port, path, "[REDACTED]" if parts.query else "", ""))
 
 
 def url_secrets(url: str) -> list[str]:
@@ -32,6 +33,9 @@ def url_secrets(url: str) -> list[str]:
     if parts.query:
         secrets.append(parts.query)
         secrets += [pair.split("=", 1)[1] for pair in parts.query.split("&") if "=" in pair]
+    for segment in parts.path.split("/"):
+        if ";" in segment:  # path parameters: ;jsessionid=... carries sessions
+            secrets += [param.split("=", 1)[-1] for param in segment.split(";")[1:]]
     if parts.username:
         secrets.append(parts.username)
     if parts.password:

@@ -154,3 +154,14 @@ def test_a_job_canceled_while_its_input_downloads_ends_canceled(cp, start_agent,
     cp.cancel(job_id)
     result = cp.result(job_id, wait=30)["result"]
     assert result["status"] == "canceled", result
+
+
+def test_a_full_jobs_disk_during_a_download_is_the_node_s_fault(cp, start_agent, busybox, store, tmp_path):
+    from .conftest import small_disk
+
+    store.put("big.bin", os.urandom(3 * 1024 * 1024))
+    with small_disk(tmp_path / "jobs", "2m") as jobs:
+        start_agent("--jobs-workdir", str(jobs), "--min-free-disk-gb", "0", "--quarantine-after", "0")
+        result = cp.run(command=["true"], inputs=[{"url": store.url("big.bin"), "path": "big.bin"}])
+    assert result["failure_reason"] == "agent_error" and "No space left on device" in result["error_message"], result
+    assert result["metrics"]["failure_class"] == "infrastructure"
