@@ -22,7 +22,7 @@ from .executors import (
 from .models import GpuInfo, JobSpec
 from .settings import Settings
 
-__all__ = ["container_spec", "gpus_for", "torchrun_command"]
+__all__ = ["container_spec", "distributed_env", "gpus_for", "shm_mb_for", "torchrun_command"]
 
 
 def gpus_for(spec: JobSpec, host_gpus: int, max_concurrent_jobs: int) -> int:
@@ -38,16 +38,53 @@ def gpus_for(spec: JobSpec, host_gpus: int, max_concurrent_jobs: int) -> int:
     return host_gpus if max_concurrent_jobs == 1 else 0
 
 
+# The rendezvous of a single-node job, inside its own network namespace (PyTorch's default port).
+MASTER_ADDR = "127.0.0.1"
+MASTER_PORT = 29500
+
+
 def torchrun_command(spec: JobSpec, gpus: int) -> list[str]:
-    """`command + args`, wrapped in torchrun when the job asks for it (num_gpus > 1, launcher torchrun)."""
+    """`command + args`, wrapped in `torchrun --standalone --nproc_per_node=<the GPUs it got>` when the job asks
+    for it (launcher torchrun, more than one GPU). A job that calls torchrun itself (`torchrun ...`,
+    `python -m torch.distributed.run ...`) keeps its own flags."""
     command = [*spec.command, *spec.args]
     if spec.orchestration.launcher != "torchrun" or gpus <= 1 or not command:
         return command
-    if command[0] == "torchrun":
-        return command  # already wrapped by the submitter
+    if _calls_torchrun(command):
+        return command
     if os.path.basename(command[0]).startswith("python"):
         command = command[1:]  # torchrun runs the script with its own interpreter
     return ["torchrun", "--standalone", "--nnodes=1", f"--nproc_per_node={gpus}", *command]
+
+
+def _calls_torchrun(command: list[str]) -> bool:
+    if os.path.basename(command[0]) == "torchrun":
+        return True
+    return (os.path.basename(command[0]).startswith("python") and len(command) >= 3 and command[1] == "-m"
+            and command[2] in ("torch.distributed.run", "torch.distributed.launch"))
+
+
+def distributed_env(spec: JobSpec, gpus: int) -> dict[str, str]:
+    """The rendezvous a PyTorch job reads (torch.distributed's env:// init): one node, rank 0, its GPUs as the
+    local world. torchrun sets RANK/LOCAL_RANK per worker itself; these say where the group meets."""
+    if gpus < 1:
+        return {}
+    return {"MASTER_ADDR": MASTER_ADDR, "MASTER_PORT": str(MASTER_PORT), "NNODES": "1", "NODE_RANK": "0",
+            "LOCAL_WORLD_SIZE": str(gpus), "WORLD_SIZE": str(gpus if spec.orchestration.launcher == "torchrun" else 1)}
+
+
+def shm_mb_for(spec: JobSpec, gpus: int, settings: Settings) -> int | None:
+    """/dev/shm for the job: its own `resources.shm_mb`; for a GPU job without one, half its memory limit (shm is
+    counted in it), else --gpu-shm-mb. Docker's 64 MB default breaks NCCL and DataLoader workers (NVIDIA's
+    container guidance and the PyTorch docs ask for a large /dev/shm or --ipc=host; a private IPC namespace keeps
+    jobs apart)."""
+    if spec.resources.shm_mb:
+        return spec.resources.shm_mb
+    if gpus < 1:
+        return None
+    if spec.resources.memory_mb:
+        return max(64, spec.resources.memory_mb // 2)
+    return settings.gpu_shm_mb
 
 
 def container_spec(
@@ -69,6 +106,8 @@ def container_spec(
     if gpu_ids:
         # Pinned by UUID; overrides an image's NVIDIA_VISIBLE_DEVICES=all (CUDA images set it).
         env["NVIDIA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
+        for name, value in distributed_env(spec, gpu_count).items():
+            env.setdefault(name, value)  # a job's own env wins
     elif host_has_gpus and not gpu_count:
         # On a GPU host, a job without GPUs must not get them through its image's env and the NVIDIA hook.
         env["NVIDIA_VISIBLE_DEVICES"] = "void"
@@ -91,7 +130,8 @@ def container_spec(
         gpus=list(gpus),
         cpus=spec.resources.cpus,
         memory_mb=spec.resources.memory_mb,
-        shm_mb=spec.resources.shm_mb,
+        shm_mb=shm_mb_for(spec, gpu_count, settings),
+        gpu_job=bool(gpu_count),
         pids_limit=settings.pids_limit or None,
         cap_drop=[c.strip().upper() for c in settings.cap_drop.split(",") if c.strip()],
         read_only_rootfs=settings.read_only_rootfs,

@@ -73,9 +73,20 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+KNOWN_LAUNCHERS = ("torchrun", "none")
+
+
 class Orchestration(_Lenient):
     num_gpus: int | None = Field(default=None, ge=0, le=1024)
     launcher: str | None = None
+
+    @field_validator("launcher")
+    @classmethod
+    def _launcher(cls, value: str | None) -> str | None:
+        if value is not None and value not in KNOWN_LAUNCHERS:
+            raise ValueError(f"launcher {value[:40]!r} is not one this agent knows ({', '.join(KNOWN_LAUNCHERS)}, or "
+                             "none given)")
+        return value
 
 
 class Resources(_Lenient):

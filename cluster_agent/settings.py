@@ -137,6 +137,11 @@ class Settings(BaseSettings):
         description="How GPUs reach job containers: nvidia (the engine's NVIDIA runtime), cdi (a CDI spec translated "
         "into devices and mounts), none, or auto (nvidia if the engine has it, else cdi if a spec is found).",
     )
+    gpu_shm_mb: int = Field(
+        default=16384, ge=64,
+        description="/dev/shm of a GPU job that names no shm_mb and no memory limit, in MiB (with a memory limit: "
+        "half of it).",
+    )
     gpu_max_temperature: float = Field(
         default=90.0, gt=0, description="A GPU hotter than this (Celsius) takes no new job until it cools down."
     )

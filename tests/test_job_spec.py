@@ -80,11 +80,39 @@ def test_torchrun_wraps_multi_gpu_jobs_that_ask_for_it():
 
 @pytest.mark.parametrize(
     "orchestration",
-    [{"num_gpus": 1, "launcher": "torchrun"}, {"num_gpus": 4}, {"num_gpus": 4, "launcher": "mpirun"}],
+    [{"num_gpus": 1, "launcher": "torchrun"}, {"num_gpus": 4}, {"num_gpus": 4, "launcher": "none"}],
 )
 def test_torchrun_is_not_applied_otherwise(orchestration):
     s = spec(command=["python", "train.py"], orchestration=orchestration)
     assert torchrun_command(s, orchestration["num_gpus"]) == ["python", "train.py"]
+
+
+def test_an_unknown_launcher_is_invalid_and_names_the_known_ones():
+    with pytest.raises(ValidationError, match="torchrun, none"):
+        spec(command=["x"], orchestration={"launcher": "mpirun"})
+
+
+@pytest.mark.parametrize("command", [
+    ["torchrun", "--nproc_per_node=2", "--max-restarts=3", "train.py"],
+    ["python3", "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py"],
+])
+def test_a_job_that_calls_torchrun_itself_keeps_its_flags(command):
+    assert torchrun_command(spec(command=command, orchestration={"launcher": "torchrun"}), 4) == command
+
+
+def test_gpu_jobs_get_the_rendezvous_env_a_large_shm_and_their_own_values_win():
+    from cluster_agent.container_config import distributed_env, shm_mb_for
+    from cluster_agent.settings import Settings
+
+    job = spec(command=["x"], orchestration={"launcher": "torchrun"})
+    assert distributed_env(job, 4) == {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "NNODES": "1",
+                                       "NODE_RANK": "0", "LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "4"}
+    assert distributed_env(job, 0) == {}
+    settings = Settings(gpu_shm_mb=8192)
+    assert shm_mb_for(job, 2, settings) == 8192
+    assert shm_mb_for(spec(command=["x"], resources={"memory_mb": 10000}), 1, settings) == 5000
+    assert shm_mb_for(spec(command=["x"], resources={"shm_mb": 100}), 1, settings) == 100
+    assert shm_mb_for(spec(command=["x"]), 0, settings) is None  # a CPU job keeps the engine's default
 
 
 def test_container_names_are_per_cluster_and_job():

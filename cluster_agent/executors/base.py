@@ -45,6 +45,7 @@ class ContainerSpec:
     cpus: float | None = None
     memory_mb: int | None = None
     shm_mb: int | None = None
+    gpu_job: bool = False  # gets GPUs (here or from a scheduler): unlimited memlock, a 64 MiB stack (hardening.py)
     pids_limit: int | None = None
     cap_drop: list[str] = field(default_factory=list)
     read_only_rootfs: bool = False

@@ -15,6 +15,9 @@ from .base import ContainerSpec
 
 __all__ = ["Hardening", "hardening"]
 
+# What NVIDIA's container guidance asks of GPU containers (NGC: `--ulimit memlock=-1 --ulimit stack=67108864`):
+# pinned memory and RDMA need unlimited memlock; some CUDA libraries need a 64 MiB stack.
+GPU_ULIMITS = (("memlock", -1, -1), ("stack", 67108864, 67108864))
 # Programs expect a writable /tmp; with a read-only root filesystem it is a tmpfs of this size.
 READ_ONLY_TMPFS = {"/tmp": "rw,nosuid,nodev,size=1g"}
 
@@ -33,6 +36,9 @@ class Hardening:
     cap_drop: tuple[str, ...] = ()
     read_only_rootfs: bool = False
     tmpfs: dict[str, str] = field(default_factory=dict)
+    ipc_mode: str = "private"  # never the host's or another container's
+    # (name, soft, hard); -1 is unlimited
+    ulimits: tuple[tuple[str, int, int], ...] = ()
 
 
 def hardening(spec: ContainerSpec) -> Hardening:
@@ -45,4 +51,5 @@ def hardening(spec: ContainerSpec) -> Hardening:
         cap_drop=tuple(spec.cap_drop),
         read_only_rootfs=spec.read_only_rootfs,
         tmpfs=dict(READ_ONLY_TMPFS) if spec.read_only_rootfs else {},
+        ulimits=GPU_ULIMITS if spec.gpu_job else (),
     )

@@ -1,6 +1,8 @@
 """The CDI translation against the real engine, with ordinary device nodes standing in for GPUs."""
 
 
+import os
+
 import yaml
 
 from cluster_agent.executors import ContainerSpec
@@ -93,3 +95,45 @@ def test_nvidia_runtime_strategy_on_an_engine_without_it_names_the_fix(docker_cl
     else:
         raise AssertionError("device_requests should fail on an engine without the NVIDIA runtime")
     assert docker_client.containers.list(all=True, filters={"label": f"radix.cluster_id={cluster_id}"}) == []
+
+
+def test_a_gpu_job_gets_a_large_shm_unlimited_memlock_a_64_mib_stack_and_private_ipc(docker_client, busybox,
+                                                                                         tmp_path, cluster_id):
+    # The job's container as the job runner makes it (container_config.py), on a fake GPU from a CDI spec.
+    from cluster_agent.container_config import container_spec
+    from cluster_agent.models import JobSpec
+    from cluster_agent.settings import Settings
+
+    cdi = tmp_path / "cdi"
+    cdi.mkdir()
+    (cdi / "nvidia.yaml").write_text(yaml.safe_dump({
+        "cdiVersion": "0.5.0", "kind": "nvidia.com/gpu",
+        "devices": [{"name": "0", "containerEdits": {"deviceNodes": [{"path": "/dev/nvidia0", "hostPath": "/dev/zero"}]}}],
+    }))
+    executor = DockerExecutor(docker_client, gpu_injection=CdiInjection(find_cdi_specs([cdi])))
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    script = ("grep -E 'Max locked memory|Max stack size' /proc/self/limits; df -k /dev/shm | tail -1; "
+              "readlink /proc/self/ns/ipc; echo \"$MASTER_ADDR:$MASTER_PORT $LOCAL_WORLD_SIZE\"")
+    job = JobSpec.model_validate({"job_id": "limits", "image": BUSYBOX_IMAGE, "command": ["sh", "-c", script],
+                                  "resources": {"gpus": 1, "memory_mb": 2048}})
+    spec = container_spec(job, Settings(cluster_id=cluster_id), workspace=workspace, gpus=[GPU0], gpu_count=1,
+                          host_has_gpus=True, timeout=60)
+    out, err, info = _run(executor, spec)
+    assert info.exit_code == 0, err
+    limits = {line.split("  ")[0]: line.split()[-3:-1] for line in out.splitlines() if line.startswith("Max")}
+    assert limits["Max stack size"] == ["67108864", "67108864"]
+    if _has_cap_sys_resource():
+        assert limits["Max locked memory"] == ["unlimited", "unlimited"]
+    else:  # an engine without CAP_SYS_RESOURCE (these sandboxes) cannot raise it: the container still runs
+        assert limits["Max locked memory"] != ["unlimited", "unlimited"]
+    shm_kb = int(next(line for line in out.splitlines() if "/dev/shm" in line).split()[1])
+    assert shm_kb == 1024 * 1024  # half of its 2048 MiB memory limit, not Docker's 64 MB
+    assert os.readlink("/proc/self/ns/ipc") not in out  # its own IPC namespace, not the host's
+    assert "127.0.0.1:29500 1" in out
+
+
+def _has_cap_sys_resource() -> bool:
+    """Whether this process (root, as the engine) may raise hard limits: CAP_SYS_RESOURCE is capability 24."""
+    effective = next(line for line in open("/proc/self/status") if line.startswith("CapEff:"))
+    return bool(int(effective.split()[1], 16) >> 24 & 1)

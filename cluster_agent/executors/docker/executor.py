@@ -16,7 +16,7 @@ from typing import Any
 import docker
 import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
-from docker.types import DeviceRequest, Mount
+from docker.types import DeviceRequest, Mount, Ulimit
 
 from ...clock import SYSTEM_CLOCK, Clock
 from ...errors import AgentError, EngineUnavailable, ImageGone, JobFailed
@@ -34,6 +34,10 @@ __all__ = ["DockerExecutor", "connect"]
 log = logging.getLogger(__name__)
 
 LABEL_SELF_TEST = "radix.self_test"  # the self-test's containers, never a job's
+
+
+class _LimitRefused(Exception):
+    """The engine could not set a ulimit the container asked for (start failed, container removed)."""
 
 # How long a wait relies on the engine's events alone before it checks the container's state itself.
 EVENTS_WAIT_SECONDS = 30.0
@@ -145,7 +149,10 @@ class DockerExecutor:
             "security_opt": list(policy.security_opt),
             "init": policy.init,
             "network_mode": policy.network,
+            "ipc_mode": policy.ipc_mode,
         }
+        if policy.ulimits:
+            host_config["ulimits"] = [Ulimit(name=name, soft=soft, hard=hard) for name, soft, hard in policy.ulimits]
         if policy.cpus:
             host_config["nano_cpus"] = int(policy.cpus * 1e9)
         if policy.memory_mb:
@@ -178,6 +185,22 @@ class DockerExecutor:
         self._exits.start()
         host_config, env = self._host_config(spec)
         try:
+            return self._start(spec, host_config, env)
+        except _LimitRefused:
+            # An engine that cannot raise the memlock hard limit (rootless, or without CAP_SYS_RESOURCE) refuses
+            # the container: it runs with the engine's limit instead, which the log says once.
+            if not DockerExecutor._said_memlock:
+                DockerExecutor._said_memlock = True
+                log.warning("the engine cannot raise the memlock limit of GPU containers (rootless, or it lacks "
+                            "CAP_SYS_RESOURCE): they run with its own limit, which may be too low for pinned memory "
+                            "and RDMA; give the engine CAP_SYS_RESOURCE or raise LimitMEMLOCK in its service")
+            host_config["ulimits"] = [u for u in host_config["ulimits"] if u["Name"] != "memlock"]
+            return self._start(spec, host_config, env)
+
+    _said_memlock = False
+
+    def _start(self, spec: ContainerSpec, host_config: dict[str, Any], env: dict[str, str]) -> str:
+        try:
             created = self._create(spec, host_config, env)
         except ImageNotFound as exc:
             message = f"image {spec.image}: {explain(exc)}"
@@ -200,6 +223,11 @@ class DockerExecutor:
             with engine_call(f"{step} {spec.name}"):
                 self._api.start(container_id)
         except APIError as exc:
+            if "setting rlimit" in explain(exc) and any(u["Name"] == "memlock" for u in host_config.get("ulimits", [])):
+                self._forget(container_id)
+                with engine_call(f"remove {spec.name}"):
+                    self._api.remove_container(container_id, force=True)  # its name is taken again at once
+                raise _LimitRefused() from None
             self._give_up(container_id)
             raise self._classify(exc, step) from None
         except BaseException:

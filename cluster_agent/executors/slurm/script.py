@@ -74,6 +74,9 @@ def engine_run_args(spec: ContainerSpec) -> list[str]:
         args += ["--mount", _mount(source, f"{WORKSPACE}/{target}", "readonly")]
     if policy.init:
         args.append("--init")
+    args += ["--ipc", policy.ipc_mode]
+    for name, soft, hard in policy.ulimits:
+        args += ["--ulimit", f"{name}={soft}:{hard}"]
     for option in policy.security_opt:
         args += ["--security-opt", option]
     for key, value in sorted(spec.labels.items()):
