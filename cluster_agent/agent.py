@@ -100,6 +100,11 @@ class Agent:
         if metrics is not None:
             metrics.running_jobs.set_function(lambda: len(self._jobs.running()))
             metrics.free_slots.set_function(self._slots.free)
+            metrics.results_pending.set_function(self._delivery.in_flight)
+            if node is not None:
+                metrics.quarantined.set_function(lambda: 1.0 if node.quarantined else 0.0)
+            if disk is not None:
+                metrics.disk_low.set_function(lambda: 1.0 if disk.state.low else 0.0)
 
     def _shrink(self, job_id: str, completion: Completion, size: int, directory: JobDirectory | None) -> Completion:
         return refused_result(job_id, completion, size, directory.path if directory else None,
@@ -399,7 +404,8 @@ class Agent:
         if self._node is not None:
             self._node.job_finished(job_id, completion, spec.image if spec is not None else None)
         if self._metrics is not None:
-            self._metrics.jobs.labels(status=completion.status.value, failure_reason=reason or "").inc()
+            self._metrics.jobs.labels(status=completion.status.value, failure_reason=reason or "",
+                                      failure_class=completion.metrics.failure_class or "").inc()
             self._metrics.job_duration.observe(completion.metrics.runtime_seconds)
             if run is not None and run.start_timing is not None:
                 self._metrics.container_start.observe(run.start_timing[0])

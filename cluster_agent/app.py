@@ -175,8 +175,9 @@ def _run_job(argv: list[str], redactor: Redactor) -> int:
     # does not wait for a running agent to go: it says so at once.
     jobs_lock = claim_jobs_workdir(settings.jobs_workdir, 0)
     mode = open_mode(settings)
-    run = JobRun(ReceivedJob.parse(raw, redactor), settings=settings, executor=mode.executor, gpu_pool=mode.gpus, received_at=time.monotonic(),
-                 redactor=redactor)
+    data = JobData.from_settings(settings, planner=None)  # a bad --cache-dir is a start-up error, not a job's
+    run = JobRun(ReceivedJob.parse(raw, redactor), settings=settings, executor=mode.executor, gpu_pool=mode.gpus,
+                 received_at=time.monotonic(), redactor=redactor, data=data)
     stop = threading.Event()
     _install_signal_handlers(stop)
     watcher = threading.Thread(
@@ -188,6 +189,7 @@ def _run_job(argv: list[str], redactor: Redactor) -> int:
     completion = run.execute()
     run.cleanup()
     mode.close()
+    data.close()
     jobs_lock.release()
     print(json.dumps(completion.to_wire(), indent=2))
     return 0 if completion.status.value == "succeeded" else 1

@@ -122,6 +122,11 @@ class ResultDelivery:
         log.info("job %s: delivering the result a previous agent spooled", directory.job_id)
         return self.deliver(directory.job_id, completion, directory, spooled=True)
 
+    def in_flight(self) -> int:
+        """Results being delivered now (each retried until taken)."""
+        with self._changed:
+            return self._in_flight
+
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no delivery is in flight (shutdown flushes them)."""
         with self._changed:

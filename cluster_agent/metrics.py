@@ -26,8 +26,9 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._clock = clock
         r = self.registry
-        self.jobs = Counter("radix_agent_jobs", "Jobs finished, by final status and failure reason.",
-                            ["status", "failure_reason"], registry=r)
+        self.jobs = Counter("radix_agent_jobs", "Jobs finished, by final status, failure reason and failure class "
+                            "(job or infrastructure; empty for successes and cancels).",
+                            ["status", "failure_reason", "failure_class"], registry=r)
         self.job_duration = Histogram("radix_agent_job_duration_seconds", "Container run time of finished jobs.",
                                       buckets=DURATION_BUCKETS, registry=r)
         self.poll_latency = Histogram("radix_agent_poll_seconds", "Time a poll took, long-poll hold included.",
@@ -51,6 +52,12 @@ class Metrics:
                                             "Failed control-plane requests, by kind.", ["endpoint", "kind"], registry=r)
         self.running_jobs = Gauge("radix_agent_running_jobs", "Jobs whose container runs (or is about to).", registry=r)
         self.free_slots = Gauge("radix_agent_free_slots", "Job slots free for new work.", registry=r)
+        self.quarantined = Gauge("radix_agent_quarantined", "1 while the node is quarantined (takes no jobs).",
+                                 registry=r)
+        self.disk_low = Gauge("radix_agent_disk_low", "1 while the jobs directory or the engine's root is under "
+                              "--min-free-disk-gb (the agent takes no jobs).", registry=r)
+        self.results_pending = Gauge("radix_agent_results_pending", "Results being delivered (retried until the "
+                                     "control plane takes them).", registry=r)
         self._last_heartbeat: float | None = None
         self._last_exchange: float | None = None
         self._lock = threading.Lock()

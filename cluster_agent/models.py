@@ -168,7 +168,8 @@ class InputFile(BaseModel):
         value = workspace_relative(value, "inputs[].path")
         top = value.split("/")[0]
         if top in WORKSPACE_RESERVED:
-            raise ValueError(f"inputs[].path {value!r} overlaps {top}, which the agent writes; choose another path")
+            raise ValueError(f"inputs[].path {value!r} overlaps {top}, which the agent and the job use; choose another "
+                             "path")
         return value
 
     @field_validator("sha256")

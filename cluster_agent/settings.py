@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .models import JOB_ID_PATTERN
@@ -199,18 +199,18 @@ class Settings(BaseSettings):
         description="Content-addressed cache of job inputs that carry a sha256 (shared by jobs, read-only to them); "
         "unset: no cache, each job downloads its own inputs.",
     )
-    cache_max_bytes: int = Field(
-        default=100 * 1024**3, ge=0, description="Size the input cache is kept under, least recently used evicted first."
+    cache_max_bytes: ByteSize = Field(
+        default=100 * 1024**3, ge=0, description="Size the input cache is kept under, least recently used evicted first (bytes, or 100GiB, 500GB)."
     )
-    max_input_bytes: int = Field(
-        default=50 * 1024**3, ge=0, description="Most bytes of input files one job may ask for."
+    max_input_bytes: ByteSize = Field(
+        default=50 * 1024**3, ge=0, description="Most bytes of input files one job may ask for (bytes, or 50GiB)."
     )
-    max_artifact_bytes: int = Field(
-        default=20 * 1024**3, ge=0, description="Most bytes of artifacts one job may upload."
+    max_artifact_bytes: ByteSize = Field(
+        default=20 * 1024**3, ge=0, description="Most bytes of artifacts one job may upload (bytes, or 20GiB)."
     )
-    max_artifact_file_bytes: int = Field(
+    max_artifact_file_bytes: ByteSize = Field(
         # S3's limit for one PUT (presigned URLs are single PUTs): a larger file would be refused after the upload.
-        default=5 * 1024**3, ge=0, description="Largest single artifact file (S3's limit for one PUT: 5 GiB).",
+        default=5 * 1024**3, ge=0, description="Largest single artifact file (bytes, or 5GiB: S3's limit for one PUT).",
     )
     max_artifact_files: int = Field(default=1000, ge=0, description="Most artifact files one job may upload.")
     transfer_timeout: float = Field(

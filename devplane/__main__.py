@@ -149,7 +149,7 @@ def _main(argv: list[str] | None) -> int:
     jobs.add_argument("--url", default="http://127.0.0.1:8080")
     result = sub.add_parser("result", help="wait for a job's result and print it")
     result.add_argument("--url", default="http://127.0.0.1:8080")
-    result.add_argument("--wait", type=float, default=300)
+    result.add_argument("--wait", type=float, default=300, help="seconds to wait for the result (default 300)")
     result.add_argument("job_id")
     artifacts = sub.add_parser("artifacts", help="list a job's artifacts: path, size, sha256 (and 'not uploaded')")
     artifacts.add_argument("--url", default="http://127.0.0.1:8080")
@@ -213,7 +213,11 @@ def _main(argv: list[str] | None) -> int:
         return _download(f"{args.url}/admin/jobs/{job}/artifacts/{path}", args.output)
     record = _call(f"{args.url}/admin/jobs/{args.job_id}?wait={args.wait}")
     print(json.dumps(record, indent=2))
-    return 0 if record.get("result") else 1  # type: ignore[union-attr]
+    if not record.get("result"):  # type: ignore[union-attr]
+        print(f"devplane: no result for {args.job_id} within {args.wait:g} s (it is {record.get('state')}); "  # type: ignore[union-attr]
+              "is an agent running? wait longer with --wait", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import socket
 import threading
@@ -164,6 +165,16 @@ class State:
             record.state, record.assigned_at = "assigned", time.time()
             taken.append(record.spec)
         return taken
+
+    def give_back(self, jobs: list[dict[str, Any]]) -> None:
+        """Jobs taken for a poll whose agent is gone (its connection closed before the answer): queued again,
+        first in line, as if never taken (call under the lock)."""
+        for spec in reversed(jobs):
+            record = self.jobs.get(spec.get("job_id"))
+            if record is not None and record.state == "assigned":
+                record.state, record.assigned_at = "queued", None
+                self.queue.appendleft(record.job_id)
+        self.lock.notify_all()
 
     def request_cancel(self, job_id: str) -> bool:
         with self.lock:
@@ -524,13 +535,31 @@ class Handler(BaseHTTPRequestHandler):
                 if remaining <= 0:
                     break
                 state.lock.wait(min(remaining, 0.5))
+                if self._peer_gone():
+                    return  # its agent died mid-poll: nothing is taken for it
                 jobs = state.take(max_jobs)
                 cancels = state.take_cancellations(running)
+            if jobs and self._peer_gone():
+                state.give_back(jobs)  # taken in the same instant the agent went: not lost to a dead connection
+                return
         headers = {"X-Radix-Long-Poll": "1"} if state.long_poll else None
         answer: dict[str, Any] = {"jobs": jobs}
         if cancels:
             answer["cancel_job_ids"] = cancels
-        self._send(200, answer, headers)
+        try:
+            self._send(200, answer, headers)
+        except OSError:
+            with state.lock:
+                state.give_back(jobs)
+            raise
+
+    def _peer_gone(self) -> bool:
+        """The agent closed its end (killed, or it gave up on the poll): a readable socket with nothing to read."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def _raw_poll(self, raw: dict[str, Any]) -> None:
         """Answer a poll with exactly the queued body, trickled if asked (a broken or slow control plane)."""

@@ -285,6 +285,11 @@ class ArtifactUpload:
         max_files, max_bytes, max_file_bytes = self._limits
         found, errors, skipped = collect_artifacts(workspace, patterns, max_files=max_files, max_bytes=max_bytes,
                                                    max_file_bytes=max_file_bytes, exclude=exclude)
+        matched = [*found, *errors, *skipped]
+        for pattern in patterns:
+            if not any(wcglob.globmatch(entry.path, pattern, flags=GLOB_FLAGS) for entry in matched):
+                # A typo in a glob must not pass unseen; it fails no job (a run may rightly produce nothing).
+                skipped.append(ArtifactError(path=pattern, error="skipped: the pattern matched no file"))
         progress = _Progress(job_dir / PROGRESS_FILE)
         done = [item for item in found if progress.done(item)]
         pending = [item for item in found if not progress.done(item)]

@@ -71,6 +71,8 @@ class InputCache:
     def open(self) -> None:
         """Create or take over the cache directory. Raises ConfigError when it cannot be used or another agent
         holds it."""
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"--cache-dir {self.root} is not a directory; give a directory (it is created if missing)")
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.root.chmod(0o700)

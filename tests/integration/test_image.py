@@ -121,3 +121,19 @@ def test_jobs_dir_mounted_at_another_path_is_refused_with_the_fix(agent_image, d
         assert "Traceback" not in logs
     finally:
         container.remove(force=True)
+
+
+def test_an_input_cache_not_mounted_from_the_host_is_refused_with_the_fix(agent_image, docker_client, plane,
+                                                                           cluster_id, tmp_path):
+    jobs_dir = tmp_path / "jobs"
+    jobs_dir.mkdir()
+    cache = tmp_path / "cache"  # not mounted: jobs could not mount their cached inputs from the host
+    container = _run_agent_container(docker_client, plane, cluster_id, jobs_dir, extra=("--cache-dir", str(cache)))
+    try:
+        status = container.wait(timeout=60)
+        logs = container.logs().decode()
+        assert status["StatusCode"] == 2, logs
+        assert f"--cache-dir / RADIX_CACHE_DIR: {cache} is not mounted from the host" in logs
+        assert f"-v {cache}:{cache}" in logs and "Traceback" not in logs
+    finally:
+        container.remove(force=True)

@@ -37,8 +37,8 @@ def test_metrics_count_jobs_latencies_and_errors(cp, start_agent):
     assert cp.run(command=["sh", "-c", "exit 4"])["failure_reason"] == "exit_code"
     status, text = eventually(lambda: (r := get(port, "/metrics")) and 'status="failed"' in r[1] and r, what="job metrics")
     assert status == 200
-    assert metric(text, 'radix_agent_jobs_total{failure_reason="",status="succeeded"}') == 1
-    assert metric(text, 'radix_agent_jobs_total{failure_reason="exit_code",status="failed"}') == 1
+    assert metric(text, 'radix_agent_jobs_total{failure_class="",failure_reason="",status="succeeded"}') == 1
+    assert metric(text, 'radix_agent_jobs_total{failure_class="job",failure_reason="exit_code",status="failed"}') == 1
     assert metric(text, "radix_agent_job_duration_seconds_count") == 2
     assert metric(text, "radix_agent_poll_seconds_count") >= 2
     assert metric(text, "radix_agent_completion_seconds_count") >= 1
@@ -51,6 +51,9 @@ def test_metrics_count_jobs_latencies_and_errors(cp, start_agent):
     # A job holds its slot until its workspace and container are removed, which may end just after its delivery.
     eventually(lambda: metric(get(port, "/metrics")[1], "radix_agent_running_jobs") == 0, what="slots freed")
     assert metric(get(port, "/metrics")[1], "radix_agent_free_slots") == 1
+    text = get(port, "/metrics")[1]
+    assert metric(text, "radix_agent_quarantined") == 0 and metric(text, "radix_agent_disk_low") == 0
+    assert metric(text, "radix_agent_results_pending") == 0
 
 
 def test_healthz_follows_the_control_plane(plane, cp, start_agent):

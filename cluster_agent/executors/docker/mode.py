@@ -73,8 +73,10 @@ def _own_container_id() -> str | None:
     return socket.gethostname()
 
 
-def check_jobs_mount(executor: DockerExecutor, jobs_workdir: Path) -> None:
-    """In a container, the jobs directory must be a bind mount at the same path as on the host.
+def check_jobs_mount(executor: DockerExecutor, jobs_workdir: Path, *, setting: str = "--jobs-workdir / RADIX_JOBS_WORKDIR",
+                     what: str = "jobs would not see their files") -> None:
+    """In a container, the jobs directory (and the input cache, whose entries jobs mount) must be a bind mount at
+    the same path as on the host.
 
     The engine resolves a job's bind mount on the host, so the path the agent writes input.json to must be the
     very path the engine mounts into the job.
@@ -87,24 +89,24 @@ def check_jobs_mount(executor: DockerExecutor, jobs_workdir: Path) -> None:
     except Exception:  # not our engine, or a custom hostname: nothing to compare against
         return
     target = str(jobs_workdir.resolve())
+    flag = setting.split(" / ")[0]
     best = None
     for mount in mounts:
         dest = mount.get("Destination", "")
         if target == dest or target.startswith(dest.rstrip("/") + "/"):
             if best is None or len(dest) > len(best.get("Destination", "")):
                 best = mount
-    fix = f"run the agent with -v {target}:{target} (the same path inside and outside) and --jobs-workdir {target}"
+    fix = f"run the agent with -v {target}:{target} (the same path inside and outside) and {flag} {target}"
     if best is None:
-        raise ConfigError(f"--jobs-workdir / RADIX_JOBS_WORKDIR: {target} is not mounted from the host, so jobs would not see their files; {fix}")
+        raise ConfigError(f"{setting}: {target} is not mounted from the host, so {what}; {fix}")
     host_path = best.get("Source", "") + target[len(best["Destination"].rstrip("/")):]
     if host_path != target:
         # The host's directory is the one to keep: mount it at its own path inside too.
         raise ConfigError(
-            f"--jobs-workdir / RADIX_JOBS_WORKDIR: {target} is mounted from host path {host_path}; the engine would "
+            f"{setting}: {target} is mounted from host path {host_path}; the engine would "
             f"mount the host's {target} into jobs instead; run the agent with -v {host_path}:{host_path} (the same "
-            f"path inside and outside) and --jobs-workdir {host_path}"
+            f"path inside and outside) and {flag} {host_path}"
         )
-
 
 
 def warn_loopback_api_base(executor: DockerExecutor, api_base: str) -> None:
@@ -134,6 +136,9 @@ def open_mode(settings: Settings, metrics: Metrics | None = None) -> ExecutionMo
     Raises ConfigError (no engine, a mis-mounted jobs directory)."""
     executor = connect_engine(settings)
     check_jobs_mount(executor, settings.jobs_workdir)
+    if settings.cache_dir is not None:
+        check_jobs_mount(executor, settings.cache_dir, setting="--cache-dir / RADIX_CACHE_DIR",
+                         what="jobs could not mount their cached inputs")
     if settings.api_base:
         warn_loopback_api_base(executor, settings.api_base)
     gpus = detect_gpus()
