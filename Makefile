@@ -37,11 +37,12 @@ engine:
 # busybox-static makes the local job image (no registry is needed); docker-registry and apache2-utils (htpasswd)
 # run the private-registry tests; slurmctld, slurmd and munge the one-node Slurm cluster of the Slurm tests.
 # debootstrap builds a Debian base for the agent's image where python:3.11-slim cannot be pulled.
-# nginx (with WebDAV PUT) is the object store of the input and artifact tests (tests/object_store.py).
-TEST_PACKAGES := busybox-static docker-registry apache2-utils openssl slurmctld slurmd slurm-client munge debootstrap nginx
+# nginx (with WebDAV PUT) is the object store of the input and artifact tests (tests/object_store.py); prometheus
+# (with promtool) checks and unit-tests deploy/prometheus and scrapes a running agent.
+TEST_PACKAGES := busybox-static docker-registry apache2-utils openssl slurmctld slurmd slurm-client munge debootstrap nginx prometheus
 test-deps: venv engine
 	@command -v busybox >/dev/null 2>&1 && command -v docker-registry >/dev/null 2>&1 && command -v htpasswd >/dev/null 2>&1 \
-		&& command -v debootstrap >/dev/null 2>&1 && test -x /usr/sbin/nginx \
+		&& command -v debootstrap >/dev/null 2>&1 && test -x /usr/sbin/nginx && command -v promtool >/dev/null 2>&1 \
 		&& command -v sbatch >/dev/null 2>&1 && test -x /usr/sbin/slurmctld && test -x /usr/sbin/munged || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_PACKAGES) >/dev/null; }
 	$(PY) -m devplane.images
