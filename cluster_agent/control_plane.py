@@ -25,7 +25,7 @@ from urllib.parse import quote
 import httpx
 
 from . import __version__
-from ._transport import ANSWER_LIMIT, AnyEvent, Budget, RetryPolicy, Transport
+from ._transport import ANSWER_LIMIT, Answer, AnyEvent, Budget, RetryPolicy, Transport
 from .errors import (
     ControlPlaneError,
     ControlPlaneUnavailable,
@@ -295,39 +295,37 @@ class ControlPlaneClient:
         self, job_id: str, *, started_at: str, container_id: str, gpu_ids: list[str], cancel: threading.Event
     ) -> bool:
         """`POST /jobs/{id}/start` (extension). False when the server does not have it."""
-        if not self.supports("start"):
-            return False
         body = {"started_at": started_at, "container_id": container_id, "gpu_ids": gpu_ids}
         try:
-            self._transport.send(
-                f"jobs/{path_segment(job_id)}/start", body, cancel=cancel, attempts=5, retry_on=_unavailable,
-                body_optional=True,
-            )
+            self._extension("start", job_id, body, cancel=cancel, attempts=5, retry_on=_unavailable,
+                            body_optional=True)
+        except ExtensionUnsupported:
+            return False
+        return True
+
+    def _extension(self, name: str, job_id: str, body: dict[str, Any], **send: Any) -> Answer:
+        """`POST /jobs/{id}/{name}` of an extension. Raises ExtensionUnsupported when the server has no such
+        endpoint (a 404 turns the extension off for this server, said once in the log)."""
+        if not self.supports(name):
+            raise ExtensionUnsupported(f"{name} endpoint not supported", status=404)
+        try:
+            return self._transport.send(f"jobs/{path_segment(job_id)}/{name}", body, **send)
         except ControlPlaneError as exc:
             if exc.status == 404:
-                self._mark_unsupported("start")
-                return False
+                self._mark_unsupported(name)
+                raise ExtensionUnsupported(f"{name} endpoint not supported", status=404) from None
             raise
-        return True
 
     def logs(self, job_id: str, *, offset: int, data: str, cancel: threading.Event) -> bool:
         """`POST /jobs/{id}/logs` (extension), retried until accepted or `cancel` is set.
 
         Returns True when the answer asks to cancel the job. Raises ExtensionUnsupported on a 404.
         """
-        if not self.supports("logs"):
-            raise ExtensionUnsupported("logs endpoint not supported", status=404)
-        try:
-            answer = self._transport.send(
-                f"jobs/{path_segment(job_id)}/logs", {"offset": offset, "data": data}, cancel=cancel,
-                retry_on=lambda exc: isinstance(exc, ControlPlaneError) and exc.status not in (400, 404, 409, 410, 413, 422),
-                body_optional=True,
-            )
-        except ControlPlaneError as exc:
-            if exc.status == 404:
-                self._mark_unsupported("logs")
-                raise ExtensionUnsupported("logs endpoint not supported", status=404) from None
-            raise
+        answer = self._extension(
+            "logs", job_id, {"offset": offset, "data": data}, cancel=cancel,
+            retry_on=lambda exc: isinstance(exc, ControlPlaneError) and exc.status not in (400, 404, 409, 410, 413, 422),
+            body_optional=True,
+        )
         try:
             reply = json.loads(answer.content) if answer.content else {}
         except (ValueError, RecursionError):
@@ -339,18 +337,8 @@ class ControlPlaneClient:
         """`POST /jobs/{id}/artifacts` (extension): where to upload each file. `files`: [{path, size_bytes, sha256,
         content_type}]. Returns the answer's `uploads` items that are objects (the caller checks each). Raises
         ExtensionUnsupported on a 404, ControlPlaneError when retries are used up or the server refuses."""
-        if not self.supports("artifacts"):
-            raise ExtensionUnsupported("artifacts endpoint not supported", status=404)
-        try:
-            answer = self._transport.send(
-                f"jobs/{path_segment(job_id)}/artifacts", {"files": files}, cancel=cancel, attempts=attempts,
-                retry_on=_unavailable,
-            )
-        except ControlPlaneError as exc:
-            if exc.status == 404:
-                self._mark_unsupported("artifacts")
-                raise ExtensionUnsupported("artifacts endpoint not supported", status=404) from None
-            raise
+        answer = self._extension("artifacts", job_id, {"files": files}, cancel=cancel, attempts=attempts,
+                                 retry_on=_unavailable)
         body = self._transport.json(answer, "artifacts")
         uploads = body.get("uploads") if isinstance(body, dict) else None
         if not isinstance(uploads, list):
