@@ -101,7 +101,7 @@ def container_spec(
     """The container for `spec`, given `gpus` (pinned by UUID), with `timeout` seconds (the job's own, or for an
     adopted job the one its labels promise) and `workspace` mounted at /workspace."""
     gpu_ids = [gpu.uuid for gpu in gpus]
-    env = dict(spec.env)
+    env = {**spec.env, **spec.secret_env}
     env["RADIX_JOB_ID"] = spec.job_id
     if gpu_ids:
         # Pinned by UUID; overrides an image's NVIDIA_VISIBLE_DEVICES=all (CUDA images set it).

@@ -25,7 +25,7 @@ from .job_dir import JobDirectory
 from .models import JOB_ID_PATTERN, Completion, FailureReason, GpuInfo, JobMetrics, JobSpec, JobStatus
 from .output import MAX_OUTPUT_DEPTH, OutputCollector
 from .received_job import ReceivedJob
-from .redaction import Redactor
+from .redaction import RedactingOutput, Redactor
 from .settings import Settings
 from .transfer import JobData, StagedInputs, stage_inputs
 from .verdict import judge
@@ -71,6 +71,10 @@ class JobRun:
         data: JobData | None = None,
     ) -> None:
         self._redactor = redactor or Redactor()
+        secrets = list(job.spec.secret_env.values()) if job.spec is not None else []
+        self._job_secrets = Redactor(secrets)  # this job's own, for its output and result
+        for secret in secrets:
+            self._redactor.add(secret)  # and the agent's log lines (the formatter shares this redactor)
         # Inputs and artifacts; run-job and tests that move no data get their own, without a control plane.
         self._data = data
         self.job = job
@@ -131,8 +135,12 @@ class JobRun:
         return classify(completion, memory_limited=bool(spec and spec.resources.memory_mb), retryable=self._retryable)
 
     def _without_job_secrets(self, completion: Completion) -> Completion:
-        """Neither the agent's secrets nor the job's registry password (a registry may echo it into an error)
-        reach the job's result."""
+        """Neither the agent's secrets, the job's secret_env values, nor its registry password (a registry may
+        echo it into an error) reach the job's result: its output (the wrapped stdout/stderr tails included) and
+        its message."""
+        if len(self._job_secrets):
+            completion = completion.model_copy(
+                update={"output_payload": self._job_secrets.redact_json(completion.output_payload)})
         if not completion.error_message:
             return completion
         message = self._redactor.redact(completion.error_message)
@@ -140,7 +148,7 @@ class JobRun:
         password = auth.get("password") if isinstance(auth, dict) else None
         if isinstance(password, str):
             message = Redactor([password]).redact(message)
-        return completion.model_copy(update={"error_message": message})
+        return completion.model_copy(update={"error_message": self._job_secrets.redact(message)})
 
     def _execute(self) -> Completion:
         started = self._clock()
@@ -359,9 +367,11 @@ class JobRun:
         deadline = self._clock() + timeout - max(0.0, self._wall() - started_wall)
         queue_seconds = max(0.0, started_wall - (self._wall() - (self._clock() - self._received)))
         collected = OutputCollector(self._settings.max_output_bytes)
+        output = RedactingOutput(self._observer.output, self._job_secrets)
         watch = ContainerWatch(self._executor, self._engine, job_id=spec.job_id, stop=self._stop,
-                               output=self._observer.output, clock=self._clock)
+                               output=output, clock=self._clock)
         ending = watch.watch(container_id, deadline=deadline, timeout=timeout, collected=collected, replay=replay)
+        output.flush()
         self.exited_at = ending.finished_at
         metrics = JobMetrics(
             runtime_seconds=round(max(0.0, self._wall() - started_wall), 3),

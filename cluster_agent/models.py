@@ -38,6 +38,8 @@ ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 REFUSED_KEY = "x-radix-refused"
 # Names the agent sets itself; a job spec may not override them.
 RESERVED_ENV = frozenset({"RADIX_JOB_ID"})
+# The shortest secret_env value the agent accepts: shorter ones cannot be redacted without masking ordinary output.
+MIN_SECRET_CHARS = 6
 
 
 class JobStatus(StrEnum):
@@ -221,8 +223,35 @@ class JobSpec(_Lenient):
     timeout_seconds: float | None = Field(default=None, gt=0)
     resources: Resources = Field(default_factory=Resources)
     registry_auth: RegistryAuth | None = None
+    # Secrets: env values redacted from everything the job prints or returns (docs/protocol.md "Job secrets").
+    secret_env: dict[str, str] = Field(default_factory=dict)
     inputs: list[InputFile] = Field(default_factory=list, max_length=MAX_INPUTS)
     artifacts: list[str] = Field(default_factory=list, max_length=MAX_ARTIFACT_PATTERNS)
+
+    @field_validator("secret_env", mode="before")
+    @classmethod
+    def _secret_env(cls, value: Any) -> Any:
+        value = _none_as_empty(value, {})
+        if not isinstance(value, dict):
+            return value  # pydantic reports the type error
+        for name, item in value.items():
+            if not isinstance(name, str) or not ENV_NAME_PATTERN.fullmatch(name) or name in RESERVED_ENV:
+                raise ValueError(f"secret_env name {str(name)[:60]!r} is not a variable name a job may set")
+            if not isinstance(item, str):
+                raise ValueError(f"secret_env {name}: the value must be a string")
+            if len(item) < MIN_SECRET_CHARS:
+                # As GitLab and Buildkite do: a short value cannot be masked without masking ordinary output.
+                raise ValueError(f"secret_env {name}: a secret of fewer than {MIN_SECRET_CHARS} characters cannot be "
+                                 "masked in the job's output; use a longer one")
+            _check_exec_string(f"secret_env {name}", item)
+        return value
+
+    @model_validator(mode="after")
+    def _secrets_apart(self) -> JobSpec:
+        both = sorted(set(self.env) & set(self.secret_env))
+        if both:
+            raise ValueError(f"{', '.join(both)} in both env and secret_env; give each variable once")
+        return self
 
     @field_validator("inputs", "artifacts", mode="before")
     @classmethod
@@ -272,7 +301,8 @@ class JobSpec(_Lenient):
     @model_validator(mode="after")
     def _exec_size(self) -> JobSpec:
         total = sum(len(item.encode()) + 1 for item in (*self.command, *self.args))
-        total += sum(len(name.encode()) + len(value.encode()) + 2 for name, value in self.env.items())
+        total += sum(len(name.encode()) + len(value.encode()) + 2
+                     for name, value in (*self.env.items(), *self.secret_env.items()))
         if total > MAX_EXEC_BYTES:
             raise ValueError(
                 f"command, args and env add up to {total} bytes, over the {MAX_EXEC_BYTES} bytes a program can be "

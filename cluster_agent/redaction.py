@@ -26,9 +26,9 @@ import base64
 import json
 import re
 import threading
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
-__all__ = ["Redactor"]
+__all__ = ["RedactingOutput", "Redactor"]
 
 REPLACEMENT = "[REDACTED]"
 MIN_SECRET_LENGTH = 4
@@ -66,6 +66,74 @@ class Redactor:
 
     def __len__(self) -> int:
         return len(self._secrets)
+
+    @property
+    def secrets(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._secrets)
+
+    def stream_hold(self) -> int:
+        """How many trailing characters of a stream must wait for the next chunk: the longest text any form of any
+        secret can take (a \\uXXXX escape or a percent-encoded 4-byte character is 12 characters for one)."""
+        with self._lock:
+            longest = max((len(secret) for secret in self._secrets), default=0)
+        return 12 * longest + 8 if longest else 0
+
+    def redact_stream(self, text: str, hold: int) -> tuple[str, str]:
+        """Split a stream's pending `text` into what may go out now, redacted, and what must wait for more: the
+        last `hold` characters, the cut moved back to the start of any secret form that crosses it."""
+        pattern = self._pattern
+        cut = max(0, len(text) - hold)
+        if pattern is None:
+            return text[:cut], text[cut:]
+        out: list[str] = []
+        last = 0
+        for match in pattern.finditer(text):
+            if match.end() <= cut:
+                out += [text[last:match.start()], REPLACEMENT]
+                last = match.end()
+            else:
+                cut = max(last, min(cut, match.start()))
+                break
+        out.append(text[last:cut])
+        return "".join(out), text[cut:]
+
+    def redact_json(self, value: Any) -> Any:
+        """Every string (keys too) of a JSON value, redacted."""
+        if self._pattern is None:
+            return value
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, list):
+            return [self.redact_json(item) for item in value]
+        if isinstance(value, dict):
+            return {self.redact(str(k)) if isinstance(k, str) else k: self.redact_json(v) for k, v in value.items()}
+        return value
+
+
+class RedactingOutput:
+    """A job's output stream with its secrets redacted, whatever the chunks: a secret split across two chunks is
+    found, because each chunk's tail waits for the next one (`flush()` sends the rest at the end)."""
+
+    def __init__(self, sink: Callable[[bytes], None], redactor: Redactor) -> None:
+        self._sink = sink
+        self._redactor = redactor
+        self._pending = ""
+
+    def __call__(self, data: bytes) -> None:
+        hold = self._redactor.stream_hold()
+        if not hold:
+            self._sink(data)
+            return
+        text = self._pending + data.decode("utf-8", "surrogateescape")
+        ready, self._pending = self._redactor.redact_stream(text, hold)
+        if ready:
+            self._sink(ready.encode("utf-8", "surrogateescape"))
+
+    def flush(self) -> None:
+        if self._pending:
+            text, self._pending = self._redactor.redact(self._pending), ""
+            self._sink(text.encode("utf-8", "surrogateescape"))
 
 
 # --- patterns ----------------------------------------------------------------------------------------------------

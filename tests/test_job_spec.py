@@ -159,3 +159,13 @@ def test_an_id_ending_in_a_newline_is_not_a_valid_id(job_id):
     with pytest.raises(ValidationError):
         spec(job_id=job_id)
     assert "\n" not in idempotency_key(job_id)
+
+
+def test_secret_env_is_checked():
+    assert spec(command=["x"], secret_env={"TOKEN": "abcdef123"}).secret_env == {"TOKEN": "abcdef123"}
+    with pytest.raises(ValidationError, match="fewer than 6 characters cannot be masked"):
+        spec(command=["x"], secret_env={"TOKEN": "abc"})
+    with pytest.raises(ValidationError, match="in both env and secret_env"):
+        spec(command=["x"], env={"TOKEN": "x"}, secret_env={"TOKEN": "abcdef123"})
+    with pytest.raises(ValidationError, match="not a variable name"):
+        spec(command=["x"], secret_env={"RADIX_JOB_ID": "abcdef123"})

@@ -135,3 +135,31 @@ def test_one_shared_redactor_is_safe_across_threads():
         thread.join()
     assert not errors and len(redactor) == len(secrets)
     assert redactor.redact(" ".join(secrets)) == " ".join([REPLACEMENT] * len(secrets))
+
+
+def test_a_stream_redacts_a_secret_split_across_chunks_in_any_form():
+    import base64
+
+    from cluster_agent.redaction import RedactingOutput
+
+    secret = "s3cr3t-Value-42"
+    redactor = Redactor([secret])
+    for text in (f"before {secret} after", f"b64 {base64.b64encode(secret.encode()).decode()} end"):
+        data = text.encode()
+        for cut in range(1, len(data)):
+            out: list[bytes] = []
+            stream = RedactingOutput(out.append, redactor)
+            stream(data[:cut])
+            stream(data[cut:])
+            stream.flush()
+            joined = b"".join(out).decode()
+            assert "[REDACTED]" in joined and secret not in joined, (cut, joined)
+
+
+def test_a_stream_without_secrets_passes_through_at_once():
+    from cluster_agent.redaction import RedactingOutput
+
+    out: list[bytes] = []
+    stream = RedactingOutput(out.append, Redactor())
+    stream(b"hello")
+    assert out == [b"hello"]

@@ -31,7 +31,7 @@ from wcmatch import glob as wcglob
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ControlPlaneError, ExtensionUnsupported
 from ..files import read_json, write_json_atomic
-from ..http_transport import DeadlineTransport, request_deadline
+from ..http_transport import BULK_READ_BYTES, DeadlineBackend, DeadlineTransport, request_deadline
 from ..models import ArtifactError, ArtifactRecord, Completion, FailureReason, JobStatus
 from ..redaction import Redactor
 from .urls import redact_url, url_secrets
@@ -45,7 +45,7 @@ MAX_ENTRIES = 100_000  # directory entries looked at, whatever they are
 MAX_REPORTED = 100  # errors and skips listed in a result, then one line counting the rest
 # Headers that frame the request are the agent's: a plan's would conflict (two lengths is request smuggling).
 FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "expect", "te", "upgrade"})
-STALL_SECONDS = 60.0  # a transfer that moves under STALL_BYTES in this long is cut off and tried again
+STALL_SECONDS = 60.0  # a transfer that moves under STALL_BYTES (downloads; uploads: a 1 MiB piece) in this long is cut off
 STALL_BYTES = 64 * 1024
 PLAN_BATCH = 100  # files per planning request: presigned URLs run to ~1.5 KB each, answers stay well under 1 MiB
 PARALLEL_UPLOADS = 4
@@ -268,9 +268,10 @@ class ArtifactUpload:
         self._backoff_max = backoff_max
         self._attempt_timeout = attempt_timeout
         self.abandon = abandon or threading.Event()
-        # A store that takes no 64 KiB piece (DeadlineTransport writes in such pieces) for STALL_SECONDS has stalled.
+        # A store that takes no 1 MiB piece (the transport writes in such pieces) in STALL_SECONDS has stalled.
         self._http = httpx.Client(timeout=httpx.Timeout(300.0, connect=30.0, write=STALL_SECONDS),
-                                  transport=transport or DeadlineTransport(),
+                                  transport=transport or DeadlineTransport(
+                                      backend=DeadlineBackend(read_bytes=BULK_READ_BYTES, write_bytes=BULK_READ_BYTES)),
                                   headers={"User-Agent": "radix-cluster-agent"}, follow_redirects=False)
 
     def close(self) -> None:

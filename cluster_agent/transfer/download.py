@@ -21,7 +21,7 @@ import httpx
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from ..errors import TransferFailed
-from ..http_transport import DeadlineTransport, request_deadline
+from ..http_transport import BULK_READ_BYTES, DeadlineBackend, DeadlineTransport, request_deadline
 from ..redaction import Redactor
 from .urls import redact_url, url_secrets
 
@@ -60,7 +60,7 @@ class Downloader:
         # DeadlineTransport: each attempt ends by `attempt_timeout` whatever the server trickles (http_transport.py).
         self._http = httpx.Client(
             follow_redirects=True, timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
-            transport=transport or DeadlineTransport(),
+            transport=transport or DeadlineTransport(backend=DeadlineBackend(read_bytes=BULK_READ_BYTES, write_bytes=BULK_READ_BYTES)),
             headers={"Accept-Encoding": "identity", "User-Agent": "radix-cluster-agent"},
         )
 
