@@ -26,7 +26,6 @@ from typing import Any, Protocol
 
 import httpx
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
-from wcmatch import glob as wcglob
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ControlPlaneError, ExtensionUnsupported
@@ -50,7 +49,6 @@ STALL_BYTES = 64 * 1024
 PLAN_BATCH = 100  # files per planning request: presigned URLs run to ~1.5 KB each, answers stay well under 1 MiB
 PARALLEL_UPLOADS = 4
 PROGRESS_FILE = "artifacts.json"
-GLOB_FLAGS = wcglob.GLOBSTAR | wcglob.DOTGLOB  # `**` crosses directories; `*` matches dot files too
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -129,7 +127,7 @@ def collect_artifacts(workspace: Path, patterns: list[str], *, max_files: int, m
                     else:
                         pending.append((relative + "/", depth + 1))
                     continue
-                if not wcglob.globmatch(relative, patterns, flags=GLOB_FLAGS):
+                if not _globmatch(relative, patterns):
                     continue
                 problem = _not_a_file(relative, st, exclude)
                 if problem:
@@ -191,6 +189,14 @@ def open_dir_in(workspace: Path, relative: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _globmatch(path: str, patterns: list[str]) -> bool:
+    """`**` crosses directories, `*` matches dot files too (wcmatch's GLOBSTAR | DOTGLOB). Imported on first use:
+    an agent whose jobs declare no artifacts never loads it."""
+    from wcmatch import glob as wcglob
+
+    return bool(wcglob.globmatch(path, patterns, flags=wcglob.GLOBSTAR | wcglob.DOTGLOB))
 
 
 def _could_match(directory: str, patterns: list[str]) -> bool:
@@ -268,14 +274,26 @@ class ArtifactUpload:
         self._backoff_max = backoff_max
         self._attempt_timeout = attempt_timeout
         self.abandon = abandon or threading.Event()
-        # A store that takes no 1 MiB piece (the transport writes in such pieces) in STALL_SECONDS has stalled.
-        self._http = httpx.Client(timeout=httpx.Timeout(300.0, connect=30.0, write=STALL_SECONDS),
-                                  transport=transport or DeadlineTransport(
-                                      backend=DeadlineBackend(read_bytes=BULK_READ_BYTES, write_bytes=BULK_READ_BYTES)),
-                                  headers={"User-Agent": "radix-cluster-agent"}, follow_redirects=False)
+        self._transport = transport
+        self._client: httpx.Client | None = None  # made at the first upload: an agent that moves no data pays nothing
+        self._client_lock = threading.Lock()
+
+    @property
+    def _http(self) -> httpx.Client:
+        with self._client_lock:
+            if self._client is None:
+                # A store that takes no 1 MiB piece (the transport writes in such pieces) in STALL_SECONDS stalled.
+                self._client = httpx.Client(
+                    timeout=httpx.Timeout(300.0, connect=30.0, write=STALL_SECONDS),
+                    transport=self._transport or DeadlineTransport(
+                        backend=DeadlineBackend(read_bytes=BULK_READ_BYTES, write_bytes=BULK_READ_BYTES)),
+                    headers={"User-Agent": "radix-cluster-agent"}, follow_redirects=False)
+            return self._client
 
     def close(self) -> None:
-        self._http.close()
+        with self._client_lock:
+            if self._client is not None:
+                self._client.close()
 
     def finish(self, job_id: str, patterns: list[str], workspace: Path, job_dir: Path,
                completion: Completion, *, exclude: frozenset[str] = frozenset()) -> Completion:
@@ -288,7 +306,7 @@ class ArtifactUpload:
                                                    max_file_bytes=max_file_bytes, exclude=exclude)
         matched = [*found, *errors, *skipped]
         for pattern in patterns:
-            if not any(wcglob.globmatch(entry.path, pattern, flags=GLOB_FLAGS) for entry in matched):
+            if not any(_globmatch(entry.path, [pattern]) for entry in matched):
                 # A typo in a glob must not pass unseen; it fails no job (a run may rightly produce nothing).
                 skipped.append(ArtifactError(path=pattern, error="skipped: the pattern matched no file"))
         progress = _Progress(job_dir / PROGRESS_FILE)

@@ -57,15 +57,28 @@ class Downloader:
         self._retries = retries
         self._backoff_max = backoff_max
         self._attempt_timeout = attempt_timeout
-        # DeadlineTransport: each attempt ends by `attempt_timeout` whatever the server trickles (http_transport.py).
-        self._http = httpx.Client(
-            follow_redirects=True, timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
-            transport=transport or DeadlineTransport(backend=DeadlineBackend(read_bytes=BULK_READ_BYTES, write_bytes=BULK_READ_BYTES)),
-            headers={"Accept-Encoding": "identity", "User-Agent": "radix-cluster-agent"},
-        )
+        self._timeout = timeout
+        self._transport = transport
+        self._client: httpx.Client | None = None  # made at the first download: an agent that moves no data pays nothing
+        self._client_lock = threading.Lock()
+
+    @property
+    def _http(self) -> httpx.Client:
+        with self._client_lock:
+            if self._client is None:
+                # DeadlineTransport: each attempt ends by `attempt_timeout` whatever the server trickles.
+                self._client = httpx.Client(
+                    follow_redirects=True, timeout=httpx.Timeout(self._timeout, connect=min(self._timeout, 30.0)),
+                    transport=self._transport or DeadlineTransport(
+                        backend=DeadlineBackend(read_bytes=BULK_READ_BYTES, write_bytes=BULK_READ_BYTES)),
+                    headers={"Accept-Encoding": "identity", "User-Agent": "radix-cluster-agent"},
+                )
+            return self._client
 
     def close(self) -> None:
-        self._http.close()
+        with self._client_lock:
+            if self._client is not None:
+                self._client.close()
 
     def fetch(self, url: str, dest: Path, *, limit: int, sha256: str | None = None, size_bytes: int | None = None,
               cancel: threading.Event | None = None, name: str = "input") -> Fetched:
