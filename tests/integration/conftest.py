@@ -53,7 +53,7 @@ def plane(cluster_id, docker_client):
     server = DevControlPlane(cluster_id=cluster_id, cluster_token=TOKEN, one_time_tokens=["ott-good"]).start()
     yield server
     server.stop()
-    for container in docker_client.containers.list(all=True, filters={"label": f"radix.cluster_id={cluster_id}"}):
+    for container in docker_client.containers.list(all=True, sparse=True, filters={"label": f"radix.cluster_id={cluster_id}"}):
         try:
             container.remove(force=True)
         except docker.errors.APIError:

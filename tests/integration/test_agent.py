@@ -129,7 +129,7 @@ def test_sigterm_with_on_shutdown_cancel_interrupts_the_running_job_and_exits_0(
     assert record["result"]["failure_reason"] == "interrupted"
     assert record["deliveries"] == 1
     assert [h["status"] for h in cp.heartbeats()][-1] == "draining"
-    assert docker_client.containers.list(all=True, filters={"label": f"radix.cluster_id={cluster_id}"}) == []
+    assert docker_client.containers.list(all=True, sparse=True, filters={"label": f"radix.cluster_id={cluster_id}"}) == []
 
 
 def test_sigterm_when_idle_exits_promptly(cp, start_agent):

@@ -74,7 +74,7 @@ def test_no_injection_refuses_a_gpu_container(docker_client, busybox, tmp_path, 
         assert "nvidia-ctk" in str(exc)
     else:
         raise AssertionError("a GPU container started without any way to inject GPUs")
-    assert docker_client.containers.list(all=True, filters={"label": f"radix.cluster_id={cluster_id}"}) == []
+    assert docker_client.containers.list(all=True, sparse=True, filters={"label": f"radix.cluster_id={cluster_id}"}) == []
 
 
 def test_nvidia_runtime_strategy_on_an_engine_without_it_names_the_fix(docker_client, busybox, tmp_path, cluster_id):
@@ -94,7 +94,7 @@ def test_nvidia_runtime_strategy_on_an_engine_without_it_names_the_fix(docker_cl
         assert "could not select device driver" in str(exc) and "nvidia-ctk runtime configure" in str(exc)
     else:
         raise AssertionError("device_requests should fail on an engine without the NVIDIA runtime")
-    assert docker_client.containers.list(all=True, filters={"label": f"radix.cluster_id={cluster_id}"}) == []
+    assert docker_client.containers.list(all=True, sparse=True, filters={"label": f"radix.cluster_id={cluster_id}"}) == []
 
 
 def test_a_gpu_job_gets_a_large_shm_unlimited_memlock_a_64_mib_stack_and_private_ipc(docker_client, busybox,

@@ -10,7 +10,7 @@ from devplane.images import BUSYBOX_IMAGE
 
 
 def no_containers(docker_client, label):
-    return lambda: docker_client.containers.list(all=True, filters={"label": label}) == []
+    return lambda: docker_client.containers.list(all=True, sparse=True, filters={"label": label}) == []
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_bad_job_ids_are_invalid_and_nothing_is_written(cp, agent, docker_client
     assert not agent.jobs_dir.exists() or not [p.name for p in agent.jobs_dir.iterdir() if not p.name.startswith(".")]
     assert not [p for p in agent.jobs_dir.iterdir() if p.name.startswith(".trash-")]
     assert not (agent.jobs_dir.parent / "escape").exists()
-    assert docker_client.containers.list(all=True, filters={"label": f"radix.cluster_id={cluster_id}"}) == []
+    assert docker_client.containers.list(all=True, sparse=True, filters={"label": f"radix.cluster_id={cluster_id}"}) == []
 
 
 @pytest.mark.parametrize(
@@ -267,7 +267,7 @@ def test_an_image_removed_between_two_jobs_is_found_missing_at_create(cp, start_
     docker_client.images.get(busybox).tag(name)
     start_agent()
     assert cp.run(image=name, command=["echo", "{}"])["status"] == "succeeded"
-    eventually(lambda: not docker_client.containers.list(all=True, filters={"ancestor": name}), what="container gone")
+    eventually(lambda: not docker_client.containers.list(all=True, sparse=True, filters={"ancestor": name}), what="container gone")
     docker_client.images.remove(name)
     result = cp.run(image=name, command=["echo", "{}"])
     assert result["status"] == "failed" and result["failure_reason"] == "image_unavailable", result
