@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator
 import httpcore
 import httpx
 
-__all__ = ["BULK_READ_BYTES", "DeadlineBackend", "DeadlineTransport", "InterruptibleTransport", "deadline_passed", "request_deadline"]
+__all__ = ["BULK_READ_BYTES", "DeadlineBackend", "LazyClient", "DeadlineTransport", "InterruptibleTransport", "deadline_passed", "request_deadline"]
 
 # Writes are cut into pieces this size so that a server reading slowly cannot stretch one write past the deadline
 # (the socket timeout bounds each send, and a send that makes a little progress each time never times out).
@@ -196,3 +196,26 @@ class InterruptibleTransport(DeadlineTransport):
     def interrupt(self) -> None:
         """Break off every request in flight on this transport (they fail with a transport error)."""
         self._tracking.interrupt()
+
+
+class LazyClient:
+    """An httpx client for bulk data, made at its first use (an agent whose jobs move no data pays nothing for it:
+    SSL context, pool), on a DeadlineTransport that reads and writes BULK_READ_BYTES per socket call. Thread-safe."""
+
+    def __init__(self, transport: httpx.BaseTransport | None = None, **client: Any) -> None:
+        self._transport = transport
+        self._options = client
+        self._client: httpx.Client | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> httpx.Client:
+        with self._lock:
+            if self._client is None:
+                self._client = httpx.Client(transport=self._transport or DeadlineTransport(
+                    backend=DeadlineBackend(read_bytes=BULK_READ_BYTES, write_bytes=BULK_READ_BYTES)), **self._options)
+            return self._client
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()

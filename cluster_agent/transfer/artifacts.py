@@ -30,7 +30,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ControlPlaneError, ExtensionUnsupported
 from ..files import read_json, write_json_atomic
-from ..http_transport import BULK_READ_BYTES, DeadlineBackend, DeadlineTransport, request_deadline
+from ..http_transport import LazyClient, request_deadline
 from ..models import ArtifactError, ArtifactRecord, Completion, FailureReason, JobStatus
 from ..redaction import Redactor
 from .urls import redact_url, url_secrets
@@ -274,26 +274,16 @@ class ArtifactUpload:
         self._backoff_max = backoff_max
         self._attempt_timeout = attempt_timeout
         self.abandon = abandon or threading.Event()
-        self._transport = transport
-        self._client: httpx.Client | None = None  # made at the first upload: an agent that moves no data pays nothing
-        self._client_lock = threading.Lock()
+        # A store that takes no 1 MiB piece (the transport writes in such pieces) in STALL_SECONDS has stalled.
+        self._client = LazyClient(transport, timeout=httpx.Timeout(300.0, connect=30.0, write=STALL_SECONDS),
+                                  headers={"User-Agent": "radix-cluster-agent"}, follow_redirects=False)
 
     @property
     def _http(self) -> httpx.Client:
-        with self._client_lock:
-            if self._client is None:
-                # A store that takes no 1 MiB piece (the transport writes in such pieces) in STALL_SECONDS stalled.
-                self._client = httpx.Client(
-                    timeout=httpx.Timeout(300.0, connect=30.0, write=STALL_SECONDS),
-                    transport=self._transport or DeadlineTransport(
-                        backend=DeadlineBackend(read_bytes=BULK_READ_BYTES, write_bytes=BULK_READ_BYTES)),
-                    headers={"User-Agent": "radix-cluster-agent"}, follow_redirects=False)
-            return self._client
+        return self._client.get()
 
     def close(self) -> None:
-        with self._client_lock:
-            if self._client is not None:
-                self._client.close()
+        self._client.close()
 
     def finish(self, job_id: str, patterns: list[str], workspace: Path, job_dir: Path,
                completion: Completion, *, exclude: frozenset[str] = frozenset()) -> Completion:

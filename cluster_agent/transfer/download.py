@@ -21,7 +21,7 @@ import httpx
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from ..errors import TransferFailed
-from ..http_transport import BULK_READ_BYTES, DeadlineBackend, DeadlineTransport, request_deadline
+from ..http_transport import LazyClient, request_deadline
 from ..redaction import Redactor
 from .urls import redact_url, url_secrets
 
@@ -57,28 +57,18 @@ class Downloader:
         self._retries = retries
         self._backoff_max = backoff_max
         self._attempt_timeout = attempt_timeout
-        self._timeout = timeout
-        self._transport = transport
-        self._client: httpx.Client | None = None  # made at the first download: an agent that moves no data pays nothing
-        self._client_lock = threading.Lock()
+        # Each attempt ends by `attempt_timeout` whatever the server trickles (request_deadline below).
+        self._client = LazyClient(
+            transport, follow_redirects=True, timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
+            headers={"Accept-Encoding": "identity", "User-Agent": "radix-cluster-agent"},
+        )
 
     @property
     def _http(self) -> httpx.Client:
-        with self._client_lock:
-            if self._client is None:
-                # DeadlineTransport: each attempt ends by `attempt_timeout` whatever the server trickles.
-                self._client = httpx.Client(
-                    follow_redirects=True, timeout=httpx.Timeout(self._timeout, connect=min(self._timeout, 30.0)),
-                    transport=self._transport or DeadlineTransport(
-                        backend=DeadlineBackend(read_bytes=BULK_READ_BYTES, write_bytes=BULK_READ_BYTES)),
-                    headers={"Accept-Encoding": "identity", "User-Agent": "radix-cluster-agent"},
-                )
-            return self._client
+        return self._client.get()
 
     def close(self) -> None:
-        with self._client_lock:
-            if self._client is not None:
-                self._client.close()
+        self._client.close()
 
     def fetch(self, url: str, dest: Path, *, limit: int, sha256: str | None = None, size_bytes: int | None = None,
               cancel: threading.Event | None = None, name: str = "input") -> Fetched:
