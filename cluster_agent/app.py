@@ -88,6 +88,7 @@ def _run_agent(argv: list[str], redactor: Redactor) -> int:
     heartbeat_box: list[Heartbeat] = []
     node = NodeHealth(
         settings, engine_probe=mode.executor.probe, gpus=lambda: mode.gpus.usable_gpus(),
+        gpu_probe=mode.executor.probe_gpus, hold_gpu=mode.gpus.set_check_failure,
         token_rejected=lambda: bool(heartbeat_box) and heartbeat_box[0].token_rejected,
         on_change=lambda: [call() for call in changed],
     )

@@ -30,11 +30,14 @@ def gpus_for(spec: JobSpec, host_gpus: int, max_concurrent_jobs: int) -> int:
 
     A job that names a count gets exactly that many. One that names none gets every GPU of the host when the
     agent runs one job at a time (Radix behaviour: nothing else could use them), and none when jobs run in
-    parallel, so that GPUs stay bookable by the jobs that ask for them.
+    parallel, so that GPUs stay bookable by the jobs that ask for them. A job that names a MIG profile and no
+    count gets one instance of it. `host_gpus` counts full GPUs only: MIG instances go to the jobs that ask for them.
     """
     request = spec.gpu_request
     if request is not None:
         return request
+    if spec.resources.gpu_profile is not None:
+        return 1
     return host_gpus if max_concurrent_jobs == 1 else 0
 
 

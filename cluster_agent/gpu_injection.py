@@ -59,6 +59,10 @@ class GpuInjection(Protocol):
 
     def access(self, gpus: list[GpuInfo]) -> GpuAccess: ...
 
+    def device_nodes(self, gpu: GpuInfo) -> list[str]:
+        """The device nodes a container given `gpu` must see (the self-test looks for them): JobFailed when this
+        injection cannot give it at all."""
+
 
 class NvidiaRuntimeInjection:
     name = "nvidia"
@@ -66,11 +70,18 @@ class NvidiaRuntimeInjection:
     def access(self, gpus: list[GpuInfo]) -> GpuAccess:
         return GpuAccess(runtime_uuids=[gpu.uuid for gpu in gpus])
 
+    def device_nodes(self, gpu: GpuInfo) -> list[str]:
+        # The NVIDIA runtime keeps the host's node names; a MIG instance gets its parent's node (and its caps).
+        return [gpu.device_node]
+
 
 class NoInjection:
     name = "none"
 
     def access(self, gpus: list[GpuInfo]) -> GpuAccess:
+        raise JobFailed(FailureReason.AGENT_ERROR, NO_INJECTION_FIX)
+
+    def device_nodes(self, gpu: GpuInfo) -> list[str]:
         raise JobFailed(FailureReason.AGENT_ERROR, NO_INJECTION_FIX)
 
 
@@ -114,8 +125,10 @@ class CdiInjection:
         self.sources = [str(path) for path, _ in specs]
 
     def device_edits(self, gpu: GpuInfo) -> dict[str, Any]:
-        # nvidia-ctk names devices by index ("0") or by UUID, depending on --device-name-strategy.
-        for name in (gpu.uuid, str(gpu.index)):
+        # nvidia-ctk names devices by index ("0"; a MIG instance "0:1", GPU:MIG device) or by UUID, depending on
+        # --device-name-strategy. A MIG instance never falls back to its parent's name: that is the whole GPU.
+        index_name = str(gpu.index) if gpu.mig_index is None else f"{gpu.index}:{gpu.mig_index}"
+        for name in (gpu.uuid, index_name):
             if name in self._devices:
                 return self._devices[name]
         raise JobFailed(
@@ -123,6 +136,11 @@ class CdiInjection:
             f"no CDI device for GPU {gpu.index} ({gpu.uuid}) in {', '.join(self.sources)}; regenerate the spec with "
             "`nvidia-ctk cdi generate` after a driver or hardware change",
         )
+
+    def device_nodes(self, gpu: GpuInfo) -> list[str]:
+        # What the spec promises for this GPU; a spec that gives no node at all still owes the GPU's own.
+        nodes = [n["path"] for n in self.device_edits(gpu).get("deviceNodes") or [] if isinstance(n, dict) and n.get("path")]
+        return nodes or [gpu.device_node]
 
     def access(self, gpus: list[GpuInfo]) -> GpuAccess:
         access = GpuAccess()

@@ -4,6 +4,11 @@ A GPU is free only when it is free: a job's GPUs are released into "draining", a
 lists no compute process on them (a `torchrun` grandchild or a container not fully removed can outlive its job).
 One still busy after DRAIN_GRACE_SECONDS is held out and reported (heartbeat health, log), and comes back by itself
 once its processes are gone.
+
+A unit is a full GPU or a MIG instance (gpus.py): each is given whole to one job. A job asks for full GPUs or for
+instances of one MIG profile, never a mix. A MIG instance's health is its parent GPU's: a fault of the parent
+holds out every instance on it. A unit the self-test found unusable in a container (node_health.py) is held out
+alone until a later self-test passes for it.
 """
 
 from __future__ import annotations
@@ -37,12 +42,14 @@ class GpuAllocator(Protocol):
     @property
     def total(self) -> int: ...
     def free_count(self) -> int: ...
-    def check_request(self, job_id: str, count: int) -> None: ...
-    def acquire(self, job_id: str, count: int, cancel: threading.Event) -> list[GpuInfo] | None: ...
+    def check_request(self, job_id: str, count: int, profile: str | None = None) -> None: ...
+    def acquire(self, job_id: str, count: int, cancel: threading.Event,
+                profile: str | None = None) -> list[GpuInfo] | None: ...
     def claim(self, job_id: str, uuids: list[str]) -> list[GpuInfo]: ...
     def release(self, job_id: str) -> None: ...
     def faults_of(self, job_id: str) -> dict[str, list[str]]: ...
     def usable_gpus(self) -> list[GpuInfo]: ...
+    def set_check_failure(self, uuid: str, why: str | None) -> None: ...
 
 
 class GpuPool:
@@ -57,6 +64,7 @@ class GpuPool:
         self._unhealthy_since: dict[str, float] = {}  # uuid -> when it last turned unhealthy (clock)
         self._draining: dict[str, tuple[str, float]] = {}  # uuid -> (the job it served, released at)
         self._held: dict[str, str] = {}  # uuid -> why: busy past the grace
+        self._failed_check: dict[str, str] = {}  # uuid -> why: the self-test's container did not see it
         self._given_at: dict[str, float] = {}  # job_id -> when it was given its GPUs (clock)
         self._compute_pids = compute_pids
         self._drain_grace = drain_grace
@@ -69,28 +77,45 @@ class GpuPool:
 
     @property
     def host_gpus(self) -> int:
-        return len(self._gpus)
+        """Full GPUs: what a job naming no count may get (MIG instances go only to jobs naming their profile)."""
+        return sum(1 for g in self._gpus if g.mig_profile is None)
 
     def free_count(self) -> int:
         with self._changed:
-            return len(self._usable())
+            return len(self._usable_any())
 
-    def _usable(self) -> list[GpuInfo]:
+    def _usable(self, profile: str | None = None) -> list[GpuInfo]:
+        return [g for g in self._usable_any() if g.mig_profile == profile]
+
+    def _usable_any(self) -> list[GpuInfo]:
         return [g for g in self._gpus if g.uuid not in self._owner and g.uuid not in self._unhealthy
-                and g.uuid not in self._draining]
+                and g.uuid not in self._draining and g.uuid not in self._failed_check]
 
     def owner(self, uuid: str) -> str | None:
         with self._changed:
             return self._owner.get(uuid)
 
     def set_unhealthy(self, uuid: str, reasons: list[str]) -> None:
-        """Health from telemetry: an unhealthy GPU keeps its current job but gets no new one until healthy."""
+        """Health from telemetry, for a physical GPU (`uuid`: a full GPU or a MIG parent): an unhealthy unit keeps
+        its current job but gets no new one until healthy."""
         with self._changed:
-            if reasons:
-                if uuid not in self._unhealthy:
-                    self._unhealthy_since[uuid] = self._clock()
-                self._unhealthy[uuid] = reasons
-            elif self._unhealthy.pop(uuid, None) is not None:
+            for unit in [g.uuid for g in self._gpus if g.physical_uuid == uuid] or [uuid]:
+                if reasons:
+                    if unit not in self._unhealthy:
+                        self._unhealthy_since[unit] = self._clock()
+                    self._unhealthy[unit] = reasons
+                elif self._unhealthy.pop(unit, None) is not None:
+                    self._changed.notify_all()
+
+    def set_check_failure(self, uuid: str, why: str | None) -> None:
+        """The self-test's verdict on one unit: `why` holds it out (its job, if any, keeps it); None returns it."""
+        with self._changed:
+            if why:
+                if uuid not in self._failed_check:
+                    log.error("GPU %s: %s; held out until a self-test passes for it", uuid, why)
+                self._failed_check[uuid] = why
+            elif self._failed_check.pop(uuid, None) is not None:
+                log.warning("GPU %s: the self-test passes for it again; back in service", uuid)
                 self._changed.notify_all()
 
     def faults_of(self, job_id: str) -> dict[str, list[str]]:
@@ -117,27 +142,51 @@ class GpuPool:
             return bool(self._draining)
 
     def held(self) -> dict[str, str]:
-        """GPUs held out because a finished job's processes are still on them: uuid -> why."""
+        """Units held out for the pool's own reasons (a finished job's processes still on them, a failed self-test
+        check): uuid -> why."""
         with self._changed:
-            return dict(self._held)
+            return {**self._held, **self._failed_check}
 
-    def check_request(self, job_id: str, count: int) -> None:
-        if count > len(self._gpus):
-            raise JobFailed(
-                FailureReason.INVALID_JOB,
-                f"job {job_id} asks for {count} GPU(s) but this host has {len(self._gpus)}; "
-                "ask for fewer or send it to a cluster with more",
-            )
+    def units_of(self, uuid: str) -> list[str]:
+        """The units on a physical GPU: itself, or its MIG instances."""
+        return [g.uuid for g in self._gpus if g.physical_uuid == uuid]
 
-    def acquire(self, job_id: str, count: int, cancel: threading.Event) -> list[GpuInfo] | None:
-        """Block until `count` GPUs are free and give them to `job_id`; None if `cancel` is set first."""
-        self.check_request(job_id, count)
+    def profiles(self) -> dict[str, int]:
+        """What this host offers: "full" and each MIG profile, with how many units of each."""
+        offer: dict[str, int] = {}
+        for g in self._gpus:
+            offer[g.mig_profile or "full"] = offer.get(g.mig_profile or "full", 0) + 1
+        return offer
+
+    def check_request(self, job_id: str, count: int, profile: str | None = None) -> None:
+        """JobFailed(invalid_job) when this host can never meet the request: more units of the kind than it has."""
+        have = sum(1 for g in self._gpus if g.mig_profile == profile)
+        if count <= have:
+            return
+        offer = self.profiles()
+        if profile is None:
+            what = f"{count} GPU(s) but this host has {have}"
+        else:
+            what = f"{count} MIG instance(s) of profile {profile} but this host has {have}"
+        if set(offer) - {"full"}:  # say what the host has when MIG makes it more than a count
+            what += " (it offers: " + ", ".join(f"{n} x {kind}" for kind, n in offer.items()) + ")"
+        raise JobFailed(
+            FailureReason.INVALID_JOB,
+            f"job {job_id} asks for {what}; ask for fewer{' or another profile' if len(offer) > 1 else ''}, or send "
+            "it to a cluster with more",
+        )
+
+    def acquire(self, job_id: str, count: int, cancel: threading.Event,
+                profile: str | None = None) -> list[GpuInfo] | None:
+        """Block until `count` units (full GPUs, or MIG instances of `profile`) are free and give them to `job_id`;
+        None if `cancel` is set first."""
+        self.check_request(job_id, count, profile)
         if count == 0:
             return []
         with self._changed:
             while True:
                 self._check_draining()
-                free = self._usable()
+                free = self._usable(profile)
                 if len(free) >= count:
                     chosen = free[:count]
                     for gpu in chosen:

@@ -5,6 +5,11 @@ changing ones (about a dozen calls of a few microseconds each per GPU). Every ge
 leaves the field out; GpuIsLost (or any failure to reach the GPU) marks it lost. Current NVML names are tried
 first (clock-event reasons, TemperatureV), the older ones where the driver lacks them. Critical XID events are
 listened to on a background thread.
+
+Telemetry, health and XID events are per physical GPU. A MIG instance (gpus.py) reports its parent's, and a fault of
+the parent holds out every instance on it (NVML answers most getters only for the parent: NVML API reference,
+"MIG Management": "the following APIs are not supported on MIG device handles"); only the compute processes are
+read per instance, to drain it.
 """
 
 from __future__ import annotations
@@ -47,14 +52,16 @@ class GpuTelemetry:
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._gpus = gpus
+        self._physical = list(dict.fromkeys(gpu.physical_uuid for gpu in gpus))
         self._pool = pool
         self._nvml = nvml
         self._max_temperature = max_temperature
         self._clock = clock
         self._lock = threading.Lock()
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, Any] = {}  # physical GPU's uuid -> handle
+        self._mig_handles: dict[str, Any] = {}  # MIG instance's uuid -> handle
         self._static: dict[str, dict[str, Any]] = {}
-        self._xids: dict[str, list[int]] = {gpu.uuid: [] for gpu in gpus}
+        self._xids: dict[str, list[int]] = {uuid: [] for uuid in self._physical}
         self._latest: dict[str, dict[str, Any]] = {}
         self.last_sample_seconds = 0.0
         self._open = False
@@ -72,13 +79,20 @@ class GpuTelemetry:
             log.warning("NVML unavailable (%s): no GPU telemetry or health", exc)
             return False
         self._open = True
-        for gpu in self._gpus:
+        for uuid in self._physical:
             try:
-                handle = self._nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
+                handle = self._nvml.nvmlDeviceGetHandleByUUID(uuid)
             except pynvml.NVMLError:
                 continue  # judged lost at the first sample
-            self._handles[gpu.uuid] = handle
-            self._static[gpu.uuid] = self._read_static(handle)
+            self._handles[uuid] = handle
+            self._static[uuid] = self._read_static(handle)
+        for gpu in self._gpus:
+            if gpu.mig_index is not None and gpu.physical_uuid in self._handles:
+                try:
+                    self._mig_handles[gpu.uuid] = self._nvml.nvmlDeviceGetMigDeviceHandleByIndex(
+                        self._handles[gpu.physical_uuid], gpu.mig_index)
+                except pynvml.NVMLError:
+                    pass  # drained by its parent's health alone
         return True
 
     def start(self, interval: float) -> None:
@@ -101,8 +115,9 @@ class GpuTelemetry:
             self._stop.wait(min(interval, 1.0) if self._pool.draining() else interval)
 
     def compute_pids(self, uuid: str) -> list[int] | None:
-        """PIDs of the compute processes NVML sees on a GPU; None when it cannot tell (no handle, lost)."""
-        handle = self._handles.get(uuid)
+        """PIDs of the compute processes NVML sees on a GPU or MIG instance; None when it cannot tell (no handle,
+        lost)."""
+        handle = self._mig_handles.get(uuid) or self._handles.get(uuid)
         if handle is None or not self._open:
             return None
         try:
@@ -112,9 +127,21 @@ class GpuTelemetry:
         return None if processes is None else [int(p.pid) for p in processes]
 
     def report(self) -> list[dict[str, Any]]:
-        """The heartbeat's `gpus`: static identity plus the latest telemetry and health of each GPU."""
+        """The heartbeat's `gpus`: static identity plus the latest telemetry and health of each GPU; a MIG instance
+        carries its parent's telemetry and health, its own identity, job and hold."""
         latest = self.sample() if self._open else {}
-        return [{**gpu.model_dump(), **latest.get(gpu.uuid, {})} for gpu in self._gpus]
+        units = []
+        for gpu in self._gpus:
+            if gpu.mig_profile is None:
+                units.append({**gpu.model_dump(), **latest.get(gpu.uuid, {})})
+                continue
+            parent = {k: v for k, v in latest.get(gpu.physical_uuid, {}).items() if k not in ("processes", "job_id")}
+            health = dict(parent.get("health") or {"healthy": True, "reasons": []})
+            held = self._pool.held().get(gpu.uuid)
+            if held:
+                health = {"healthy": False, "reasons": [*health.get("reasons", []), held]}
+            units.append({**parent, **gpu.model_dump(), "health": health, "job_id": self._pool.owner(gpu.uuid)})
+        return units
 
     def close(self) -> None:
         self._stop.set()
@@ -178,18 +205,18 @@ class GpuTelemetry:
         """Telemetry and health of every GPU, keyed by UUID; updates the pool's view of healthy GPUs."""
         started = self._clock()
         result = {}
-        for gpu in self._gpus:
-            data = self._sample_one(gpu)
+        for uuid in self._physical:
+            data = self._sample_one(uuid)
             with self._lock:
-                xids = list(self._xids.get(gpu.uuid, []))
+                xids = list(self._xids.get(uuid, []))
             found = gpu_health.reasons(data, xids, self._max_temperature)
-            self._pool.set_unhealthy(gpu.uuid, found)
-            held = self._pool.held().get(gpu.uuid)
+            self._pool.set_unhealthy(uuid, found)
+            held = self._pool.held().get(uuid)
             if held:
                 found = [*found, held]  # reported, though the pool holds it out for its own reason
             data["health"] = {"healthy": not found, "reasons": found}
-            data["job_id"] = self._pool.owner(gpu.uuid)
-            result[gpu.uuid] = data
+            data["job_id"] = self._pool.owner(uuid)
+            result[uuid] = data
         self.last_sample_seconds = self._clock() - started
         with self._lock:
             self._latest = result
@@ -199,9 +226,9 @@ class GpuTelemetry:
         with self._lock:
             return dict(self._latest)
 
-    def _sample_one(self, gpu: GpuInfo) -> dict[str, Any]:
-        handle = self._handles.get(gpu.uuid)
-        data: dict[str, Any] = dict(self._static.get(gpu.uuid, {}))
+    def _sample_one(self, uuid: str) -> dict[str, Any]:
+        handle = self._handles.get(uuid)
+        data: dict[str, Any] = dict(self._static.get(uuid, {}))
         if handle is None or not self._open:
             if self._open:
                 data.update(lost=True, lost_detail="no NVML handle for this UUID")

@@ -7,6 +7,7 @@ can be exercised without a GPU. Error classes come from pynvml, which imports fi
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 from types import ModuleType
 from typing import Any, Callable
@@ -25,27 +26,91 @@ def _text(value: Any) -> str:
 
 
 def detect_with_nvml(nvml: ModuleType | Any = pynvml) -> list[GpuInfo]:
-    """Raises pynvml.NVMLError when NVML cannot be initialised (no driver, no library)."""
+    """The schedulable GPUs: each full GPU, and in place of a GPU in MIG mode its MIG instances (each one a unit of
+    its own, `MIG-...` UUID). Raises pynvml.NVMLError when NVML cannot be initialised (no driver, no library)."""
     nvml.nvmlInit()
     try:
         gpus = []
         for index in range(nvml.nvmlDeviceGetCount()):
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
             memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-            gpus.append(
-                GpuInfo(
-                    index=index,
-                    uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
-                    name=_text(nvml.nvmlDeviceGetName(handle)),
-                    memory_total_mb=int(memory.total) // (1024 * 1024),
-                )
+            gpu = GpuInfo(
+                index=index,
+                uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+                name=_text(nvml.nvmlDeviceGetName(handle)),
+                memory_total_mb=int(memory.total) // (1024 * 1024),
+                minor_number=_optional(nvml, "nvmlDeviceGetMinorNumber", handle),
             )
+            instances = _mig_instances(nvml, handle, gpu)
+            if instances is None:
+                gpus.append(gpu)
+                continue
+            if not instances:
+                log.warning("GPU %d (%s) is in MIG mode but has no MIG instances: it offers nothing to jobs; create "
+                            "them (`nvidia-smi mig -cgi <profiles> -C`) or turn MIG mode off (`nvidia-smi -i %d -mig 0`)",
+                            index, gpu.uuid, index)
+            gpus.extend(instances)
         return gpus
     finally:
         try:
             nvml.nvmlShutdown()
         except pynvml.NVMLError:
             pass
+
+
+def _optional(nvml: Any, fn: str, *args: Any) -> Any:
+    """A getter that older drivers or bindings may lack: None then."""
+    try:
+        return getattr(nvml, fn)(*args)
+    except (pynvml.NVMLError, AttributeError):
+        return None
+
+
+# NVML names a MIG device after its parent and profile: "NVIDIA A100-SXM4-40GB MIG 1g.5gb".
+_MIG_NAME = re.compile(r" MIG (\S+)$")
+
+
+def _mig_instances(nvml: Any, handle: Any, parent: GpuInfo) -> list[GpuInfo] | None:
+    """The MIG instances of a GPU in MIG mode; None when MIG is off or not supported (the GPU is used whole).
+
+    MIG device i is `nvmlDeviceGetMigDeviceHandleByIndex(parent, i)` for i below nvmlDeviceGetMaxMigDeviceCount;
+    an empty slot raises NotFound (NVML API reference, "MIG Management")."""
+    mode = _optional(nvml, "nvmlDeviceGetMigMode", handle)
+    if not mode or mode[0] != pynvml.NVML_DEVICE_MIG_ENABLE:
+        return None
+    instances = []
+    for slot in range(int(_optional(nvml, "nvmlDeviceGetMaxMigDeviceCount", handle) or 0)):
+        try:
+            mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+        except pynvml.NVMLError_NotFound:
+            continue
+        except pynvml.NVMLError as exc:
+            log.warning("GPU %d: MIG device %d cannot be read (%s): left out", parent.index, slot, exc)
+            continue
+        try:
+            name = _text(nvml.nvmlDeviceGetName(mig))
+            memory_mb = int(nvml.nvmlDeviceGetMemoryInfo(mig).total) // (1024 * 1024)
+            uuid = _text(nvml.nvmlDeviceGetUUID(mig))
+        except pynvml.NVMLError as exc:
+            log.warning("GPU %d: MIG device %d cannot be read (%s): left out", parent.index, slot, exc)
+            continue
+        instances.append(GpuInfo(
+            index=parent.index, uuid=uuid, name=name, memory_total_mb=memory_mb, minor_number=parent.minor_number,
+            mig_profile=_mig_profile(nvml, mig, name, memory_mb), parent_uuid=parent.uuid, mig_index=slot,
+        ))
+    return instances
+
+
+def _mig_profile(nvml: Any, mig: Any, name: str, memory_mb: int) -> str:
+    """The profile as nvidia-smi names it ("1g.10gb"): from the device name, else from its attributes (slices,
+    memory rounded up to whole GB, as NVIDIA's go-nvlib derives it)."""
+    match = _MIG_NAME.search(name)
+    if match:
+        return match.group(1)
+    attributes = _optional(nvml, "nvmlDeviceGetAttributes", mig)
+    slices = getattr(attributes, "gpuInstanceSliceCount", None) if attributes is not None else None
+    memory = getattr(attributes, "memorySizeMB", None) if attributes is not None else None
+    return f"{slices or '?'}g.{-(-int(memory or memory_mb) // 1024)}gb"
 
 
 def detect_with_nvidia_smi(run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run) -> list[GpuInfo]:

@@ -176,7 +176,7 @@ class JobRun:
             raise JobFailed(FailureReason.INVALID_JOB, self.job.problem or "invalid job")
         self._gpu_count = gpus_for(spec, self._gpus.host_gpus, self._settings.max_concurrent_jobs)
         if self._adopted is None:  # an adopted container runs already, with the GPUs it was given
-            self._gpus.check_request(spec.job_id, self._gpu_count)
+            self._gpus.check_request(spec.job_id, self._gpu_count, spec.resources.gpu_profile)
         return spec
 
     def _run(self, spec: JobSpec) -> Completion:
@@ -200,7 +200,7 @@ class JobRun:
                 self._stage_inputs(spec)
                 if self._stop.event.is_set():
                     return self._stopped_before_start()
-            gpus = self._gpus.acquire(spec.job_id, self._gpu_count, self._stop.event)
+            gpus = self._gpus.acquire(spec.job_id, self._gpu_count, self._stop.event, spec.resources.gpu_profile)
             if gpus is None:
                 return self._stopped_before_start()
             return self._run_container(spec, gpus, auth)

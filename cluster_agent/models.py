@@ -10,7 +10,9 @@ from enum import StrEnum
 from typing import Any, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_serializer, model_validator,
+)
 
 __all__ = [
     "ArtifactError",
@@ -76,6 +78,9 @@ class _Lenient(BaseModel):
 
 
 KNOWN_LAUNCHERS = ("torchrun", "none")
+# NVIDIA's MIG profile names: slices and memory of the GPU instance ("3g.40gb"), optionally the compute instance's
+# slices first ("1c.3g.40gb") and options after ("1g.10gb+me"); NVIDIA MIG User Guide, "Supported MIG Profiles".
+MIG_PROFILE_PATTERN = re.compile(r"^(?:[1-9]c\.)?[1-9]g\.[1-9][0-9]{0,3}gb(?:\+[a-z]+)*$")
 
 
 class Orchestration(_Lenient):
@@ -97,6 +102,16 @@ class Resources(_Lenient):
     # Docker refuses memory limits under 6 MiB.
     memory_mb: int | None = Field(default=None, ge=6)
     shm_mb: int | None = Field(default=None, ge=1)
+    # A MIG profile (e.g. "1g.10gb"): the job gets MIG instances of it instead of full GPUs (docs/gpu.md).
+    gpu_profile: str | None = None
+
+    @field_validator("gpu_profile")
+    @classmethod
+    def _gpu_profile(cls, value: str | None) -> str | None:
+        if value is not None and not MIG_PROFILE_PATTERN.match(value):
+            raise ValueError(f"gpu_profile {value[:40]!r} is not a MIG profile name; give one as nvidia-smi lists them "
+                             "(`nvidia-smi mig -lgip`), e.g. '1g.10gb' or '3g.40gb'")
+        return value
 
 
 class RegistryAuth(BaseModel):
@@ -424,10 +439,36 @@ class GpuInfo(BaseModel):
     # Heartbeats add telemetry and health fields to these four.
     model_config = ConfigDict(extra="allow")
 
-    index: int
-    uuid: str
+    index: int  # NVML's index of the (parent) GPU
+    uuid: str  # "GPU-..." for a full GPU, "MIG-..." for a MIG instance
     name: str
     memory_total_mb: int
+    # Extensions (docs/gpu.md), absent where unknown. The device node is /dev/nvidia<minor_number>, which need not
+    # be /dev/nvidia<index>. A MIG instance names its profile, its parent GPU and its index on that parent.
+    minor_number: int | None = None
+    mig_profile: str | None = None
+    parent_uuid: str | None = None
+    mig_index: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unknown(self, handler: Any) -> Any:
+        # The core's four fields always; an extension only when known (a control plane sees no nulls it never asked for).
+        data = handler(self)
+        if isinstance(data, dict):
+            for key in ("minor_number", "mig_profile", "parent_uuid", "mig_index"):
+                if data.get(key) is None:
+                    data.pop(key, None)
+        return data
+
+    @property
+    def device_node(self) -> str:
+        """The character device of the (parent) GPU on the host, e.g. /dev/nvidia0."""
+        return f"/dev/nvidia{self.index if self.minor_number is None else self.minor_number}"
+
+    @property
+    def physical_uuid(self) -> str:
+        """The GPU whose health this unit shares: its parent for a MIG instance, else itself."""
+        return self.parent_uuid or self.uuid
 
 
 class Capabilities(_Lenient):

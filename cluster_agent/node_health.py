@@ -5,7 +5,11 @@ The self-test asks whether this node can run a job at all, before the first poll
     engine     the engine answers, and creates and removes a container from an image already on this host
                (--self-test-image, else the last image a job ran here; only the ping before any job ran)
     jobs_dir   a file can be written in --jobs-workdir (free space is the disk guard's: disk.py)
-    gpus       each GPU the agent would hand out still has its device node (/dev/nvidiaN) and answers NVML
+    gpus       each GPU the agent would hand out still has its device node on the host (/dev/nvidia<minor>), and a
+               container from that image, given the GPU alone the way a job gets it (NVIDIA runtime or CDI), sees
+               its device nodes. A GPU NVML no longer answers is already out: the telemetry marks it lost.
+               A GPU that fails is held out alone while the others keep working; the check fails (and quarantines
+               the node) only when every GPU fails, the mark of a broken runtime or driver rather than one GPU.
     token      the control plane accepted the cluster token at the last heartbeat
 
 The node is quarantined after --quarantine-after infrastructure failures in a row (failure_class.py; a job's own
@@ -39,6 +43,11 @@ BACKOFF_FIRST_SECONDS = 30.0
 BACKOFF_MAX_SECONDS = 600.0
 
 
+def device_present(path: str) -> bool:
+    """Whether a GPU's device node exists on this host (tests stand in for hosts with GPUs)."""
+    return Path(path).exists()
+
+
 @dataclass(frozen=True)
 class Check:
     name: str
@@ -48,18 +57,25 @@ class Check:
 
 class NodeHealth:
     """Thread-safe. `engine_probe(image)` raises (any exception, its message the detail) when the engine cannot
-    create and remove a container; `gpus()` lists the GPUs the agent would hand out; `token_rejected()` says the
-    last heartbeat was refused for the token."""
+    create and remove a container; `gpus()` lists the GPUs the agent would hand out; `gpu_probe(image, gpus)`
+    returns uuid -> why for each GPU a container does not see (executors' `probe_gpus`); `hold_gpu(uuid, why)`
+    holds one out (why) or returns it (None); `token_rejected()` says the last heartbeat was refused for the
+    token."""
 
     def __init__(
         self, settings: Settings, *, engine_probe: Callable[[str | None], None], gpus: Callable[[], list[GpuInfo]],
         token_rejected: Callable[[], bool], on_change: Callable[[], None] = lambda: None,
+        gpu_probe: Callable[[str | None, list[GpuInfo]], dict[str, str]] = lambda image, gpus: {},
+        hold_gpu: Callable[[str, str | None], None] = lambda uuid, why: None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._settings = settings
         self._engine_probe = engine_probe
         self._gpus = gpus
         self._token_rejected = token_rejected
+        self._gpu_probe = gpu_probe
+        self._hold_gpu = hold_gpu
+        self._gpus_held: dict[str, str] = {}  # uuid -> why, as the last GPU check found
         self._on_change = on_change
         self._clock = clock
         self._lock = threading.Lock()
@@ -89,6 +105,7 @@ class NodeHealth:
                 "failing_checks": [{"name": c.name, "detail": c.detail} for c in self._failing],
                 "since": datetime.fromtimestamp(self._since, timezone.utc).isoformat() if self._since else None,
                 "infrastructure_failures_in_a_row": len(self._streak),
+                "gpus_held_out": dict(self._gpus_held),
             }
 
     # --- what happens ---------------------------------------------------------------------------------------
@@ -177,9 +194,24 @@ class NodeHealth:
         return Check("jobs_dir", True)
 
     def _check_gpus(self) -> Check:
-        missing = [f"GPU {gpu.uuid}: /dev/nvidia{gpu.index} is gone" for gpu in self._gpus()
-                   if not Path(f"/dev/nvidia{gpu.index}").exists()]
-        return Check("gpus", not missing, "; ".join(missing))
+        gpus = self._gpus()
+        if not gpus:
+            return Check("gpus", True)
+        failed = {gpu.uuid: f"{gpu.device_node} is gone on the host" for gpu in gpus if not device_present(gpu.device_node)}
+        with self._lock:
+            image = self._last_image
+        try:
+            failed.update(self._gpu_probe(image, [gpu for gpu in gpus if gpu.uuid not in failed]))
+        except Exception as exc:  # noqa: BLE001 - the engine check says what is wrong with the engine
+            log.warning("self-test: the GPUs could not be looked at in a container: %s", exc)
+        for gpu in gpus:
+            self._hold_gpu(gpu.uuid, failed.get(gpu.uuid))
+        with self._lock:
+            self._gpus_held = dict(failed)
+        detail = "; ".join(f"GPU {uuid}: {why}" for uuid, why in failed.items())
+        if len(failed) == len(gpus):
+            return Check("gpus", False, detail)
+        return Check("gpus", True, f"held out: {detail}" if failed else "")
 
     def _check_token(self) -> Check:
         if self._token_rejected():

@@ -3,7 +3,9 @@
  * memory. Prints one JSON line; exit 0 only when all of it worked. Build: cc -O2 -o cuda_probe cuda_probe.c -ldl */
 #include <dlfcn.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef int (*fn_init)(unsigned);
 typedef int (*fn_count)(int *);
@@ -52,5 +54,9 @@ int main(void) {
     int ok = 1;
     for (size_t i = 0; i < sizeof host; i++) ok &= host[i] == 0x5a;
     printf("], \"device_memory_roundtrip\": \"%s\"}\n", ok ? "ok" : "MISMATCH");
+    fflush(stdout);
+    /* CUDA_PROBE_HOLD_SECONDS: keep the context (a compute process NVML lists) that long, for the drain check. */
+    const char *hold = getenv("CUDA_PROBE_HOLD_SECONDS");
+    if (hold) sleep((unsigned) atoi(hold));
     return ok ? 0 : 4;
 }

@@ -4,7 +4,11 @@
 Starts the dev control plane and the agent, then runs GPU-pinned jobs in the local busybox image: with two or more
 GPUs, two concurrent jobs of one GPU each; with one, a single job. Each job lists the GPUs it can see
 (nvidia-smi -L from the injected driver), and the check compares that with the agent's NVML inventory, the
-start call's gpu_ids and NVIDIA_VISIBLE_DEVICES. Prints a report; exit 0 when every check holds.
+start call's gpu_ids and NVIDIA_VISIBLE_DEVICES. Then, as the self-test does, it gives each GPU alone to a
+container and looks for its device nodes; and it runs a job that keeps a CUDA context open, checking that NVML
+sees its compute process while it runs and none once it ended (the drain before a GPU is handed out again). It
+records each GPU's MIG mode and the MIG instances the agent would hand out. Prints a report; exit 0 when every
+check holds.
 
 Usage: gpu_check.py [--gpu-mode auto|nvidia|cdi] [--cdi-spec-dirs DIRS] [--report FILE.json]
 """
@@ -56,12 +60,16 @@ def main() -> int:
     except OSError as exc:
         smi = f"nvidia-smi unavailable: {exc}"
     smi_uuids = re.findall(r"UUID: (GPU-[0-9a-f-]+)", smi)
-    check("NVML lists the GPUs nvidia-smi lists", bool(gpus) and sorted(g.uuid for g in gpus) == sorted(smi_uuids),
-          f"NVML {[g.uuid for g in gpus]}; nvidia-smi {smi.strip()!r}")
+    smi_migs = re.findall(r"UUID: (MIG-[0-9a-f-]+)", smi)
+    physical = sorted({g.physical_uuid for g in gpus})
+    check("NVML lists the GPUs nvidia-smi lists", bool(gpus) and physical == sorted(smi_uuids),
+          f"NVML {physical}; nvidia-smi {smi.strip()!r}")
+    check("the agent's MIG instances are the ones nvidia-smi lists",
+          sorted(g.uuid for g in gpus if g.mig_profile) == sorted(smi_migs), f"nvidia-smi MIG devices {smi_migs}")
     if not gpus:
         return _finish(checks, args.report, {})
 
-    details_extra = _telemetry_checks(check, gpus)
+    details_extra = {"mig": _mig_modes(), **_telemetry_checks(check, [g for g in gpus if not g.mig_profile])}
     probe = Path(tempfile.mkdtemp(prefix="radix-probe-")) / "cuda_probe"
     built = subprocess.run(["cc", "-O2", "-o", str(probe), str(ROOT / "scripts" / "cuda_probe.c"), "-ldl"], capture_output=True, text=True)
     check("CUDA probe compiled", built.returncode == 0, built.stderr[-300:])
@@ -122,6 +130,8 @@ def main() -> int:
             check("concurrent jobs got different GPUs", len(set(seen_uuids)) == len(seen_uuids), str(seen_uuids))
             starts = sorted(r["started"]["at"] for r in records if r.get("started"))
             check("the jobs overlapped in time", len(starts) == jobs and starts[-1] - starts[0] < 3)
+        details["self_test"] = _self_test_checks(check, gpus, image, args)
+        details["drain"] = _drain_checks(check, plane, image, gpus)
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(60)
@@ -165,6 +175,70 @@ def _telemetry_checks(check, gpus) -> dict:
         check(f"{gpu.uuid} healthy", ours["health"]["healthy"], "; ".join(ours["health"]["reasons"]))
     check("one sample costs under 0.25 ms per GPU (2 ms for 8)", per_gpu_ms < 0.25, f"{per_gpu_ms:.3f} ms per GPU")
     return {"telemetry_sample": sample, "sample_ms_per_gpu": round(per_gpu_ms, 4)}
+
+
+def _mig_modes() -> list[dict]:
+    """What NVML reports for MIG mode on each GPU (current, pending), as docs/gpu.md records it."""
+    import pynvml
+
+    modes = []
+    pynvml.nvmlInit()
+    try:
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            try:
+                current, pending = pynvml.nvmlDeviceGetMigMode(handle)
+                mode = {"current": "enabled" if current else "disabled", "pending": "enabled" if pending else "disabled"}
+            except pynvml.NVMLError as exc:
+                mode = {"current": f"unavailable: {exc}"}
+            modes.append({"index": index, **mode})
+    finally:
+        pynvml.nvmlShutdown()
+    print(f"MIG mode: {modes}", flush=True)
+    return modes
+
+
+def _self_test_checks(check, gpus, image: str, args) -> dict:
+    """The self-test's GPU check on the real GPUs: each GPU alone in a container, its device nodes looked for."""
+    from cluster_agent.executors.docker.mode import connect_engine
+    from cluster_agent.settings import Settings
+
+    executor = connect_engine(Settings(gpu_mode=args.gpu_mode, cdi_spec_dirs=args.cdi_spec_dirs))
+    nodes = {g.uuid: executor.gpu_injection.device_nodes(g) for g in gpus}
+    failures = executor.probe_gpus(image, gpus)
+    check("the self-test's container sees each GPU's device nodes", not failures,
+          json.dumps(failures) if failures else json.dumps(nodes))
+    return {"device_nodes": nodes, "failures": failures}
+
+
+def _drain_checks(check, plane, image: str, gpus) -> dict:
+    """A job keeps a CUDA context for 15 s: NVML (here, as the agent reads it) must list its process on the GPU
+    while it runs, across the container's PID namespace, and none once the job ended."""
+    from cluster_agent.gpu_pool import GpuPool
+    from cluster_agent.gpu_telemetry import GpuTelemetry
+
+    telemetry = GpuTelemetry(gpus, GpuPool(gpus))
+    telemetry.open()
+    try:
+        job_id = plane.state.submit({"image": image, "command": ["sh", "-c", "cuda_probe"],
+                                     "env": {"CUDA_PROBE_HOLD_SECONDS": "15"}, "resources": {"gpus": 1}})
+        seen: list[int] = []
+        given: list[str] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and plane.state.jobs[job_id].result is None:
+            given = (plane.state.jobs[job_id].view().get("started") or {}).get("gpu_ids") or []
+            if given and not seen:
+                seen = telemetry.compute_pids(given[0]) or []
+            time.sleep(0.5)
+        result = plane.state.jobs[job_id].result or {}
+        time.sleep(2)
+        after = {uuid: telemetry.compute_pids(uuid) for uuid in given}
+    finally:
+        telemetry.close()
+    check("the holding job succeeded", result.get("status") == "succeeded", result.get("error_message") or "")
+    check("NVML lists a running job's compute process on its GPU", bool(seen), f"pids {seen} on {given}")
+    check("no compute process is left on the job's GPU once it ended", all(p == [] for p in after.values()), str(after))
+    return {"job_id": job_id, "pids_while_running": seen, "pids_after": after}
 
 
 def _finish(checks, report: Path | None, details: dict) -> int:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
 from cluster_agent.errors import EngineUnavailable
 from cluster_agent.failure_class import classify
+from cluster_agent.gpu_pool import GpuPool
 from cluster_agent.models import Completion, FailureReason, GpuInfo, JobMetrics, JobStatus
 from cluster_agent.node_health import NodeHealth
 from cluster_agent.settings import Settings
@@ -121,3 +123,75 @@ def test_quarantine_after_zero_never_quarantines_on_failures(tmp_path):
     for n in range(5):
         node.job_finished(f"j{n}", failed(FailureReason.AGENT_ERROR), None)
     assert not node.quarantined
+
+
+def _two_gpus():
+    return [GpuInfo(index=0, uuid="GPU-good", name="fake", memory_total_mb=1),
+            GpuInfo(index=1, uuid="GPU-bad", name="fake", memory_total_mb=1)]
+
+
+def test_a_gpu_a_container_does_not_see_is_held_out_alone_and_returns_when_it_passes(tmp_path, monkeypatch):
+    monkeypatch.setattr("cluster_agent.node_health.device_present", lambda path: True)
+    pool = GpuPool(_two_gpus())
+    verdict = {"GPU-bad": "a container given it through the cdi injection has no /dev/nvidia1"}
+    seen = []
+
+    def probe(image, gpus):
+        seen.append((image, [g.uuid for g in gpus]))
+        return {u: why for u, why in verdict.items() if u in [g.uuid for g in gpus]}
+
+    node = NodeHealth(Settings(jobs_workdir=tmp_path, self_test_image="job-image:1"), engine_probe=Engine(),
+                      gpus=pool.usable_gpus, token_rejected=lambda: False, gpu_probe=probe,
+                      hold_gpu=pool.set_check_failure)
+    checks = {c.name: c for c in node.self_test()}
+    assert seen == [("job-image:1", ["GPU-good", "GPU-bad"])]  # the image jobs run, each GPU the pool would give
+    assert checks["gpus"].ok and "GPU-bad" in checks["gpus"].detail
+    assert not node.quarantined  # one bad GPU takes itself out, not the node
+    assert node.report()["gpus_held_out"] == verdict
+    assert pool.free_count() == 1 and pool.held() == verdict
+    assert [g.uuid for g in pool.acquire("j1", 1, threading.Event())] == ["GPU-good"]
+    pool.release("j1")
+    with pytest.raises(TimeoutError):  # the held-out GPU is never given: a job asking for two waits
+        _acquire_within(pool, "j2", 2, 0.3)
+
+    verdict.clear()  # fixed (a runtime restarted, a spec regenerated): the next self-test returns it
+    node.self_test()
+    assert pool.held() == {} and pool.free_count() == 2 and node.report()["gpus_held_out"] == {}
+
+
+def test_every_gpu_failing_in_a_container_quarantines_the_node(tmp_path, monkeypatch):
+    monkeypatch.setattr("cluster_agent.node_health.device_present", lambda path: True)
+    pool = GpuPool(_two_gpus())
+    node = NodeHealth(Settings(jobs_workdir=tmp_path, self_test_image="job-image:1"), engine_probe=Engine(),
+                      gpus=pool.usable_gpus, token_rejected=lambda: False,
+                      gpu_probe=lambda image, gpus: {g.uuid: "did not start: nvidia-container-cli: initialization error"
+                                                     for g in gpus},
+                      hold_gpu=pool.set_check_failure)
+    node.self_test()
+    assert node.quarantined
+    (check,) = node.report()["failing_checks"]
+    assert check["name"] == "gpus" and "GPU-good" in check["detail"] and "nvidia-container-cli" in check["detail"]
+
+
+def test_a_gpu_probe_that_raises_holds_nothing_out(tmp_path, monkeypatch):
+    monkeypatch.setattr("cluster_agent.node_health.device_present", lambda path: True)
+    pool = GpuPool(_two_gpus())
+
+    def probe(image, gpus):
+        raise EngineUnavailable("Docker engine does not answer")
+
+    node = NodeHealth(Settings(jobs_workdir=tmp_path), engine_probe=Engine(), gpus=pool.usable_gpus,
+                      token_rejected=lambda: False, gpu_probe=probe, hold_gpu=pool.set_check_failure)
+    checks = {c.name: c for c in node.self_test()}
+    assert checks["gpus"].ok and pool.free_count() == 2  # the engine check speaks for an engine that is down
+
+
+def _acquire_within(pool, job_id, count, seconds):
+    cancel = threading.Event()
+    timer = threading.Timer(seconds, cancel.set)
+    timer.start()
+    try:
+        if pool.acquire(job_id, count, cancel) is None:
+            raise TimeoutError
+    finally:
+        timer.cancel()

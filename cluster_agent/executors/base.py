@@ -105,6 +105,10 @@ class Executor(Protocol):
     def probe(self, image: str | None) -> None:
         """The self-test's engine check (node_health.py): raise unless the engine can run a job's container here."""
 
+    def probe_gpus(self, image: str | None, gpus: list[GpuInfo]) -> dict[str, str]:
+        """The self-test's GPU check: each of `gpus` reaches a container from `image` as it would reach a job's.
+        Returns uuid -> why for each that does not (node_health.py)."""
+
     def prepare_image(self, image: str, policy: str = "if-not-present", auth: dict[str, str] | None = None) -> None:
         """Make `image` available locally; JobFailed(image_unavailable) with the engine's reason if it cannot."""
 

@@ -137,3 +137,94 @@ def _has_cap_sys_resource() -> bool:
     """Whether this process (root, as the engine) may raise hard limits: CAP_SYS_RESOURCE is capability 24."""
     effective = next(line for line in open("/proc/self/status") if line.startswith("CapEff:"))
     return bool(int(effective.split()[1], 16) >> 24 & 1)
+
+
+def _cdi(tmp_path, devices):
+    cdi = tmp_path / "cdi"
+    cdi.mkdir(exist_ok=True)
+    (cdi / "nvidia.yaml").write_text(yaml.safe_dump({"cdiVersion": "0.5.0", "kind": "nvidia.com/gpu", "devices": devices}))
+    return CdiInjection(find_cdi_specs([cdi]))
+
+
+GPU1 = GpuInfo(index=1, uuid="GPU-fake-1", name="fake", memory_total_mb=1)
+
+
+def test_the_self_test_finds_a_gpu_whose_injection_gives_the_container_no_device_node(docker_client, busybox, tmp_path,
+                                                                                    monkeypatch):
+    # GPU 0's CDI device gives its node; GPU 1's gives none (a stale spec, a broken hook): the self-test's container,
+    # made the way a job's is, sees that, and the node holds GPU 1 out alone.
+    from cluster_agent.gpu_pool import GpuPool
+    from cluster_agent.node_health import NodeHealth
+    from cluster_agent.settings import Settings
+
+    executor = DockerExecutor(docker_client, gpu_injection=_cdi(tmp_path, [
+        {"name": "0", "containerEdits": {"deviceNodes": [{"path": "/dev/nvidia0", "hostPath": "/dev/zero"}]}},
+        {"name": "1", "containerEdits": {"env": ["SOMETHING=1"]}},
+    ]))
+    assert executor.probe_gpus(BUSYBOX_IMAGE, [GPU0, GPU1]) == {
+        "GPU-fake-1": "a container given it through the cdi injection has no /dev/nvidia1"}
+    assert executor.probe_gpus(None, [GPU0, GPU1]) == {}  # no image on this host yet: nothing to run
+
+    monkeypatch.setattr("cluster_agent.node_health.device_present", lambda path: True)  # the host's side is fine
+    pool = GpuPool([GPU0, GPU1])
+    node = NodeHealth(Settings(jobs_workdir=tmp_path, self_test_image=BUSYBOX_IMAGE), engine_probe=executor.probe,
+                      gpus=pool.usable_gpus, token_rejected=lambda: False, gpu_probe=executor.probe_gpus,
+                      hold_gpu=pool.set_check_failure)
+    checks = {c.name: c for c in node.self_test()}
+    assert all(c.ok for c in checks.values()), checks
+    assert not node.quarantined and list(pool.held()) == ["GPU-fake-1"]
+    assert [g.uuid for g in pool.acquire("j", 1, __import__("threading").Event())] == ["GPU-fake-0"]
+    left = docker_client.containers.list(all=True, sparse=True, filters={"label": "radix.self_test=1"})
+    assert left == []  # every probe container removed
+
+
+def test_the_gpu_self_test_names_the_injection_that_cannot_work(docker_client, busybox, tmp_path):
+    # Neither the NVIDIA runtime (absent from this engine) nor no injection at all can give a container a GPU.
+    from cluster_agent.gpu_injection import NvidiaRuntimeInjection
+
+    failures = DockerExecutor(docker_client, gpu_injection=NvidiaRuntimeInjection()).probe_gpus(BUSYBOX_IMAGE, [GPU0])
+    assert "did not start" in failures["GPU-fake-0"] or "could not be made" in failures["GPU-fake-0"]
+    assert "could not select device driver" in failures["GPU-fake-0"]
+    failures = DockerExecutor(docker_client, gpu_injection=NoInjection()).probe_gpus(BUSYBOX_IMAGE, [GPU0])
+    assert "nvidia-ctk" in failures["GPU-fake-0"]
+
+
+def test_an_image_without_a_shell_cannot_look_and_holds_nothing_out(docker_client, busybox, tmp_path, caplog):
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("hello.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"hi\n"))
+    image = "radix-test/no-shell:1"
+    docker_client.api.import_image_from_data(buffer.getvalue(), repository="radix-test/no-shell", tag="1")
+    executor = DockerExecutor(docker_client, gpu_injection=_cdi(tmp_path, [
+        {"name": "0", "containerEdits": {"deviceNodes": [{"path": "/dev/nvidia0", "hostPath": "/dev/zero"}]}}]))
+    DockerExecutor._said_no_shell = False
+    with caplog.at_level("WARNING"):
+        assert executor.probe_gpus(image, [GPU0]) == {}
+    assert "has no sh" in caplog.text and "--self-test-image" in caplog.text
+
+
+def test_a_mig_instance_reaches_its_container_by_its_own_cdi_device(docker_client, busybox, tmp_path, cluster_id):
+    # nvidia-ctk names MIG devices "<gpu>:<mig>" and gives the parent's node plus the instance's capability nodes.
+    mig = GpuInfo(index=0, uuid="MIG-fake-0-2", name="fake MIG 1g.10gb", memory_total_mb=1, minor_number=0,
+                  mig_profile="1g.10gb", parent_uuid="GPU-fake-0", mig_index=2)
+    executor = DockerExecutor(docker_client, gpu_injection=_cdi(tmp_path, [
+        {"name": "0", "containerEdits": {"deviceNodes": [{"path": "/dev/nvidia0", "hostPath": "/dev/zero"}]}},
+        {"name": "0:2", "containerEdits": {"deviceNodes": [
+            {"path": "/dev/nvidia0", "hostPath": "/dev/zero"},
+            {"path": "/dev/nvidia-caps/nvidia-cap21", "hostPath": "/dev/null"}]}},
+    ]))
+    assert executor.probe_gpus(BUSYBOX_IMAGE, [mig]) == {}
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    out, err, info = _run(executor, ContainerSpec(
+        name=f"radix-{cluster_id}-mig", image=BUSYBOX_IMAGE,
+        command=["sh", "-c", "ls /dev/nvidia-caps; echo \"$NVIDIA_VISIBLE_DEVICES\""], env={}, workspace=workspace,
+        labels={"radix.cluster_id": cluster_id, "radix.job_id": "mig"}, gpus=[mig],
+    ))
+    assert info.exit_code == 0, err
+    assert "nvidia-cap21" in out and "MIG-fake-0-2" in out

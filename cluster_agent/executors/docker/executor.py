@@ -9,6 +9,7 @@ inside a 200 stream; no `auto_remove`, which races the final inspect; the missin
 from __future__ import annotations
 
 import logging
+import shlex
 import threading
 import uuid
 from typing import Any
@@ -21,7 +22,7 @@ from docker.types import DeviceRequest, Mount, Ulimit
 from ...clock import SYSTEM_CLOCK, Clock
 from ...errors import AgentError, EngineUnavailable, ImageGone, JobFailed
 from ...gpu_injection import GpuInjection, NvidiaRuntimeInjection
-from ...models import FailureReason
+from ...models import FailureReason, GpuInfo
 from ..base import LABEL_CLUSTER_ID, WORKSPACE, ContainerSpec, ContainerState, ExitInfo, OutputSink
 from ..hardening import hardening
 from .exits import ExitEvents
@@ -38,6 +39,9 @@ LABEL_SELF_TEST = "radix.self_test"  # the self-test's containers, never a job's
 
 class _LimitRefused(Exception):
     """The engine could not set a ulimit the container asked for (start failed, container removed)."""
+
+# The self-test's GPU container runs one `[ -c ... ]` per device node: seconds at most, even on a loaded engine.
+GPU_PROBE_SECONDS = 30.0
 
 # How long a wait relies on the engine's events alone before it checks the container's state itself.
 EVENTS_WAIT_SECONDS = 30.0
@@ -127,6 +131,76 @@ class DockerExecutor:
         except APIError as exc:
             raise AgentError(f"the engine cannot create a container from {image}: {explain(exc)}") from None
 
+    def probe_gpus(self, image: str | None, gpus: list[GpuInfo]) -> dict[str, str]:
+        """The self-test's GPU check, made the way a job gets its GPUs: for each GPU, a container from `image`
+        given that GPU alone (through the injection jobs use) must see its device nodes. Returns uuid -> why for
+        each GPU it did not; {} without an image (nothing to run here yet). An image without `sh` cannot look:
+        said once in the log, nothing held out. Raises EngineUnavailable when the engine does not answer."""
+        failures: dict[str, str] = {}
+        if image is None:
+            return failures
+        for gpu in gpus:
+            why = self._probe_gpu(image, gpu)
+            if why:
+                failures[gpu.uuid] = why
+        return failures
+
+    _said_no_shell = False
+
+    def _probe_gpu(self, image: str, gpu: GpuInfo) -> str | None:
+        how = f"{self.gpu_injection.name} injection"
+        try:
+            nodes = self.gpu_injection.device_nodes(gpu)
+            host_config: dict[str, Any] = {"network_mode": "none", "binds": {}, "cap_drop": ["ALL"],
+                                           "security_opt": ["no-new-privileges"], "read_only": True}
+            env: dict[str, str] = {}
+            self._give_gpus([gpu], host_config, env)
+        except JobFailed as exc:
+            return str(exc)
+        # Prints each node it lacks; exits 1 if any.
+        script = "m=0; " + "; ".join(f"[ -c {shlex.quote(n)} ] || {{ echo {shlex.quote(n)}; m=1; }}" for n in nodes) + "; exit $m"
+        name = f"radix-self-test-{uuid.uuid4().hex[:12]}"
+        container_id = None
+        try:
+            with engine_call("self-test: create a GPU container"):
+                created = self._api.create_container(
+                    image, entrypoint=["sh", "-c", script], environment=env, name=name, labels={LABEL_SELF_TEST: "1"},
+                    host_config=self._api.create_host_config(**host_config))
+            container_id = created["Id"]
+            try:
+                with engine_call("self-test: start a GPU container"):
+                    self._api.start(container_id)
+            except APIError as exc:
+                words = explain(exc)
+                if '"sh"' in words and ("executable file not found" in words or "no such file or directory" in words):
+                    if not DockerExecutor._said_no_shell:
+                        DockerExecutor._said_no_shell = True
+                        log.warning("self-test: image %s has no sh, so the GPUs cannot be looked at in a container; "
+                                    "set --self-test-image to an image with a shell (busybox will do)", image)
+                    return None
+                return f"a container given it through the {how} did not start: {words}"
+            try:
+                code = self._api.wait(container_id, timeout=GPU_PROBE_SECONDS).get("StatusCode")
+            except requests.exceptions.RequestException:
+                return f"a container given it through the {how} did not finish in {GPU_PROBE_SECONDS:g} s"
+            if code == 0:
+                return None
+            with engine_call("self-test: read a GPU container's output"):
+                said = self._api.logs(container_id, stdout=True, stderr=True, tail=20).decode(errors="replace")
+            missing = [line for line in said.splitlines() if line.startswith("/dev/")]
+            if missing:
+                return f"a container given it through the {how} has no {', '.join(missing)}"
+            return f"a container given it through the {how} could not look for its device nodes (exit {code}): {said[:200]}"
+        except APIError as exc:
+            return f"a container given it through the {how} could not be made: {explain(exc)}"
+        finally:
+            if container_id is not None:
+                try:
+                    with engine_call("self-test: remove a GPU container"):
+                        self._api.remove_container(container_id, force=True)
+                except (APIError, EngineUnavailable):
+                    pass
+
     def prepare_image(self, image: str, policy: str = "if-not-present", auth: dict[str, str] | None = None) -> None:
         self._images.prepare(image, policy, auth)
 
@@ -168,18 +242,23 @@ class DockerExecutor:
         if policy.tmpfs:
             host_config["tmpfs"] = dict(policy.tmpfs)
         if spec.gpus:
-            access = self.gpu_injection.access(spec.gpus)
-            if access.runtime_uuids:
-                host_config["device_requests"] = [DeviceRequest(device_ids=access.runtime_uuids, capabilities=[["gpu"]])]
-            if access.devices:
-                host_config["devices"] = [f"{host}:{target}:{perms}" for host, target, perms in access.devices]
-            for host, target, read_only in access.mounts:
-                binds[host] = {"bind": target, "mode": "ro" if read_only else "rw"}
-            for name, value in access.env.items():
-                if name == "LD_LIBRARY_PATH" and env.get(name):
-                    value = f"{value}:{env[name]}"  # the driver's libraries first, then the job's
-                env[name] = value
+            self._give_gpus(spec.gpus, host_config, env)
         return host_config, env
+
+    def _give_gpus(self, gpus: list[GpuInfo], host_config: dict[str, Any], env: dict[str, str]) -> None:
+        """Add what `gpus` need to reach the container (the injection's devices, mounts, env) to `host_config`
+        (with a `binds` dict) and `env`. JobFailed when this host cannot inject them."""
+        access = self.gpu_injection.access(gpus)
+        if access.runtime_uuids:
+            host_config["device_requests"] = [DeviceRequest(device_ids=access.runtime_uuids, capabilities=[["gpu"]])]
+        if access.devices:
+            host_config["devices"] = [f"{host}:{target}:{perms}" for host, target, perms in access.devices]
+        for host, target, read_only in access.mounts:
+            host_config["binds"][host] = {"bind": target, "mode": "ro" if read_only else "rw"}
+        for name, value in access.env.items():
+            if name == "LD_LIBRARY_PATH" and env.get(name):
+                value = f"{value}:{env[name]}"  # the driver's libraries first, then the job's
+            env[name] = value
 
     def start(self, spec: ContainerSpec) -> str:
         self._exits.start()

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ...clock import SYSTEM_CLOCK, Clock
-from ...errors import ConfigError, EngineUnavailable, SlurmRefused
-from ...models import Capabilities, GpuInfo
+from ...errors import ConfigError, EngineUnavailable, JobFailed, SlurmRefused
+from ...models import Capabilities, FailureReason, GpuInfo
 from .cli import SlurmCli
 
 __all__ = [
@@ -173,10 +173,18 @@ class SlurmGpus:
     def free_count(self) -> int:
         return self._cluster.idle_gpus()
 
-    def check_request(self, job_id: str, count: int) -> None:
-        pass  # sbatch refuses a request no node can meet, with Slurm's own words
+    def check_request(self, job_id: str, count: int, profile: str | None = None) -> None:
+        # sbatch refuses a request no node can meet, with Slurm's own words.
+        if profile is not None:
+            raise JobFailed(
+                FailureReason.INVALID_JOB,
+                f"job {job_id} asks for MIG profile {profile}: in Slurm mode Slurm allocates MIG instances as GPU "
+                "types (gres.conf AutoDetect=nvml); send the job to a partition of MIG nodes, or set "
+                "--slurm-sbatch-args '--gres=gpu:<type>:<count>', and leave gpu_profile out",
+            )
 
-    def acquire(self, job_id: str, count: int, cancel: threading.Event) -> list[GpuInfo] | None:
+    def acquire(self, job_id: str, count: int, cancel: threading.Event,
+                profile: str | None = None) -> list[GpuInfo] | None:
         return []
 
     def claim(self, job_id: str, uuids: list[str]) -> list[GpuInfo]:
@@ -187,6 +195,9 @@ class SlurmGpus:
 
     def usable_gpus(self) -> list[GpuInfo]:
         return []  # on the nodes, Slurm's
+
+    def set_check_failure(self, uuid: str, why: str | None) -> None:
+        pass  # never asked: no GPU of this host is handed out
 
     def faults_of(self, job_id: str) -> dict[str, list[str]]:
         return {}  # Slurm's nodes watch their own GPUs (its health check program drains a bad node)

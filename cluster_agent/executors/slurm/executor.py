@@ -30,7 +30,7 @@ from ... import __version__
 from ...clock import SYSTEM_CLOCK, Clock
 from ...errors import EngineUnavailable, JobFailed, SlurmRefused
 from ...files import read_json, write_private
-from ...models import FailureReason
+from ...models import FailureReason, GpuInfo
 from ...settings import Settings
 from .cli import QueueView, SlurmCli, SlurmJob
 from ..base import LABEL_CLUSTER_ID, LABEL_JOB_ID, STOP_GRACE_SECONDS, ContainerSpec, ContainerState, ExitInfo, OutputSink
@@ -84,6 +84,10 @@ class SlurmExecutor:
     def probe(self, image: str | None) -> None:
         """The self-test's engine check: Slurm answers (the nodes' engines are Slurm's to watch)."""
         self.ping()
+
+    def probe_gpus(self, image: str | None, gpus: list[GpuInfo]) -> dict[str, str]:
+        """Nothing to look at here: the nodes' GPUs are Slurm's (its health check program drains a bad node)."""
+        return {}
 
     def prepare_image(self, image: str, policy: str = "if-not-present", auth: dict[str, str] | None = None) -> None:
         """Nothing to do here: the batch script pulls on the node Slurm picks (the login node needs no engine)."""
