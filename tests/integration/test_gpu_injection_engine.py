@@ -228,3 +228,18 @@ def test_a_mig_instance_reaches_its_container_by_its_own_cdi_device(docker_clien
     ))
     assert info.exit_code == 0, err
     assert "nvidia-cap21" in out and "MIG-fake-0-2" in out
+
+
+def test_self_test_containers_left_by_a_killed_agent_are_swept(docker_client, busybox, tmp_path):
+    import time
+
+    from cluster_agent.clock import Clock
+
+    left = docker_client.api.create_container(BUSYBOX_IMAGE, command=["sleep", "600"], labels={"radix.self_test": "1"})
+    docker_client.api.start(left["Id"])  # a probe that was running when its agent was killed
+    fresh = DockerExecutor(docker_client, gpu_injection=NoInjection())
+    fresh.probe(BUSYBOX_IMAGE)
+    assert docker_client.api.inspect_container(left["Id"])  # minutes old at most: maybe another agent's, kept
+    later = DockerExecutor(docker_client, gpu_injection=NoInjection(), clock=Clock(wall=lambda: time.time() + 700))
+    later.probe_gpus(BUSYBOX_IMAGE, [GPU0])
+    assert docker_client.containers.list(all=True, sparse=True, filters={"label": "radix.self_test=1"}) == []

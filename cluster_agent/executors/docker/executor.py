@@ -40,6 +40,8 @@ LABEL_SELF_TEST = "radix.self_test"  # the self-test's containers, never a job's
 class _LimitRefused(Exception):
     """The engine could not set a ulimit the container asked for (start failed, container removed)."""
 
+# A self-test container older than this was left by an agent that died mid-test.
+SELF_TEST_STALE_SECONDS = 600.0
 # The self-test's GPU container runs one `[ -c ... ]` per device node: seconds at most, even on a loaded engine.
 GPU_PROBE_SECONDS = 30.0
 
@@ -121,6 +123,7 @@ class DockerExecutor:
         self.ping()
         if image is None:
             return
+        self._sweep_self_tests()
         try:
             with engine_call("self-test: create a container"):
                 created = self._api.create_container(
@@ -139,6 +142,7 @@ class DockerExecutor:
         failures: dict[str, str] = {}
         if image is None:
             return failures
+        self._sweep_self_tests()
         for gpu in gpus:
             why = self._probe_gpu(image, gpu)
             if why:
@@ -147,12 +151,28 @@ class DockerExecutor:
 
     _said_no_shell = False
 
+    def _sweep_self_tests(self) -> None:
+        """Remove self-test containers left by an agent killed mid-test (by any agent on this engine: a test takes
+        seconds, so one older than SELF_TEST_STALE_SECONDS is nobody's)."""
+        try:
+            with engine_call("self-test: list stale containers"):
+                stale = [c["Id"] for c in self._api.containers(all=True, filters={"label": LABEL_SELF_TEST})
+                         if c.get("Created", 0) < self._clock.wall() - SELF_TEST_STALE_SECONDS]
+            for container_id in stale:
+                with engine_call("self-test: remove a stale container"):
+                    self._api.remove_container(container_id, force=True)
+        except (APIError, EngineUnavailable) as exc:
+            log.debug("self-test: stale containers not swept: %s", exc)
+
     def _probe_gpu(self, image: str, gpu: GpuInfo) -> str | None:
         how = f"{self.gpu_injection.name} injection"
         try:
             nodes = self.gpu_injection.device_nodes(gpu)
+            # The image may be the last job's, which is hostile: its `sh` runs boxed in, and briefly.
             host_config: dict[str, Any] = {"network_mode": "none", "binds": {}, "cap_drop": ["ALL"],
-                                           "security_opt": ["no-new-privileges"], "read_only": True}
+                                           "security_opt": ["no-new-privileges"], "read_only": True,
+                                           "pids_limit": 64, "mem_limit": "128m", "memswap_limit": "128m",
+                                           "nano_cpus": 1_000_000_000}
             env: dict[str, str] = {}
             self._give_gpus([gpu], host_config, env)
         except JobFailed as exc:
@@ -187,10 +207,11 @@ class DockerExecutor:
                 return None
             with engine_call("self-test: read a GPU container's output"):
                 said = self._api.logs(container_id, stdout=True, stderr=True, tail=20).decode(errors="replace")
-            missing = [line for line in said.splitlines() if line.startswith("/dev/")]
+            # Only the node names asked about are repeated: the rest of what an image prints stays out of the log.
+            missing = [node for node in nodes if node in said.splitlines()]
             if missing:
                 return f"a container given it through the {how} has no {', '.join(missing)}"
-            return f"a container given it through the {how} could not look for its device nodes (exit {code}): {said[:200]}"
+            return f"a container given it through the {how} could not look for its device nodes (exit {code})"
         except APIError as exc:
             return f"a container given it through the {how} could not be made: {explain(exc)}"
         finally:
