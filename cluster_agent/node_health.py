@@ -204,6 +204,8 @@ class NodeHealth:
             failed.update(self._gpu_probe(image, [gpu for gpu in gpus if gpu.uuid not in failed]))
         except Exception as exc:  # noqa: BLE001 - the engine check says what is wrong with the engine
             log.warning("self-test: the GPUs could not be looked at in a container: %s", exc)
+            with self._lock:  # not looked at: what the last look found stands
+                failed = {**{u: why for u, why in self._gpus_held.items() if u in {g.uuid for g in gpus}}, **failed}
         for gpu in gpus:
             self._hold_gpu(gpu.uuid, failed.get(gpu.uuid))
         with self._lock:

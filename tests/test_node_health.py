@@ -186,6 +186,25 @@ def test_a_gpu_probe_that_raises_holds_nothing_out(tmp_path, monkeypatch):
     assert checks["gpus"].ok and pool.free_count() == 2  # the engine check speaks for an engine that is down
 
 
+def test_a_gpu_held_out_stays_out_while_the_engine_cannot_look_again(tmp_path, monkeypatch):
+    monkeypatch.setattr("cluster_agent.node_health.device_present", lambda path: True)
+    pool = GpuPool(_two_gpus())
+    answer = {"value": {"GPU-bad": "has no /dev/nvidia1"}}
+
+    def probe(image, gpus):
+        if isinstance(answer["value"], Exception):
+            raise answer["value"]
+        return answer["value"]
+
+    node = NodeHealth(Settings(jobs_workdir=tmp_path, self_test_image="i:1"), engine_probe=Engine(),
+                      gpus=pool.usable_gpus, token_rejected=lambda: False, gpu_probe=probe,
+                      hold_gpu=pool.set_check_failure)
+    node.self_test()
+    answer["value"] = EngineUnavailable("Docker engine does not answer")
+    node.self_test()
+    assert list(pool.held()) == ["GPU-bad"]  # not looked at is not passed
+
+
 def _acquire_within(pool, job_id, count, seconds):
     cancel = threading.Event()
     timer = threading.Timer(seconds, cancel.set)
