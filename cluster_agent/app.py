@@ -87,8 +87,8 @@ def _run_agent(argv: list[str], redactor: Redactor) -> int:
     changed: list[Callable[[], None]] = []
     heartbeat_box: list[Heartbeat] = []
     node = NodeHealth(
-        settings, engine_probe=mode.executor.probe, gpus=lambda: mode.gpus.usable_gpus(),
-        gpu_probe=mode.executor.probe_gpus, hold_gpu=mode.gpus.set_check_failure,
+        settings, engine_probe=mode.executor.probe, gpus=mode.gpus, gpu_probe=mode.executor.probe_gpus,
+        probe_image=mode.self_test_image,
         token_rejected=lambda: bool(heartbeat_box) and heartbeat_box[0].token_rejected,
         on_change=lambda: [call() for call in changed],
     )

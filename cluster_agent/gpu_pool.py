@@ -50,6 +50,7 @@ class GpuAllocator(Protocol):
     def faults_of(self, job_id: str) -> dict[str, list[str]]: ...
     def usable_gpus(self) -> list[GpuInfo]: ...
     def set_check_failure(self, uuid: str, why: str | None) -> None: ...
+    def lend(self, uuid: str, borrower: str) -> bool: ...
 
 
 class GpuPool:
@@ -141,6 +142,20 @@ class GpuPool:
         with self._changed:
             return bool(self._draining)
 
+    def lend(self, uuid: str, borrower: str) -> bool:
+        """Give one unit to `borrower` (the self-test) if no job holds it and it is neither unhealthy nor draining
+        (a unit held out by a failed check may be lent: that is how it is looked at again). True if lent; it comes
+        back, and drains, through `release(borrower)`."""
+        with self._changed:
+            self._check_draining()
+            if uuid in self._owner or uuid in self._unhealthy or uuid in self._draining:
+                return False
+            if not any(g.uuid == uuid for g in self._gpus):
+                return False
+            self._owner[uuid] = borrower
+            self._given_at[borrower] = self._clock()
+            return True
+
     def held(self) -> dict[str, str]:
         """Units held out for the pool's own reasons (a finished job's processes still on them, a failed self-test
         check): uuid -> why."""
@@ -201,6 +216,10 @@ class GpuPool:
         """Give `job_id` the GPUs a previous agent gave its container (adoption after a restart), without waiting."""
         with self._changed:
             chosen = [gpu for gpu in self._gpus if gpu.uuid in uuids]
+            if len(chosen) < len(set(uuids)):
+                gone = sorted(set(uuids) - {gpu.uuid for gpu in chosen})
+                log.warning("job %s was given GPU(s) %s, which this agent does not hand out (no longer found, or MIG "
+                            "reconfigured): it keeps running on them; they are not counted here", job_id, ", ".join(gone))
             for gpu in chosen:
                 self._owner[gpu.uuid] = job_id
             self._given_at[job_id] = self._clock()

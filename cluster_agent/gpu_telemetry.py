@@ -135,13 +135,35 @@ class GpuTelemetry:
             if gpu.mig_profile is None:
                 units.append({**gpu.model_dump(), **latest.get(gpu.uuid, {})})
                 continue
-            parent = {k: v for k, v in latest.get(gpu.physical_uuid, {}).items() if k not in ("processes", "job_id")}
-            health = dict(parent.get("health") or {"healthy": True, "reasons": []})
-            held = self._pool.held().get(gpu.uuid)
-            if held:
-                health = {"healthy": False, "reasons": [*health.get("reasons", []), held]}
-            units.append({**parent, **gpu.model_dump(), "health": health, "job_id": self._pool.owner(gpu.uuid)})
+            # The parent's telemetry but its own memory: a parent's "used" next to an instance's "total" would mislead.
+            parent = {k: v for k, v in latest.get(gpu.physical_uuid, {}).items()
+                      if k not in ("processes", "job_id", "memory_used_mb", "memory_reserved_mb")}
+            own = self._instance_memory(gpu.uuid)
+            if own is not None:
+                parent["memory_used_mb"] = int(own.used) // 2**20
+            units.append({**parent, **gpu.model_dump(), **self._unit_state(gpu, latest)})
         return units
+
+    def units(self) -> dict[str, dict[str, Any]]:
+        """Per unit (full GPU or MIG instance), from the latest sample: `health` and `job_id` (for /metrics)."""
+        latest = self.latest()
+        return {gpu.uuid: self._unit_state(gpu, latest) for gpu in self._gpus}
+
+    def _unit_state(self, gpu: GpuInfo, latest: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        health = dict(latest.get(gpu.physical_uuid, {}).get("health") or {"healthy": True, "reasons": []})
+        held = self._pool.held().get(gpu.uuid)
+        if held and held not in health.get("reasons", []):
+            health = {"healthy": False, "reasons": [*health.get("reasons", []), held]}
+        return {"health": health, "job_id": self._pool.owner(gpu.uuid)}
+
+    def _instance_memory(self, uuid: str) -> Any:
+        handle = self._mig_handles.get(uuid)
+        if handle is None:
+            return None
+        try:
+            return self._get("nvmlDeviceGetMemoryInfo", handle)
+        except GpuLost:
+            return None
 
     def close(self) -> None:
         self._stop.set()

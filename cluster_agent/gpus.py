@@ -22,40 +22,49 @@ log = logging.getLogger(__name__)
 
 
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def detect_with_nvml(nvml: ModuleType | Any = pynvml) -> list[GpuInfo]:
     """The schedulable GPUs: each full GPU, and in place of a GPU in MIG mode its MIG instances (each one a unit of
-    its own, `MIG-...` UUID). Raises pynvml.NVMLError when NVML cannot be initialised (no driver, no library)."""
+    its own, `MIG-...` UUID). A GPU NVML cannot read is left out with a warning, never the others with it.
+    Raises pynvml.NVMLError when NVML cannot be initialised (no driver, no library) or count its GPUs."""
     nvml.nvmlInit()
     try:
         gpus = []
         for index in range(nvml.nvmlDeviceGetCount()):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-            gpu = GpuInfo(
-                index=index,
-                uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
-                name=_text(nvml.nvmlDeviceGetName(handle)),
-                memory_total_mb=int(memory.total) // (1024 * 1024),
-                minor_number=_optional(nvml, "nvmlDeviceGetMinorNumber", handle),
-            )
-            instances = _mig_instances(nvml, handle, gpu)
-            if instances is None:
-                gpus.append(gpu)
-                continue
-            if not instances:
-                log.warning("GPU %d (%s) is in MIG mode but has no MIG instances: it offers nothing to jobs; create "
-                            "them (`nvidia-smi mig -cgi <profiles> -C`) or turn MIG mode off (`nvidia-smi -i %d -mig 0`)",
-                            index, gpu.uuid, index)
-            gpus.extend(instances)
+            try:
+                gpus.extend(_units_of(nvml, index))
+            except pynvml.NVMLError as exc:
+                log.warning("GPU %d cannot be read through NVML (%s): left out; `nvidia-smi -q -i %d` says more",
+                            index, exc, index)
         return gpus
     finally:
         try:
             nvml.nvmlShutdown()
         except pynvml.NVMLError:
             pass
+
+
+def _units_of(nvml: Any, index: int) -> list[GpuInfo]:
+    """GPU `index` whole, or its MIG instances. Raises pynvml.NVMLError when it cannot be read."""
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+    gpu = GpuInfo(
+        index=index,
+        uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+        name=_text(nvml.nvmlDeviceGetName(handle)),
+        memory_total_mb=int(memory.total) // (1024 * 1024),
+        minor_number=_optional(nvml, "nvmlDeviceGetMinorNumber", handle),
+    )
+    instances = _mig_instances(nvml, handle, gpu)
+    if instances is None:
+        return [gpu]
+    if not instances:
+        log.warning("GPU %d (%s) is in MIG mode but has no MIG instances: it offers nothing to jobs; create "
+                    "them (`nvidia-smi mig -cgi <profiles> -C`) or turn MIG mode off (`nvidia-smi -i %d -mig 0`)",
+                    index, gpu.uuid, index)
+    return instances
 
 
 def _optional(nvml: Any, fn: str, *args: Any) -> Any:
@@ -75,7 +84,11 @@ def _mig_instances(nvml: Any, handle: Any, parent: GpuInfo) -> list[GpuInfo] | N
 
     MIG device i is `nvmlDeviceGetMigDeviceHandleByIndex(parent, i)` for i below nvmlDeviceGetMaxMigDeviceCount;
     an empty slot raises NotFound (NVML API reference, "MIG Management")."""
-    mode = _optional(nvml, "nvmlDeviceGetMigMode", handle)
+    try:
+        mode = nvml.nvmlDeviceGetMigMode(handle)
+    except (pynvml.NVMLError_NotSupported, pynvml.NVMLError_FunctionNotFound, AttributeError):
+        return None  # a GPU (or driver) without MIG: used whole
+    # Any other error propagates: a GPU whose MIG mode is unknown is left out, never handed out whole by mistake.
     if not mode or mode[0] != pynvml.NVML_DEVICE_MIG_ENABLE:
         return None
     instances = []

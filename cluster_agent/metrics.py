@@ -80,8 +80,11 @@ class Metrics:
         with self._lock:
             return self.age(self._last_exchange)
 
-    def add_gpu_source(self, latest: Callable[[], dict[str, dict[str, Any]]]) -> None:
-        self.registry.register(_GpuCollector(latest))
+    def add_gpu_source(self, latest: Callable[[], dict[str, dict[str, Any]]],
+                       units: Callable[[], dict[str, dict[str, Any]]] | None = None) -> None:
+        """`latest`: telemetry per physical GPU; `units`: health and job per unit handed out (a MIG instance is
+        one), default the physical GPUs themselves."""
+        self.registry.register(_GpuCollector(latest, units or latest))
 
 
 class _GpuCollector(Collector):
@@ -92,20 +95,25 @@ class _GpuCollector(Collector):
         "power_w": ("radix_agent_gpu_power_watts", "GPU power draw."),
     }
 
-    def __init__(self, latest: Callable[[], dict[str, dict[str, Any]]]) -> None:
+    def __init__(self, latest: Callable[[], dict[str, dict[str, Any]]],
+                 units: Callable[[], dict[str, dict[str, Any]]]) -> None:
         self._latest = latest
+        self._units = units
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         samples = self._latest()
         families = {key: GaugeMetricFamily(name, doc, labels=["uuid"]) for key, (name, doc) in self.FIELDS.items()}
-        healthy = GaugeMetricFamily("radix_agent_gpu_healthy", "1 when the GPU may take new jobs.", labels=["uuid"])
-        busy = GaugeMetricFamily("radix_agent_gpu_in_use", "1 when a job holds the GPU.", labels=["uuid"])
+        healthy = GaugeMetricFamily("radix_agent_gpu_healthy", "1 when the GPU (or MIG instance) may take new jobs.",
+                                    labels=["uuid"])
+        busy = GaugeMetricFamily("radix_agent_gpu_in_use", "1 when a job holds the GPU (or MIG instance).",
+                                 labels=["uuid"])
         for uuid, sample in samples.items():
             for key, family in families.items():
                 if sample.get(key) is not None:
                     family.add_metric([uuid], float(sample[key]))
-            healthy.add_metric([uuid], 1.0 if sample.get("health", {}).get("healthy") else 0.0)
-            busy.add_metric([uuid], 1.0 if sample.get("job_id") else 0.0)
+        for uuid, unit in self._units().items():
+            healthy.add_metric([uuid], 1.0 if unit.get("health", {}).get("healthy") else 0.0)
+            busy.add_metric([uuid], 1.0 if unit.get("job_id") else 0.0)
         yield from families.values()
         yield healthy
         yield busy

@@ -79,8 +79,9 @@ class _Lenient(BaseModel):
 
 KNOWN_LAUNCHERS = ("torchrun", "none")
 # NVIDIA's MIG profile names: slices and memory of the GPU instance ("3g.40gb"), optionally the compute instance's
-# slices first ("1c.3g.40gb") and options after ("1g.10gb+me"); NVIDIA MIG User Guide, "Supported MIG Profiles".
-MIG_PROFILE_PATTERN = re.compile(r"^(?:[1-9]c\.)?[1-9]g\.[1-9][0-9]{0,3}gb(?:\+[a-z]+)*$")
+# slices first ("1c.3g.40gb") and options after ("1g.10gb+me", and on Blackwell "1g.23gb+me.all", "1g.23gb-me",
+# "1g.23gb+gfx"); NVIDIA MIG User Guide, "Supported MIG Profiles".
+MIG_PROFILE_PATTERN = re.compile(r"^(?:[1-9]c\.)?[1-9]g\.[1-9][0-9]{0,3}gb(?:[+-][a-z]{1,8}(?:\.[a-z]{1,8})?){0,4}$")
 
 
 class Orchestration(_Lenient):
@@ -260,6 +261,13 @@ class JobSpec(_Lenient):
                                  "masked in the job's output; use a longer one")
             _check_exec_string(f"secret_env {name}", item)
         return value
+
+    @model_validator(mode="after")
+    def _profile_needs_gpus(self) -> JobSpec:
+        if self.resources.gpu_profile is not None and self.gpu_request == 0:
+            raise ValueError(f"resources.gpu_profile {self.resources.gpu_profile!r} with no GPUs asked for; ask for one "
+                             "or more (resources.gpus), or leave gpu_profile out")
+        return self
 
     @model_validator(mode="after")
     def _secrets_apart(self) -> JobSpec:

@@ -2,14 +2,17 @@
 
 The self-test asks whether this node can run a job at all, before the first poll and every --self-test-interval:
 
-    engine     the engine answers, and creates and removes a container from an image already on this host
-               (--self-test-image, else the last image a job ran here; only the ping before any job ran)
+    engine     the engine answers, and creates and removes a container (never started) from an image already on
+               this host (the trusted self-test image, else the last image a job ran here; only the ping before any
+               job ran)
     jobs_dir   a file can be written in --jobs-workdir (free space is the disk guard's: disk.py)
     gpus       each GPU the agent would hand out still has its device node on the host (/dev/nvidia<minor>), and a
-               container from that image, given the GPU alone the way a job gets it (NVIDIA runtime or CDI), sees
-               its device nodes. A GPU NVML no longer answers is already out: the telemetry marks it lost.
-               A GPU that fails is held out alone while the others keep working; the check fails (and quarantines
-               the node) only when every GPU fails, the mark of a broken runtime or driver rather than one GPU.
+               container from the trusted self-test image (--self-test-image, else the agent's own image when it
+               runs in a container; never a job's image, which is hostile), given the GPU alone the way a job gets
+               it (NVIDIA runtime or CDI), sees its device nodes. Only a free GPU is looked at, lent by the pool for
+               the look; one a job holds keeps its last verdict. A GPU NVML no longer answers is already out: the
+               telemetry marks it lost. A GPU that fails is held out alone while the others keep working; the check
+               fails (and quarantines the node) only when every GPU fails, the mark of a broken runtime or driver.
     token      the control plane accepted the cluster token at the last heartbeat
 
 The node is quarantined after --quarantine-after infrastructure failures in a row (failure_class.py; a job's own
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .clock import SYSTEM_CLOCK, Clock
+from .gpu_pool import GpuAllocator
 from .models import Completion, GpuInfo, JobStatus
 from .settings import Settings
 
@@ -41,6 +45,11 @@ log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_SECONDS = 30.0
 BACKOFF_MAX_SECONDS = 600.0
+# The GPU check looks at one GPU at a time (seconds each); past this, the rest wait for the next self-test.
+GPU_CHECK_SECONDS = 120.0
+SELF_TEST_BORROWER = "self-test"  # the pool's owner of a GPU while the self-test looks at it
+MAX_WHY_CHARS = 300
+MAX_DETAIL_CHARS = 2000
 
 
 def device_present(path: str) -> bool:
@@ -57,24 +66,24 @@ class Check:
 
 class NodeHealth:
     """Thread-safe. `engine_probe(image)` raises (any exception, its message the detail) when the engine cannot
-    create and remove a container; `gpus()` lists the GPUs the agent would hand out; `gpu_probe(image, gpus)`
-    returns uuid -> why for each GPU a container does not see (executors' `probe_gpus`); `hold_gpu(uuid, why)`
-    holds one out (why) or returns it (None); `token_rejected()` says the last heartbeat was refused for the
-    token."""
+    create and remove a container; `gpus` is the GPU pool (the units it would hand out, lending one for a look,
+    holding one out); `gpu_probe(image, gpus)` returns uuid -> why for each GPU a container does not see
+    (executors' `probe_gpus`); `probe_image` is the trusted image GPU containers run (None: the GPUs are looked at
+    on the host only); `token_rejected()` says the last heartbeat was refused for the token."""
 
     def __init__(
-        self, settings: Settings, *, engine_probe: Callable[[str | None], None], gpus: Callable[[], list[GpuInfo]],
+        self, settings: Settings, *, engine_probe: Callable[[str | None], None], gpus: GpuAllocator,
         token_rejected: Callable[[], bool], on_change: Callable[[], None] = lambda: None,
         gpu_probe: Callable[[str | None, list[GpuInfo]], dict[str, str]] = lambda image, gpus: {},
-        hold_gpu: Callable[[str, str | None], None] = lambda uuid, why: None,
-        clock: Clock = SYSTEM_CLOCK,
+        probe_image: str | None = None, clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._settings = settings
         self._engine_probe = engine_probe
-        self._gpus = gpus
+        self._pool = gpus
         self._token_rejected = token_rejected
         self._gpu_probe = gpu_probe
-        self._hold_gpu = hold_gpu
+        self._probe_image = probe_image
+        self._said_no_image = False
         self._gpus_held: dict[str, str] = {}  # uuid -> why, as the last GPU check found
         self._on_change = on_change
         self._clock = clock
@@ -83,7 +92,7 @@ class NodeHealth:
         self._quarantined: str | None = None  # why
         self._since: float | None = None  # wall clock
         self._failing: list[Check] = []
-        self._last_image: str | None = settings.self_test_image
+        self._last_image: str | None = probe_image
         self._wake = threading.Event()
         self._test_now = False
         self._stop = threading.Event()
@@ -121,7 +130,7 @@ class NodeHealth:
             else:
                 self._streak.clear()
                 if completion.metrics.exit_code is not None and image:
-                    self._last_image = self._settings.self_test_image or image  # present here: it just ran
+                    self._last_image = self._probe_image or image  # present here: it just ran
             streak = list(self._streak)
         if limit and len(streak) >= limit:
             self._enter(f"{len(streak)} infrastructure failures in a row ({'; '.join(streak[-limit:])})", [])
@@ -194,26 +203,43 @@ class NodeHealth:
         return Check("jobs_dir", True)
 
     def _check_gpus(self) -> Check:
-        gpus = self._gpus()
+        gpus = self._pool.usable_gpus()
         if not gpus:
             return Check("gpus", True)
         failed = {gpu.uuid: f"{gpu.device_node} is gone on the host" for gpu in gpus if not device_present(gpu.device_node)}
-        with self._lock:
-            image = self._last_image
-        try:
-            failed.update(self._gpu_probe(image, [gpu for gpu in gpus if gpu.uuid not in failed]))
-        except Exception as exc:  # noqa: BLE001 - the engine check says what is wrong with the engine
-            log.warning("self-test: the GPUs could not be looked at in a container: %s", exc)
-            with self._lock:  # not looked at: what the last look found stands
-                failed = {**{u: why for u, why in self._gpus_held.items() if u in {g.uuid for g in gpus}}, **failed}
+        looked = set(failed)
+        image = self._probe_image
+        if image is None and not self._said_no_image:
+            self._said_no_image = True
+            log.warning("self-test: GPUs are looked at on the host only: set --self-test-image to a trusted image "
+                        "with sh (busybox will do) to look at them in a container the way jobs get them")
+        deadline = self._clock.monotonic() + GPU_CHECK_SECONDS
         for gpu in gpus:
-            self._hold_gpu(gpu.uuid, failed.get(gpu.uuid))
-        with self._lock:
-            self._gpus_held = dict(failed)
-        detail = "; ".join(f"GPU {uuid}: {why}" for uuid, why in failed.items())
-        if len(failed) == len(gpus):
+            if image is None or gpu.uuid in failed or self._clock.monotonic() > deadline:
+                continue
+            if not self._pool.lend(gpu.uuid, SELF_TEST_BORROWER):
+                continue  # a job has it (or it drains): its last verdict stands
+            try:
+                why = self._gpu_probe(image, [gpu]).get(gpu.uuid)
+            except Exception as exc:  # noqa: BLE001 - the engine check says what is wrong with the engine
+                log.warning("self-test: the GPUs could not be looked at in a container: %s", exc)
+                break
+            finally:
+                self._pool.release(SELF_TEST_BORROWER)
+            looked.add(gpu.uuid)
+            if why:
+                failed[gpu.uuid] = why[:MAX_WHY_CHARS]
+        with self._lock:  # a GPU not looked at keeps what the last look found
+            held = {u: w for u, w in self._gpus_held.items() if u not in looked and any(g.uuid == u for g in gpus)}
+            held.update(failed)
+            self._gpus_held = held
+        for gpu in gpus:
+            if gpu.uuid in looked:
+                self._pool.set_check_failure(gpu.uuid, failed.get(gpu.uuid))
+        detail = "; ".join(f"GPU {uuid}: {why}" for uuid, why in held.items())[:MAX_DETAIL_CHARS]
+        if len(held) == len(gpus):
             return Check("gpus", False, detail)
-        return Check("gpus", True, f"held out: {detail}" if failed else "")
+        return Check("gpus", True, f"held out: {detail}" if held else "")
 
     def _check_token(self) -> Check:
         if self._token_rejected():

@@ -191,7 +191,9 @@ class Settings(BaseSettings):
     )
     self_test_image: str | None = Field(
         default=None,
-        description="An image on this host the self-test creates a container from; unset: the last image a job ran.",
+        description="A trusted image with sh on this host (busybox will do) that the self-test starts GPU containers "
+        "from and creates its engine-check container from; unset: the agent's own image when it runs in a "
+        "container, else GPUs are looked at on the host only and the engine check uses the last image a job ran.",
     )
     # Data in and out (docs/protocol.md "Inputs and artifacts")
     cache_dir: Path | None = Field(

@@ -240,3 +240,74 @@ def test_instances_report_their_parents_health_and_drain_by_their_own_processes(
     assert report["MIG-1"]["job_id"] == "job-1" and report["MIG-2"]["job_id"] is None
     assert set(t.sample()) == {"GPU-0"}  # sampled once, as the physical GPU it is
     assert t.compute_pids("MIG-1") == [77] and t.compute_pids("MIG-2") == []
+
+
+def test_one_gpu_nvml_cannot_read_is_left_out_and_the_others_keep_their_mig_instances(caplog):
+    nvml = MigNvml()
+    nvml.h100["mem_mb"] = None  # reading its memory raises below
+
+    original = nvml.nvmlDeviceGetMemoryInfo
+
+    def memory(h):
+        if h is nvml.h100:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+        return original(h)
+
+    nvml.nvmlDeviceGetMemoryInfo = memory
+    with caplog.at_level(logging.WARNING):
+        units = detect_gpus(nvml, run=_no_smi)
+    assert [u.uuid for u in units] == ["MIG-aaaa-0", "MIG-aaaa-2", "MIG-aaaa-3"]  # not nvidia-smi's view without MIG
+    assert "GPU 1 cannot be read through NVML" in caplog.text
+
+
+def test_a_gpu_whose_mig_mode_cannot_be_read_is_never_handed_out_whole():
+    nvml = MigNvml()
+    nvml.a100["mig"] = pynvml.NVMLError(pynvml.NVML_ERROR_UNKNOWN)
+    assert [u.uuid for u in detect_gpus(nvml, run=_no_smi)] == ["GPU-h100"]
+
+
+def test_names_that_are_not_utf8_do_not_stop_detection():
+    nvml = MigNvml()
+    nvml.instances[0]["name"] = b"NVIDIA A100 \xff\xfe MIG 3g.40gb"
+    units = detect_gpus(nvml, run=_no_smi)
+    assert units[0].mig_profile == "3g.40gb" and "\ufffd" in units[0].name
+
+
+def test_a_profile_with_no_gpus_asked_for_is_invalid():
+    job = ReceivedJob.parse({"job_id": "j", "image": "i", "resources": {"gpu_profile": "1g.10gb", "gpus": 0}})
+    assert job.spec is None and "no GPUs asked for" in job.problem
+
+
+@pytest.mark.parametrize("profile", ["1g.23gb+me.all", "1g.23gb-me", "1g.23gb+gfx", "2g.45gb+gfx"])
+def test_blackwell_profile_names_are_accepted(profile):
+    assert ReceivedJob.parse({"job_id": "j", "image": "i", "resources": {"gpu_profile": profile}}).spec is not None
+
+
+def test_metrics_have_a_series_per_mig_instance_and_its_own_memory_in_the_heartbeat():
+    from prometheus_client import generate_latest
+
+    from cluster_agent.metrics import Metrics
+
+    units = [GpuInfo(index=0, uuid=f"MIG-{slot}", name="A100 MIG 1g.10gb", memory_total_mb=9728, mig_profile="1g.10gb",
+                     parent_uuid="GPU-0", mig_index=slot) for slot in (1, 2)]
+
+    class Fake(MigTelemetryNvml):
+        def nvmlDeviceGetMemoryInfo(self, h, version=None):
+            if "/mig" in h:
+                return SimpleNamespace(used=100 * 2**20, total=9728 * 2**20)
+            return super().nvmlDeviceGetMemoryInfo(h, version)
+
+    pool = GpuPool(units)
+    t = GpuTelemetry(units, pool, nvml=Fake(**{"GPU-0": {}}))
+    assert t.open()
+    pool.acquire("job-1", 1, threading.Event(), "1g.10gb")
+    pool.set_check_failure("MIG-2", "a container given it through the cdi injection has no /dev/nvidia0")
+    t.sample()
+    metrics = Metrics()
+    metrics.add_gpu_source(t.latest, t.units)
+    text = generate_latest(metrics.registry).decode()
+    assert 'radix_agent_gpu_in_use{uuid="MIG-1"} 1.0' in text and 'radix_agent_gpu_in_use{uuid="MIG-2"} 0.0' in text
+    assert 'radix_agent_gpu_healthy{uuid="MIG-1"} 1.0' in text and 'radix_agent_gpu_healthy{uuid="MIG-2"} 0.0' in text
+    assert 'radix_agent_gpu_temperature_celsius{uuid="GPU-0"}' in text  # telemetry stays the physical GPU's
+    report = {g["uuid"]: g for g in t.report()}
+    assert report["MIG-1"]["memory_used_mb"] == 100 and report["MIG-1"]["memory_total_mb"] == 9728

@@ -29,7 +29,7 @@ class Engine:
 @pytest.fixture
 def parts(tmp_path):
     engine, changes, token = Engine(), [], {"rejected": False}
-    node = NodeHealth(Settings(jobs_workdir=tmp_path, quarantine_after=3), engine_probe=engine, gpus=lambda: [],
+    node = NodeHealth(Settings(jobs_workdir=tmp_path, quarantine_after=3), engine_probe=engine, gpus=GpuPool([]),
                       token_rejected=lambda: token["rejected"], on_change=lambda: changes.append(1))
     return node, engine, changes, token
 
@@ -93,7 +93,7 @@ def test_the_engine_check_creates_from_the_last_image_a_job_ran(parts):
 
 def test_an_unwritable_jobs_directory_fails_the_self_test(tmp_path):
     jobs = tmp_path / "jobs"  # missing: nothing can be written there
-    node = NodeHealth(Settings(jobs_workdir=jobs), engine_probe=Engine(), gpus=lambda: [], token_rejected=lambda: False)
+    node = NodeHealth(Settings(jobs_workdir=jobs), engine_probe=Engine(), gpus=GpuPool([]), token_rejected=lambda: False)
     node.self_test()
     assert node.report()["failing_checks"][0]["name"] == "jobs_dir"
 
@@ -101,7 +101,7 @@ def test_an_unwritable_jobs_directory_fails_the_self_test(tmp_path):
 def test_a_gpu_whose_device_node_is_gone_fails_the_self_test(tmp_path):
     ghost = GpuInfo(index=97, uuid="GPU-ghost", name="fake", memory_total_mb=1)
     assert not os.path.exists("/dev/nvidia97")
-    node = NodeHealth(Settings(jobs_workdir=tmp_path), engine_probe=Engine(), gpus=lambda: [ghost],
+    node = NodeHealth(Settings(jobs_workdir=tmp_path), engine_probe=Engine(), gpus=GpuPool([ghost]),
                       token_rejected=lambda: False)
     node.self_test()
     (check,) = node.report()["failing_checks"]
@@ -118,7 +118,7 @@ def test_the_operator_clears_a_quarantine(parts):
 
 
 def test_quarantine_after_zero_never_quarantines_on_failures(tmp_path):
-    node = NodeHealth(Settings(jobs_workdir=tmp_path, quarantine_after=0), engine_probe=Engine(), gpus=lambda: [],
+    node = NodeHealth(Settings(jobs_workdir=tmp_path, quarantine_after=0), engine_probe=Engine(), gpus=GpuPool([]),
                       token_rejected=lambda: False)
     for n in range(5):
         node.job_finished(f"j{n}", failed(FailureReason.AGENT_ERROR), None)
@@ -140,11 +140,11 @@ def test_a_gpu_a_container_does_not_see_is_held_out_alone_and_returns_when_it_pa
         seen.append((image, [g.uuid for g in gpus]))
         return {u: why for u, why in verdict.items() if u in [g.uuid for g in gpus]}
 
-    node = NodeHealth(Settings(jobs_workdir=tmp_path, self_test_image="job-image:1"), engine_probe=Engine(),
-                      gpus=pool.usable_gpus, token_rejected=lambda: False, gpu_probe=probe,
-                      hold_gpu=pool.set_check_failure)
+    node = NodeHealth(Settings(jobs_workdir=tmp_path), probe_image="job-image:1", engine_probe=Engine(),
+                      gpus=pool, token_rejected=lambda: False, gpu_probe=probe,
+                     )
     checks = {c.name: c for c in node.self_test()}
-    assert seen == [("job-image:1", ["GPU-good", "GPU-bad"])]  # the image jobs run, each GPU the pool would give
+    assert seen == [("job-image:1", ["GPU-good"]), ("job-image:1", ["GPU-bad"])]  # one GPU a container
     assert checks["gpus"].ok and "GPU-bad" in checks["gpus"].detail
     assert not node.quarantined  # one bad GPU takes itself out, not the node
     assert node.report()["gpus_held_out"] == verdict
@@ -162,11 +162,11 @@ def test_a_gpu_a_container_does_not_see_is_held_out_alone_and_returns_when_it_pa
 def test_every_gpu_failing_in_a_container_quarantines_the_node(tmp_path, monkeypatch):
     monkeypatch.setattr("cluster_agent.node_health.device_present", lambda path: True)
     pool = GpuPool(_two_gpus())
-    node = NodeHealth(Settings(jobs_workdir=tmp_path, self_test_image="job-image:1"), engine_probe=Engine(),
-                      gpus=pool.usable_gpus, token_rejected=lambda: False,
+    node = NodeHealth(Settings(jobs_workdir=tmp_path), probe_image="job-image:1", engine_probe=Engine(),
+                      gpus=pool, token_rejected=lambda: False,
                       gpu_probe=lambda image, gpus: {g.uuid: "did not start: nvidia-container-cli: initialization error"
                                                      for g in gpus},
-                      hold_gpu=pool.set_check_failure)
+                     )
     node.self_test()
     assert node.quarantined
     (check,) = node.report()["failing_checks"]
@@ -180,8 +180,8 @@ def test_a_gpu_probe_that_raises_holds_nothing_out(tmp_path, monkeypatch):
     def probe(image, gpus):
         raise EngineUnavailable("Docker engine does not answer")
 
-    node = NodeHealth(Settings(jobs_workdir=tmp_path), engine_probe=Engine(), gpus=pool.usable_gpus,
-                      token_rejected=lambda: False, gpu_probe=probe, hold_gpu=pool.set_check_failure)
+    node = NodeHealth(Settings(jobs_workdir=tmp_path), engine_probe=Engine(), gpus=pool,
+                      token_rejected=lambda: False, gpu_probe=probe)
     checks = {c.name: c for c in node.self_test()}
     assert checks["gpus"].ok and pool.free_count() == 2  # the engine check speaks for an engine that is down
 
@@ -196,9 +196,9 @@ def test_a_gpu_held_out_stays_out_while_the_engine_cannot_look_again(tmp_path, m
             raise answer["value"]
         return answer["value"]
 
-    node = NodeHealth(Settings(jobs_workdir=tmp_path, self_test_image="i:1"), engine_probe=Engine(),
-                      gpus=pool.usable_gpus, token_rejected=lambda: False, gpu_probe=probe,
-                      hold_gpu=pool.set_check_failure)
+    node = NodeHealth(Settings(jobs_workdir=tmp_path), probe_image="i:1", engine_probe=Engine(),
+                      gpus=pool, token_rejected=lambda: False, gpu_probe=probe,
+                     )
     node.self_test()
     answer["value"] = EngineUnavailable("Docker engine does not answer")
     node.self_test()
@@ -214,3 +214,35 @@ def _acquire_within(pool, job_id, count, seconds):
             raise TimeoutError
     finally:
         timer.cancel()
+
+
+def test_a_jobs_image_never_runs_in_the_gpu_check_and_a_gpu_a_job_holds_is_not_looked_at(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("cluster_agent.node_health.device_present", lambda path: True)
+    pool = GpuPool(_two_gpus())
+    seen = []
+    probe = lambda image, gpus: seen.append((image, [g.uuid for g in gpus])) or {}  # noqa: E731
+    untrusted = NodeHealth(Settings(jobs_workdir=tmp_path), engine_probe=Engine(), gpus=pool,
+                           token_rejected=lambda: False, gpu_probe=probe)
+    untrusted.job_finished("j", ok(), "hostile/image:1")
+    with caplog.at_level("WARNING"):
+        untrusted.self_test()
+    assert seen == []  # the last job's image is the job's: never started by the agent
+    assert "--self-test-image" in caplog.text
+
+    trusted = NodeHealth(Settings(jobs_workdir=tmp_path), probe_image="busybox:trusted", engine_probe=Engine(),
+                         gpus=pool, token_rejected=lambda: False, gpu_probe=probe)
+    pool.acquire("tenant-job", 1, threading.Event())  # GPU-good
+    trusted.self_test()
+    assert seen == [("busybox:trusted", ["GPU-bad"])]  # the job's GPU is not lent to the self-test
+    assert pool.owner("GPU-good") == "tenant-job" and pool.owner("GPU-bad") is None  # lent and given back
+
+
+def test_a_long_reason_is_cut(tmp_path, monkeypatch):
+    monkeypatch.setattr("cluster_agent.node_health.device_present", lambda path: True)
+    pool = GpuPool(_two_gpus())
+    node = NodeHealth(Settings(jobs_workdir=tmp_path), probe_image="i:1", engine_probe=Engine(), gpus=pool,
+                      token_rejected=lambda: False, gpu_probe=lambda image, gpus: {g.uuid: "x" * 10**6 for g in gpus})
+    node.self_test()
+    report = node.report()
+    assert all(len(why) <= 300 for why in report["gpus_held_out"].values())
+    assert len(report["reason"]) < 3000

@@ -21,3 +21,5 @@ class ExecutionMode:
     disk: DiskGuard  # free space of the jobs directory (and the engine's data root, where there is one)
     capabilities: Callable[[], Capabilities]  # what each heartbeat reports
     close: Callable[[], None]  # stop what the mode started (GPU health sampling)
+    # The image the self-test may start containers from (node_health.py): one the operator trusts, never a job's.
+    self_test_image: str | None = None

@@ -167,9 +167,9 @@ def test_the_self_test_finds_a_gpu_whose_injection_gives_the_container_no_device
 
     monkeypatch.setattr("cluster_agent.node_health.device_present", lambda path: True)  # the host's side is fine
     pool = GpuPool([GPU0, GPU1])
-    node = NodeHealth(Settings(jobs_workdir=tmp_path, self_test_image=BUSYBOX_IMAGE), engine_probe=executor.probe,
-                      gpus=pool.usable_gpus, token_rejected=lambda: False, gpu_probe=executor.probe_gpus,
-                      hold_gpu=pool.set_check_failure)
+    node = NodeHealth(Settings(jobs_workdir=tmp_path), probe_image=BUSYBOX_IMAGE, engine_probe=executor.probe,
+                      gpus=pool, token_rejected=lambda: False, gpu_probe=executor.probe_gpus,
+                     )
     checks = {c.name: c for c in node.self_test()}
     assert all(c.ok for c in checks.values()), checks
     assert not node.quarantined and list(pool.held()) == ["GPU-fake-1"]
@@ -235,7 +235,12 @@ def test_self_test_containers_left_by_a_killed_agent_are_swept(docker_client, bu
 
     from cluster_agent.clock import Clock
 
-    left = docker_client.api.create_container(BUSYBOX_IMAGE, command=["sleep", "600"], labels={"radix.self_test": "1"})
+    import uuid
+
+    from cluster_agent.executors.docker.executor import SELF_TEST_LABELS
+
+    left = docker_client.api.create_container(BUSYBOX_IMAGE, command=["sleep", "600"], labels=SELF_TEST_LABELS,
+                                              name=f"radix-self-test-{uuid.uuid4().hex[:12]}")
     docker_client.api.start(left["Id"])  # a probe that was running when its agent was killed
     fresh = DockerExecutor(docker_client, gpu_injection=NoInjection())
     fresh.probe(BUSYBOX_IMAGE)
@@ -243,3 +248,45 @@ def test_self_test_containers_left_by_a_killed_agent_are_swept(docker_client, bu
     later = DockerExecutor(docker_client, gpu_injection=NoInjection(), clock=Clock(wall=lambda: time.time() + 700))
     later.probe_gpus(BUSYBOX_IMAGE, [GPU0])
     assert docker_client.containers.list(all=True, sparse=True, filters={"label": "radix.self_test=1"}) == []
+
+
+def _image_from_busybox(docker_client, tag, lines):
+    import io
+
+    dockerfile = f"FROM {BUSYBOX_IMAGE}\n" + "\n".join(lines) + "\n"
+    docker_client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True, forcerm=True)
+    return tag
+
+
+def test_labels_and_volumes_of_a_hostile_image_do_not_reach_the_agents_books(docker_client, busybox, tmp_path, cluster_id):
+    # An image that names itself a self-test container and another cluster's job, with a VOLUME.
+    image = _image_from_busybox(docker_client, "radix-test/label-forger:1", [
+        'LABEL radix.self_test="1" radix.cluster_id="' + cluster_id + '" radix.job_id="victim" radix.gpu_ids="GPU-fake-0"',
+        "VOLUME /data",
+    ])
+    volumes_before = {v.id for v in docker_client.volumes.list()}
+    executor = DockerExecutor(docker_client, gpu_injection=_cdi(tmp_path, [
+        {"name": "0", "containerEdits": {"deviceNodes": [{"path": "/dev/nvidia0", "hostPath": "/dev/zero"}]}}]))
+    executor.probe(image)
+    assert executor.probe_gpus(image, [GPU0]) == {}
+    assert {v.id for v in docker_client.volumes.list()} == volumes_before  # the probes' volumes went with them
+    # A job container from it is a job (its labels are the agent's), never taken for a self-test's, and swept by none.
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    job = executor.start(ContainerSpec(
+        name=f"radix-{cluster_id}-forger", image=image, command=["sleep", "30"], env={}, workspace=workspace,
+        labels={"radix.cluster_id": cluster_id, "radix.job_id": "real-job"},
+    ))
+    try:
+        labels = docker_client.api.inspect_container(job)["Config"]["Labels"]
+        assert labels["radix.self_test"] == "" and labels["radix.job_id"] == "real-job"
+        assert [s.job_id for s in executor.list_jobs(cluster_id)] == ["real-job"]
+        import time
+
+        from cluster_agent.clock import Clock
+        later = DockerExecutor(docker_client, gpu_injection=NoInjection(), clock=Clock(wall=lambda: time.time() + 700))
+        later.probe(image)
+        assert docker_client.api.inspect_container(job)["State"]["Running"]  # the sweep spared the job
+    finally:
+        executor.stop(job, 1)
+        executor.remove(job)

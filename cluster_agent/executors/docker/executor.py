@@ -23,7 +23,10 @@ from ...clock import SYSTEM_CLOCK, Clock
 from ...errors import AgentError, EngineUnavailable, ImageGone, JobFailed
 from ...gpu_injection import GpuInjection, NvidiaRuntimeInjection
 from ...models import FailureReason, GpuInfo
-from ..base import LABEL_CLUSTER_ID, WORKSPACE, ContainerSpec, ContainerState, ExitInfo, OutputSink
+from ..base import (
+    LABEL_AGENT_VERSION, LABEL_CLUSTER_ID, LABEL_GPU_IDS, LABEL_JOB_ID, LABEL_TIMEOUT, WORKSPACE, ContainerSpec,
+    ContainerState, ExitInfo, OutputSink,
+)
 from ..hardening import hardening
 from .exits import ExitEvents
 from .engine_api import STDERR_FRAME, STDOUT_FRAME, connect, engine_call, explain, log_frames, state_of
@@ -34,7 +37,14 @@ __all__ = ["DockerExecutor", "connect"]
 
 log = logging.getLogger(__name__)
 
-LABEL_SELF_TEST = "radix.self_test"  # the self-test's containers, never a job's
+LABEL_SELF_TEST = "radix.self_test"  # the self-test's containers ("1"), never a job's
+# The labels of a self-test container: its own, and every job label set empty, so that labels its image carries
+# (the image may be a job's, which is hostile) cannot make it look like a job a restarted agent would adopt. Jobs'
+# containers set LABEL_SELF_TEST empty for the same reason, so an image cannot make one look like a self-test's.
+SELF_TEST_LABELS = {LABEL_SELF_TEST: "1", LABEL_CLUSTER_ID: "", LABEL_JOB_ID: "", LABEL_GPU_IDS: "",
+                    LABEL_TIMEOUT: "", LABEL_AGENT_VERSION: ""}
+# A self-test container's output is a few node names: the engine keeps no more than this of a flood.
+SELF_TEST_LOG_CONFIG = {"type": "json-file", "config": {"max-size": "64k", "max-file": "1"}}
 
 
 class _LimitRefused(Exception):
@@ -128,9 +138,9 @@ class DockerExecutor:
             with engine_call("self-test: create a container"):
                 created = self._api.create_container(
                     image, command=["true"], name=f"radix-self-test-{uuid.uuid4().hex[:12]}",
-                    labels={LABEL_SELF_TEST: "1"}, host_config=self._api.create_host_config(network_mode="none"))
+                    labels=SELF_TEST_LABELS, host_config=self._api.create_host_config(network_mode="none"))
             with engine_call("self-test: remove the container"):
-                self._api.remove_container(created["Id"], force=True)
+                self._api.remove_container(created["Id"], force=True, v=True)  # and the image's VOLUMEs
         except APIError as exc:
             raise AgentError(f"the engine cannot create a container from {image}: {explain(exc)}") from None
 
@@ -156,11 +166,12 @@ class DockerExecutor:
         seconds, so one older than SELF_TEST_STALE_SECONDS is nobody's)."""
         try:
             with engine_call("self-test: list stale containers"):
-                stale = [c["Id"] for c in self._api.containers(all=True, filters={"label": LABEL_SELF_TEST})
-                         if c.get("Created", 0) < self._clock.wall() - SELF_TEST_STALE_SECONDS]
+                stale = [c["Id"] for c in self._api.containers(all=True, filters={"label": f"{LABEL_SELF_TEST}=1"})
+                         if c.get("Created", 0) < self._clock.wall() - SELF_TEST_STALE_SECONDS
+                         and any(name.startswith("/radix-self-test-") for name in c.get("Names") or [])]
             for container_id in stale:
                 with engine_call("self-test: remove a stale container"):
-                    self._api.remove_container(container_id, force=True)
+                    self._api.remove_container(container_id, force=True, v=True)
         except (APIError, EngineUnavailable) as exc:
             log.debug("self-test: stale containers not swept: %s", exc)
 
@@ -172,7 +183,7 @@ class DockerExecutor:
             host_config: dict[str, Any] = {"network_mode": "none", "binds": {}, "cap_drop": ["ALL"],
                                            "security_opt": ["no-new-privileges"], "read_only": True,
                                            "pids_limit": 64, "mem_limit": "128m", "memswap_limit": "128m",
-                                           "nano_cpus": 1_000_000_000}
+                                           "nano_cpus": 1_000_000_000, "log_config": SELF_TEST_LOG_CONFIG}
             env: dict[str, str] = {}
             self._give_gpus([gpu], host_config, env)
         except JobFailed as exc:
@@ -184,7 +195,7 @@ class DockerExecutor:
         try:
             with engine_call("self-test: create a GPU container"):
                 created = self._api.create_container(
-                    image, entrypoint=["sh", "-c", script], environment=env, name=name, labels={LABEL_SELF_TEST: "1"},
+                    image, entrypoint=["sh", "-c", script], environment=env, name=name, labels=SELF_TEST_LABELS,
                     host_config=self._api.create_host_config(**host_config))
             container_id = created["Id"]
             try:
@@ -198,7 +209,7 @@ class DockerExecutor:
                         log.warning("self-test: image %s has no sh, so the GPUs cannot be looked at in a container; "
                                     "set --self-test-image to an image with a shell (busybox will do)", image)
                     return None
-                return f"a container given it through the {how} did not start: {words}"
+                return f"a container given it through the {how} did not start: {words[:200]}"
             try:
                 code = self._api.wait(container_id, timeout=GPU_PROBE_SECONDS).get("StatusCode")
             except requests.exceptions.RequestException:
@@ -213,12 +224,12 @@ class DockerExecutor:
                 return f"a container given it through the {how} has no {', '.join(missing)}"
             return f"a container given it through the {how} could not look for its device nodes (exit {code})"
         except APIError as exc:
-            return f"a container given it through the {how} could not be made: {explain(exc)}"
+            return f"a container given it through the {how} could not be made: {explain(exc)[:200]}"
         finally:
             if container_id is not None:
                 try:
                     with engine_call("self-test: remove a GPU container"):
-                        self._api.remove_container(container_id, force=True)
+                        self._api.remove_container(container_id, force=True, v=True)
                 except (APIError, EngineUnavailable):
                     pass
 
@@ -326,7 +337,7 @@ class DockerExecutor:
             if "setting rlimit" in explain(exc) and any(u["Name"] == "memlock" for u in host_config.get("ulimits", [])):
                 self._forget(container_id)
                 with engine_call(f"remove {spec.name}"):
-                    self._api.remove_container(container_id, force=True)  # its name is taken again at once
+                    self._api.remove_container(container_id, force=True, v=True)  # its name is taken again at once
                 raise _LimitRefused() from None
             self._give_up(container_id)
             raise self._classify(exc, step) from None
@@ -346,7 +357,7 @@ class DockerExecutor:
                     command=spec.command or None,
                     environment=env,
                     working_dir=WORKSPACE,
-                    labels=spec.labels,
+                    labels={**spec.labels, LABEL_SELF_TEST: ""},  # see SELF_TEST_LABELS
                     name=spec.name,
                     detach=True,
                     host_config=self._api.create_host_config(**host_config),
@@ -464,6 +475,8 @@ class DockerExecutor:
             found = self._api.containers(all=True, filters={"label": f"{LABEL_CLUSTER_ID}={cluster_id}"})
             states = []
             for item in found:
+                if (item.get("Labels") or {}).get(LABEL_SELF_TEST):
+                    continue  # never a job, whatever else its labels say
                 state = self.inspect(item["Id"])
                 if state is not None:
                     states.append(state)

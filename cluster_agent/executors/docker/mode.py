@@ -73,6 +73,18 @@ def _own_container_id() -> str | None:
     return socket.gethostname()
 
 
+def own_image(executor: DockerExecutor) -> str | None:
+    """The image (its id) of the agent's own container, when it runs in one: trusted, on this host, with a shell."""
+    container_id = _own_container_id()
+    if container_id is None:
+        return None
+    try:
+        return executor.client.api.inspect_container(container_id).get("Image") or None
+    except Exception as exc:  # noqa: BLE001 - no self-test image is a warning, never a failed start
+        log.debug("own container %s not found through the engine: %s", container_id, exc)
+        return None
+
+
 def check_jobs_mount(executor: DockerExecutor, jobs_workdir: Path, *, setting: str = "--jobs-workdir / RADIX_JOBS_WORKDIR",
                      what: str = "jobs would not see their files") -> None:
     """In a container, the jobs directory (and the input cache, whose entries jobs mount) must be a bind mount at
@@ -162,7 +174,7 @@ def open_mode(settings: Settings, metrics: Metrics | None = None) -> ExecutionMo
             # A finished job's GPUs go back only once NVML sees no compute process left on them.
             pool.watch_processes(telemetry.compute_pids)
             telemetry.start(settings.gpu_health_interval)
-            metrics.add_gpu_source(telemetry.latest)
+            metrics.add_gpu_source(telemetry.latest, telemetry.units)
     engine_root = engine.get("DockerRootDir")
     disk = DiskGuard(
         settings.jobs_workdir, Path(engine_root) if engine_root else None, min_free_gb=settings.min_free_disk_gb,
@@ -180,4 +192,5 @@ def open_mode(settings: Settings, metrics: Metrics | None = None) -> ExecutionMo
         if telemetry is not None:
             telemetry.close()
 
-    return ExecutionMode(executor=executor, gpus=pool, disk=disk, capabilities=report, close=close)
+    return ExecutionMode(executor=executor, gpus=pool, disk=disk, capabilities=report, close=close,
+                         self_test_image=settings.self_test_image or own_image(executor))

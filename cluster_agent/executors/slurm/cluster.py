@@ -199,6 +199,9 @@ class SlurmGpus:
     def set_check_failure(self, uuid: str, why: str | None) -> None:
         pass  # never asked: no GPU of this host is handed out
 
+    def lend(self, uuid: str, borrower: str) -> bool:
+        return False
+
     def faults_of(self, job_id: str) -> dict[str, list[str]]:
         return {}  # Slurm's nodes watch their own GPUs (its health check program drains a bad node)
 
