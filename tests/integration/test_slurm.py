@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from devplane.images import ensure_busybox_image
 
 from .conftest import ROOT, eventually
 
@@ -335,6 +338,55 @@ def test_canceling_a_two_node_job_stops_every_node(multi_agent, cp, cluster_id, 
     assert result["status"] == "canceled", result
     assert [j["state"] for j in slurm_jobs(f"radix-{cluster_id}-{job_id}")] == ["CANCELLED"]
     eventually(lambda: node_containers(docker_client, cluster_id) == [], what="every node's container removed")
+
+
+# A stand-in for torchrun (no PyTorch in the test image): it says how it was called, then meets the other nodes the
+# way torchrun's static rendezvous does, by --node_rank at --rdzv-endpoint; rank 0 writes who came.
+FAKE_TORCHRUN = r"""#!/bin/sh
+echo "torchrun $*"
+for arg; do
+  case "$arg" in
+    --node_rank=*) rank=${arg#*=} ;;
+    --rdzv-endpoint=*) endpoint=${arg#*=} ;;
+    --*) ;;
+    *) break ;;
+  esac
+  shift
+done
+if [ "$rank" = 0 ]; then
+  peer=$(nc -l -p "${endpoint#*:}")
+  printf '{"ranks": [0, %s], "endpoint": "%s", "script": "%s"}' "$peer" "$endpoint" "$*" > /workspace/output.json
+else
+  until echo "$rank" | nc "${endpoint%:*}" "${endpoint#*:}" 2>/dev/null; do sleep 0.2; done
+fi
+"""
+
+
+def test_a_two_node_torchrun_job_runs_torchrun_on_each_node_with_its_rank_and_the_rendezvous(
+        multi_agent, cp, docker_client, tmp_path):
+    script = tmp_path / "torchrun"
+    script.write_text(FAKE_TORCHRUN)
+    image = ensure_busybox_image(docker_client, "radix-test/fake-torchrun:1", {"bin/torchrun": str(script)})
+    multi_agent()
+    record = cp.result(cp.submit(image=image, command=["python", "train.py"], args=["--epochs", "1"],
+                                 orchestration={"nodes": 2, "launcher": "torchrun"}, timeout_seconds=60), wait=90)
+    assert record["result"]["status"] == "succeeded", (record["result"], record["log"])
+    port = 20000 + int(record["started"]["container_id"]) % 10000
+    assert record["result"]["output_payload"] == {"ranks": [0, 1], "endpoint": f"127.0.0.1:{port}",
+                                                  "script": "train.py --epochs 1"}
+    for rank, node in ((0, "node1"), (1, "node2")):
+        assert (f"[node {rank} {node}] torchrun --nnodes=2 --node_rank={rank} --nproc_per_node=1 "
+                f"--rdzv-backend=static --rdzv-endpoint=127.0.0.1:{port} train.py --epochs 1") in record["log"]
+
+
+def test_a_two_node_gpu_job_gets_the_gpus_slurm_gave_each_node(multi_agent, cp):
+    multi_agent()
+    record = cp.result(cp.submit(command=["true"], orchestration={"nodes": 2}, resources={"gpus": 1}), wait=90)
+    # Each node takes its own GPU from Slurm; this engine has no NVIDIA runtime, and the node that says so is named.
+    assert re.search(r"GPUs [01] on node node1", record["log"]) and re.search(r"GPUs [01] on node node2", record["log"])
+    result = record["result"]
+    assert result["failure_reason"] == "agent_error", result
+    assert re.search(r"on Slurm node node[12] (created the container but )?could not", result["error_message"]), result
 
 
 def test_docker_mode_refuses_a_multi_node_job_naming_slurm_mode(start_agent, cp, busybox):
