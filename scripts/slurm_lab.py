@@ -112,14 +112,19 @@ def start(state: Path = DEFAULT_STATE) -> None:
             raise SystemExit(f"slurm_lab: {tool} not found: apt-get install -y slurmctld slurmd slurm-client munge")
     for sub in ("slurmctld", "slurmd", "dev"):
         (state / sub).mkdir(parents=True, exist_ok=True)
+    config = slurm_conf(state)
+    conf_file = state / "slurm.conf"
+    if _alive(state / "slurmctld.pid") and conf_file.exists() and conf_file.read_text() != config:
+        # Daemons of an older lab (one node, other ports): nodes cannot be added to a running slurmctld.
+        stop(state)
     _start_munge(state)
     for i in range(FAKE_GPUS * len(NODES)):
         device = state / "dev" / f"fakegpu{i}"
         if not device.exists():
             os.mknod(device, 0o666 | 0o020000, os.makedev(1, 3))  # a character device that is /dev/null
-    (state / "slurm.conf").write_text(slurm_conf(state))
+    conf_file.write_text(config)
     (state / "gres.conf").write_text(gres_conf(state))
-    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+    os.environ["SLURM_CONF"] = str(conf_file)
     if not _alive(state / "slurmctld.pid"):
         _run("/usr/sbin/slurmctld")
     for name, _ in NODES:
