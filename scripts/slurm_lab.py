@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_STATE = Path(os.environ.get("RADIX_SLURM_LAB_DIR", "/tmp/radix-slurm-lab"))
+DEFAULT_STATE = Path(os.environ.get("SLURM_LAB_DIR", "/tmp/radix-slurm-lab"))
 MUNGE_KEY = Path("/etc/munge/munge.key")
 FAKE_GPUS = 2  # per node
 NODE_CPUS = 8
@@ -37,9 +37,9 @@ MULTI_PARTITION = "multi"
 # (name, address): the first is the node of the one-node tests, and rank 0 of a two-node job.
 # Not `localhost`: Slurm refuses a NodeName that is another node's NodeHostname ("Duplicated NodeHostName").
 NODES = (("node1", "127.0.0.1"), ("node2", "127.0.0.2"))
-# slurmctld's port; the nodes' slurmds listen on the next ones. RADIX_SLURM_LAB_PORT moves a second lab (its own
-# --state directory) out of the way of the first.
-PORT = int(os.environ.get("RADIX_SLURM_LAB_PORT", "6817"))
+# slurmctld's port; the nodes' slurmds listen on the next ones. SLURM_LAB_PORT and SLURM_LAB_DIR move a second
+# lab out of the way of the first (not RADIX_*: the tests keep those out of their environment).
+PORT = int(os.environ.get("SLURM_LAB_PORT", "6817"))
 
 
 def _memory_mb() -> int:
