@@ -3,9 +3,9 @@
 
 Debian's slurmctld + slurmd + munge (installed by .ci/run / `make test-deps`), configured here: one controller and
 two nodes, each a slurmd of its own on this machine (Slurm's multiple-slurmd setup: `slurmd -N <node>`, its own
-port, spool directory and pid file): `node1` (address 127.0.0.1) and `node2` (address 127.0.0.2, also this
-machine's loopback). Partition `debug` (the default) is `node1` alone, partition `multi` both nodes, for
-multi-node jobs. Each node has two count-only GPUs backed by fake device files (so that Slurm schedules
+port, spool directory and pid file): `node1` (address 127.0.0.2) and `node2` (address 127.0.0.3), both this
+machine's loopback, neither the 127.0.0.1 a job would guess. Partition `debug` (the default) is `node1` alone,
+partition `multi` both nodes, for multi-node jobs. Each node has two count-only GPUs backed by fake device files (so that Slurm schedules
 `--gres=gpu:N`, sets CUDA_VISIBLE_DEVICES and reports GPUs in sinfo, though no GPU exists). Both slurmds share this
 machine's network and its one Docker engine: a multi-node job's containers (host network) reach rank 0 at
 MASTER_ADDR, the first node's NodeAddr, as on a real cluster, though here every node address is this machine.
@@ -36,7 +36,7 @@ PARTITION = "debug"
 MULTI_PARTITION = "multi"
 # (name, address): the first is the node of the one-node tests, and rank 0 of a two-node job.
 # Not `localhost`: Slurm refuses a NodeName that is another node's NodeHostname ("Duplicated NodeHostName").
-NODES = (("node1", "127.0.0.1"), ("node2", "127.0.0.2"))
+NODES = (("node1", "127.0.0.2"), ("node2", "127.0.0.3"))
 # slurmctld's port; the nodes' slurmds listen on the next ones. SLURM_LAB_PORT and SLURM_LAB_DIR move a second
 # lab out of the way of the first (not RADIX_*: the tests keep those out of their environment).
 PORT = int(os.environ.get("SLURM_LAB_PORT", "6817"))

@@ -1,5 +1,5 @@
 """--execution-mode slurm against a REAL Slurm cluster: Debian's slurmctld + slurmd + munge, one controller and two
-nodes (two slurmds on this machine, node1 at 127.0.0.1 and node2 at 127.0.0.2), started by scripts/slurm_lab.py,
+nodes (two slurmds on this machine, node1 at 127.0.0.2 and node2 at 127.0.0.3), started by scripts/slurm_lab.py,
 running job containers on the real Docker engine. Single-node jobs go to partition `debug` (node1 alone); the
 multi-node jobs to partition `multi` (both).
 
@@ -295,7 +295,7 @@ def test_a_two_node_job_meets_at_master_addr_and_rank_0_reports_every_rank(multi
     slurm_id = int(record["started"]["container_id"])
     # Rank 0 heard rank 1 over TCP; MASTER_ADDR is node1's address as Slurm knows it (NodeAddr), the port the job's.
     assert payload == {"ranks": [0, 1], "nodes": ["node1", "node2"], "world_size": 2,
-                       "master": f"127.0.0.1:{20000 + slurm_id % 10000}"}
+                       "master": f"127.0.0.2:{20000 + slurm_id % 10000}"}
     log = record["log"]
     assert "[node 0 node1] rank 0 (RANK 0) of NNODES 2 WORLD_SIZE 2 on node1" in log, log
     assert "[node 1 node2] rank 1 (RANK 1) of NNODES 2 WORLD_SIZE 2 on node2" in log, log
@@ -372,11 +372,11 @@ def test_a_two_node_torchrun_job_runs_torchrun_on_each_node_with_its_rank_and_th
                                  orchestration={"nodes": 2, "launcher": "torchrun"}, timeout_seconds=60), wait=90)
     assert record["result"]["status"] == "succeeded", (record["result"], record["log"])
     port = 20000 + int(record["started"]["container_id"]) % 10000
-    assert record["result"]["output_payload"] == {"ranks": [0, 1], "endpoint": f"127.0.0.1:{port}",
+    assert record["result"]["output_payload"] == {"ranks": [0, 1], "endpoint": f"127.0.0.2:{port}",
                                                   "script": "train.py --epochs 1"}
     for rank, node in ((0, "node1"), (1, "node2")):
         assert (f"[node {rank} {node}] torchrun --nnodes=2 --node_rank={rank} --nproc_per_node=1 "
-                f"--rdzv-backend=static --rdzv-endpoint=127.0.0.1:{port} train.py --epochs 1") in record["log"]
+                f"--rdzv-backend=static --rdzv-endpoint=127.0.0.2:{port} train.py --epochs 1") in record["log"]
 
 
 def test_a_two_node_gpu_job_gets_the_gpus_slurm_gave_each_node(multi_agent, cp):
