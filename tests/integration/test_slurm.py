@@ -389,6 +389,23 @@ def test_a_two_node_gpu_job_gets_the_gpus_slurm_gave_each_node(multi_agent, cp):
     assert re.search(r"on Slurm node node[12] (created the container but )?could not", result["error_message"]), result
 
 
+def test_a_restarted_agent_adopts_a_running_two_node_job(multi_agent, cp, cluster_id):
+    first = multi_agent()
+    job_id = cp.submit(orchestration={"nodes": 2}, command=[
+        "sh", "-c", 'echo "started $NODE_RANK"; sleep 8; [ "$NODE_RANK" = 0 ] && echo "{\\"done\\": true}" > output.json; true'])
+    eventually(lambda: cp.result_now(job_id)["started"], timeout=60, what="the job to run")
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+
+    multi_agent(jobs_dir=first.jobs_dir)
+    record = cp.result(job_id, wait=90)
+    assert record["result"]["status"] == "succeeded", record["result"]
+    assert record["result"]["output_payload"] == {"done": True}
+    assert record["deliveries"] == 1 and len(slurm_jobs(f"radix-{cluster_id}-{job_id}")) == 1
+    # The successor resumed the log where the control plane had it: each node's line once.
+    assert record["log"].count("[node 0 node1] started 0") == 1 and record["log"].count("[node 1 node2] started 1") == 1
+
+
 def test_docker_mode_refuses_a_multi_node_job_naming_slurm_mode(start_agent, cp, busybox):
     start_agent()
     result = cp.run(wait=60, command=["true"], orchestration={"nodes": 2})
