@@ -39,10 +39,11 @@ first_failure() {
 }
 
 # The job's first step (<job>.0): one task per node. --export=ALL: sbatch's --export=NONE would otherwise reach
-# the tasks (SLURM_EXPORT_ENV) and drop MASTER_*. Nothing here signals srun itself, and neither --kill-on-bad-exit:
+# the tasks (SLURM_EXPORT_ENV) and drop MASTER_*. Nothing here signals srun itself, and no --kill-on-bad-exit:
 # srun answers SIGTERM and a failed task with SIGKILL to every node's script, which then cannot stop its container.
-# On scancel (a cancel, the time limit) Slurm sends each node's script SIGTERM itself.
-(trap '' TERM; exec srun --export=ALL --nodes=$NODES --ntasks=$NODES --ntasks-per-node=1 sh "$STATE/node.sh") &
+# On scancel (a cancel, the time limit) Slurm sends each node's script SIGTERM itself (srun, signalled too, asks
+# for the step's end, which Slurm carries out after KillWait).
+srun --export=ALL --nodes=$NODES --ntasks=$NODES --ntasks-per-node=1 sh "$STATE/node.sh" &
 SRUN=$!
 SIGNALLED=false
 trap 'SIGNALLED=true' TERM INT
