@@ -21,7 +21,7 @@ help:
 	@echo "make bench   agent vs raw engine: overhead, dispatch latency, throughput, footprint (docs/benchmarks.md)"
 	@echo "make profile-dispatch   py-spy profile of the path from poll answer to running container"
 	@echo "                        (PROFILE_ARGS=\"--path finish\": from a container's exit to its result)"
-	@echo "make slurm-lab  a one-node Slurm cluster here, to try --execution-mode slurm (docs/slurm.md)"
+	@echo "make slurm-lab  a two-node Slurm cluster here, to try --execution-mode slurm (docs/slurm.md)"
 	@echo "make gpu-check  on a GPU host: the agent runs GPU-pinned jobs and checks what they see (docs/gpu.md)"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -67,7 +67,7 @@ demo: demo-deps
 example-ml: demo-deps
 	$(PY) scripts/example_ml.py
 
-# A real one-node Slurm cluster on this machine (root): the Slurm tests start it themselves; this is for trying
+# A real two-node Slurm cluster on this machine (root): the Slurm tests start it themselves; this is for trying
 # --execution-mode slurm by hand (docs/slurm.md). `make slurm-lab-stop` stops it.
 slurm-lab: test-deps
 	$(PY) scripts/slurm_lab.py start

@@ -47,17 +47,27 @@ MASTER_PORT = 29500
 
 
 def torchrun_command(spec: JobSpec, gpus: int) -> list[str]:
-    """`command + args`, wrapped in `torchrun --standalone --nproc_per_node=<the GPUs it got>` when the job asks
-    for it (launcher torchrun, more than one GPU). A job that calls torchrun itself (`torchrun ...`,
+    """`command + args`, wrapped in torchrun when the job asks for it (launcher torchrun): on one node
+    `torchrun --standalone --nproc_per_node=<the GPUs it got>` (more than one GPU only); on N nodes one torchrun per
+    node, `torchrun --nnodes=N --node_rank=$NODE_RANK --nproc_per_node=<GPUs per node, at least 1>
+    --rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT`, through `sh -c` because only the node knows its rank and the first
+    node's address (the executor sets them as env). A job that calls torchrun itself (`torchrun ...`,
     `python -m torch.distributed.run ...`) keeps its own flags."""
     command = [*spec.command, *spec.args]
-    if spec.orchestration.launcher != "torchrun" or gpus <= 1 or not command:
+    nodes = spec.orchestration.nodes
+    if spec.orchestration.launcher != "torchrun" or (gpus <= 1 and nodes == 1) or not command:
         return command
     if _calls_torchrun(command):
         return command
     if os.path.basename(command[0]).startswith("python"):
         command = command[1:]  # torchrun runs the script with its own interpreter
-    return ["torchrun", "--standalone", "--nnodes=1", f"--nproc_per_node={gpus}", *command]
+    if nodes == 1:
+        return ["torchrun", "--standalone", "--nnodes=1", f"--nproc_per_node={gpus}", *command]
+    # The static rendezvous: node_rank 0 hosts the store at the endpoint (c10d's would pick its host by hostname,
+    # which nodes sharing one machine, or one name, cannot tell apart).
+    flags = (f'--nnodes={nodes} --node_rank="$NODE_RANK" --nproc_per_node={max(gpus, 1)} --rdzv-backend=static '
+             '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"')
+    return ["sh", "-c", f'exec torchrun {flags} "$@"', "torchrun", *command]
 
 
 def _calls_torchrun(command: list[str]) -> bool:
@@ -68,8 +78,14 @@ def _calls_torchrun(command: list[str]) -> bool:
 
 
 def distributed_env(spec: JobSpec, gpus: int) -> dict[str, str]:
-    """The rendezvous a PyTorch job reads (torch.distributed's env:// init): one node, rank 0, its GPUs as the
-    local world. torchrun sets RANK/LOCAL_RANK per worker itself; these say where the group meets."""
+    """The rendezvous a PyTorch job reads (torch.distributed's env:// init). One node: rank 0, its GPUs as the
+    local world. N nodes: the sizes only (NNODES, WORLD_SIZE, LOCAL_WORLD_SIZE; one process per node without a
+    launcher, one per GPU with torchrun); NODE_RANK, RANK, MASTER_ADDR and MASTER_PORT differ per node and are
+    set there by the executor. torchrun sets RANK/LOCAL_RANK per worker itself; these say where the group meets."""
+    nodes = spec.orchestration.nodes
+    if nodes > 1:
+        per_node = max(gpus, 1) if spec.orchestration.launcher == "torchrun" else 1
+        return {"NNODES": str(nodes), "WORLD_SIZE": str(nodes * per_node), "LOCAL_WORLD_SIZE": str(per_node)}
     if gpus < 1:
         return {}
     return {"MASTER_ADDR": MASTER_ADDR, "MASTER_PORT": str(MASTER_PORT), "NNODES": "1", "NODE_RANK": "0",
@@ -114,6 +130,10 @@ def container_spec(
     elif host_has_gpus and not gpu_count:
         # On a GPU host, a job without GPUs must not get them through its image's env and the NVIDIA hook.
         env["NVIDIA_VISIBLE_DEVICES"] = "void"
+    nodes = spec.orchestration.nodes
+    if nodes > 1:
+        # The agent's own: a job's env must not give the nodes different ideas of the group's size.
+        env.update(distributed_env(spec, gpu_count))
     cluster_id = settings.cluster_id or "local"
     auth = spec.registry_auth.to_engine() if spec.registry_auth else None
     return ContainerSpec(
@@ -138,7 +158,10 @@ def container_spec(
         pids_limit=settings.pids_limit or None,
         cap_drop=[c.strip().upper() for c in settings.cap_drop.split(",") if c.strip()],
         read_only_rootfs=settings.read_only_rootfs,
-        network=settings.job_network,
+        # The ranks meet at the first node's address (and NCCL/Gloo exchange the nodes' own addresses): a bridge's
+        # NAT or --job-network none would cut them apart, so a multi-node job's containers use the node's network.
+        network="host" if nodes > 1 else settings.job_network,
+        nodes=nodes,
         gpu_count=gpu_count,
         timeout_seconds=timeout,
         pull_policy=settings.pull_policy,

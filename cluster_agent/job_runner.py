@@ -174,6 +174,13 @@ class JobRun:
         spec = self.job.spec
         if spec is None:
             raise JobFailed(FailureReason.INVALID_JOB, self.job.problem or "invalid job")
+        if spec.orchestration.nodes > 1 and self._settings.execution_mode != "slurm":
+            raise JobFailed(
+                FailureReason.INVALID_JOB,
+                f"the job asks for {spec.orchestration.nodes} nodes (orchestration.nodes) but this agent runs jobs on "
+                f"one host (--execution-mode {self._settings.execution_mode}); send it to an agent in "
+                "--execution-mode slurm, or ask for 1 node",
+            )
         self._gpu_count = gpus_for(spec, self._gpus.host_gpus, self._settings.max_concurrent_jobs)
         if self._adopted is None:  # an adopted container runs already, with the GPUs it was given
             self._gpus.check_request(spec.job_id, self._gpu_count, spec.resources.gpu_profile)

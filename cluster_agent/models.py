@@ -84,9 +84,19 @@ KNOWN_LAUNCHERS = ("torchrun", "none")
 MIG_PROFILE_PATTERN = re.compile(r"^(?:[1-9]c\.)?[1-9]g\.[1-9][0-9]{0,3}gb(?:[+-][a-z]{1,8}(?:\.[a-z]{1,8})?){0,4}$")
 
 
+MAX_NODES = 1024
+
+
 class Orchestration(_Lenient):
     num_gpus: int | None = Field(default=None, ge=0, le=1024)
     launcher: str | None = None
+    # Nodes the job runs on, one container each (docs/protocol.md "Multi-node jobs"); more than one needs Slurm mode.
+    nodes: int = Field(default=1, ge=1, le=MAX_NODES)
+
+    @field_validator("nodes", mode="before")
+    @classmethod
+    def _nodes(cls, value: Any) -> Any:
+        return 1 if value is None else value
 
     @field_validator("launcher")
     @classmethod

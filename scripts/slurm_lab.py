@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
-"""A real one-node Slurm cluster on this machine, for the Slurm tests and `make slurm-demo`.
+"""A real two-node Slurm cluster on this machine, for the Slurm tests and `make slurm-lab`.
 
 Debian's slurmctld + slurmd + munge (installed by .ci/run / `make test-deps`), configured here: one controller and
-one node (this machine, as `localhost`) in partition `debug`, with two count-only GPUs backed by fake device files
-(so that Slurm schedules `--gres=gpu:N`, sets CUDA_VISIBLE_DEVICES and reports GPUs in sinfo, though no GPU exists).
+two nodes, each a slurmd of its own on this machine (Slurm's multiple-slurmd setup: `slurmd -N <node>`, its own
+port, spool directory and pid file): `node1` (address 127.0.0.2) and `node2` (address 127.0.0.3), both this
+machine's loopback, neither the 127.0.0.1 a job would guess. Partition `debug` (the default) is `node1` alone,
+partition `multi` both nodes, for multi-node jobs. Each node has two count-only GPUs backed by fake device files (so that Slurm schedules
+`--gres=gpu:N`, sets CUDA_VISIBLE_DEVICES and reports GPUs in sinfo, though no GPU exists). Both slurmds share this
+machine's network and its one Docker engine: a multi-node job's containers (host network) reach rank 0 at
+MASTER_ADDR, the first node's NodeAddr, as on a real cluster, though here every node address is this machine.
 Everything lives under one state directory, the configuration too: /etc/slurm is never touched (a developer's
 machine may be a real cluster's login node). Daemons and clients find it through SLURM_CONF, which `start` sets
 in its own environment (the tests' agents inherit it) and prints for a shell. `stop` kills exactly the daemons
@@ -23,11 +28,18 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_STATE = Path("/tmp/radix-slurm-lab")
+DEFAULT_STATE = Path(os.environ.get("SLURM_LAB_DIR", "/tmp/radix-slurm-lab"))
 MUNGE_KEY = Path("/etc/munge/munge.key")
-FAKE_GPUS = 2
+FAKE_GPUS = 2  # per node
 NODE_CPUS = 8
 PARTITION = "debug"
+MULTI_PARTITION = "multi"
+# (name, address): the first is the node of the one-node tests, and rank 0 of a two-node job.
+# Not `localhost`: Slurm refuses a NodeName that is another node's NodeHostname ("Duplicated NodeHostName").
+NODES = (("node1", "127.0.0.2"), ("node2", "127.0.0.3"))
+# slurmctld's port; the nodes' slurmds listen on the next ones. SLURM_LAB_PORT and SLURM_LAB_DIR move a second
+# lab out of the way of the first (not RADIX_*: the tests keep those out of their environment).
+PORT = int(os.environ.get("SLURM_LAB_PORT", "6817"))
 
 
 def _memory_mb() -> int:
@@ -40,17 +52,22 @@ def _memory_mb() -> int:
 def slurm_conf(state: Path) -> str:
     # Memory as this machine has it, less a margin. More CPUs than it has (config_overrides lets slurmd accept
     # that): the tests' jobs are tiny, and several must run side by side. DefMemPerCPU: a job that names no memory
-    # must not take the whole node.
+    # must not take the whole node. All nodes are this machine (NodeHostname), told apart by address and port.
+    memory = max(1024, _memory_mb() - 2048)
+    nodes = "\n".join(
+        f"NodeName={name} NodeHostname=localhost NodeAddr={address} Port={PORT + 1 + i} CPUs={NODE_CPUS} "
+        f"RealMemory={memory} Gres=gpu:{FAKE_GPUS} State=UNKNOWN" for i, (name, address) in enumerate(NODES))
     return f"""\
 ClusterName=radixlab
 SlurmctldHost=localhost
+SlurmctldPort={PORT}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 StateSaveLocation={state}/slurmctld
-SlurmdSpoolDir={state}/slurmd
+SlurmdSpoolDir={state}/slurmd/%n
 SlurmctldPidFile={state}/slurmctld.pid
-SlurmdPidFile={state}/slurmd.pid
+SlurmdPidFile={state}/slurmd-%n.pid
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SchedulerType=sched/backfill
@@ -60,12 +77,18 @@ MinJobAge=600
 KillWait=15
 GresTypes=gpu
 SlurmctldLogFile={state}/slurmctld.log
-SlurmdLogFile={state}/slurmd.log
+SlurmdLogFile={state}/slurmd-%n.log
 DefMemPerCPU=256
 SlurmdParameters=config_overrides
-NodeName=localhost CPUs={NODE_CPUS} RealMemory={max(1024, _memory_mb() - 2048)} Gres=gpu:{FAKE_GPUS} State=UNKNOWN
-PartitionName={PARTITION} Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+{nodes}
+PartitionName={PARTITION} Nodes={NODES[0][0]} Default=YES MaxTime=INFINITE State=UP
+PartitionName={MULTI_PARTITION} Nodes={",".join(name for name, _ in NODES)} MaxTime=INFINITE State=UP
 """
+
+
+def gres_conf(state: Path) -> str:
+    return "".join(f"NodeName={name} Name=gpu File={state}/dev/fakegpu[{i * FAKE_GPUS}-{(i + 1) * FAKE_GPUS - 1}]\n"
+                   for i, (name, _) in enumerate(NODES))
 
 
 def _run(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -89,27 +112,36 @@ def start(state: Path = DEFAULT_STATE) -> None:
             raise SystemExit(f"slurm_lab: {tool} not found: apt-get install -y slurmctld slurmd slurm-client munge")
     for sub in ("slurmctld", "slurmd", "dev"):
         (state / sub).mkdir(parents=True, exist_ok=True)
+    config = slurm_conf(state)
+    conf_file = state / "slurm.conf"
+    if _alive(state / "slurmctld.pid") and conf_file.exists() and conf_file.read_text() != config:
+        # Daemons of an older lab (one node, other ports): nodes cannot be added to a running slurmctld.
+        stop(state)
     _start_munge(state)
-    for i in range(FAKE_GPUS):
+    for i in range(FAKE_GPUS * len(NODES)):
         device = state / "dev" / f"fakegpu{i}"
         if not device.exists():
             os.mknod(device, 0o666 | 0o020000, os.makedev(1, 3))  # a character device that is /dev/null
-    (state / "slurm.conf").write_text(slurm_conf(state))
-    (state / "gres.conf").write_text(f"NodeName=localhost Name=gpu File={state}/dev/fakegpu[0-{FAKE_GPUS - 1}]\n")
-    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+    conf_file.write_text(config)
+    (state / "gres.conf").write_text(gres_conf(state))
+    os.environ["SLURM_CONF"] = str(conf_file)
     if not _alive(state / "slurmctld.pid"):
         _run("/usr/sbin/slurmctld")
-    if not _alive(state / "slurmd.pid"):
-        _run("/usr/sbin/slurmd")
+    for name, _ in NODES:
+        (state / "slurmd" / name).mkdir(exist_ok=True)
+        if not _alive(state / f"slurmd-{name}.pid"):
+            _run("/usr/sbin/slurmd", "-N", name)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        out = _run("sinfo", "-h", "-o", "%t", check=False).stdout.strip()
-        if out in ("idle", "mix", "alloc"):
+        out = _run("sinfo", "-h", "-N", "-p", MULTI_PARTITION, "-o", "%N %t", check=False).stdout
+        states = dict(line.split() for line in out.splitlines() if len(line.split()) == 2)
+        if len(states) == len(NODES) and all(s.rstrip("*") in ("idle", "mix", "alloc") for s in states.values()):
             return
-        if out.startswith(("down", "drain")):
-            _run("scontrol", "update", "NodeName=localhost", "State=RESUME", check=False)
+        for name, node_state in states.items():
+            if node_state.startswith(("down", "drain")):
+                _run("scontrol", "update", f"NodeName={name}", "State=RESUME", check=False)
         time.sleep(0.5)
-    raise SystemExit(f"slurm_lab: the node did not become idle; see {state}/slurmctld.log and {state}/slurmd.log")
+    raise SystemExit(f"slurm_lab: the nodes did not become idle; see {state}/slurmctld.log and {state}/slurmd-*.log")
 
 
 def _start_munge(state: Path) -> None:
@@ -148,7 +180,7 @@ def stop_controller(state: Path = DEFAULT_STATE) -> None:
 
 def stop(state: Path = DEFAULT_STATE) -> None:
     os.environ["SLURM_CONF"] = str(state / "slurm.conf")
-    for name in ("slurmd", "slurmctld", "munged"):
+    for name in (*(f"slurmd-{node}" for node, _ in NODES), "slurmd", "slurmctld", "munged"):
         pid = _alive(state / f"{name}.pid")
         if pid:
             os.kill(pid, signal.SIGTERM)

@@ -276,3 +276,12 @@ def test_a_gpu_unhealthy_before_the_job_is_not_its_fault(settings):
     pool.set_unhealthy(GPUS[1].uuid, ["temperature 95 C over 90"])
     completion = run(settings, FakeExecutor(), pool, resources={"gpus": 1})  # gets GPU-0, the healthy one
     assert completion.status is JobStatus.SUCCEEDED
+
+
+def test_docker_mode_refuses_a_multi_node_job_before_it_touches_the_engine(settings):
+    executor = FakeExecutor()
+    completion = run(settings, executor, GpuPool(GPUS), orchestration={"nodes": 2})
+    assert completion.status is JobStatus.FAILED and completion.failure_reason is FailureReason.INVALID_JOB
+    assert "asks for 2 nodes" in completion.error_message and "--execution-mode slurm" in completion.error_message
+    assert executor.specs == []  # no container was made
+    assert run(settings, FakeExecutor(), GpuPool(GPUS), orchestration={"nodes": 1}).status is JobStatus.SUCCEEDED

@@ -169,3 +169,57 @@ def test_secret_env_is_checked():
         spec(command=["x"], env={"TOKEN": "x"}, secret_env={"TOKEN": "abcdef123"})
     with pytest.raises(ValidationError, match="not a variable name"):
         spec(command=["x"], secret_env={"RADIX_JOB_ID": "abcdef123"})
+
+
+# --- multi-node jobs (orchestration.nodes; Slurm mode runs them, docs/slurm.md) ----------------------------------
+
+
+def test_nodes_default_to_one_and_must_be_a_positive_count():
+    assert spec(command=["x"]).orchestration.nodes == 1
+    assert spec(command=["x"], orchestration={"nodes": None}).orchestration.nodes == 1
+    assert spec(command=["x"], orchestration={"nodes": 4}).orchestration.nodes == 4
+    for bad in (0, -1, 1025, "two"):
+        with pytest.raises(ValidationError, match="nodes"):
+            spec(command=["x"], orchestration={"nodes": bad})
+
+
+def test_a_multi_node_torchrun_job_runs_one_torchrun_per_node_with_the_nodes_rank_and_rendezvous():
+    s = spec(command=["python", "train.py"], args=["--epochs", "1"],
+             orchestration={"nodes": 2, "launcher": "torchrun"})
+    command = torchrun_command(s, 4)
+    assert command[0:2] == ["sh", "-c"] and command[3:] == ["torchrun", "train.py", "--epochs", "1"]
+    assert command[2] == ('exec torchrun --nnodes=2 --node_rank="$NODE_RANK" --nproc_per_node=4 --rdzv-backend=static '
+                          '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" "$@"')
+    # CPU-only nodes: one worker each. Without the launcher the command is the job's own.
+    assert "--nproc_per_node=1" in torchrun_command(s, 0)[2]
+    assert torchrun_command(spec(command=["python", "t.py"], orchestration={"nodes": 2}), 4) == ["python", "t.py"]
+
+
+def test_the_torchrun_wrapper_really_passes_the_nodes_values_and_the_jobs_arguments(tmp_path):
+    import subprocess
+
+    fake = tmp_path / "torchrun"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "[$a]"; done\n')
+    fake.chmod(0o755)
+    s = spec(command=["python", "train.py"], args=["a b", "$HOME"], orchestration={"nodes": 3, "launcher": "torchrun"})
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "NODE_RANK": "2", "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "20042"}
+    out = subprocess.run(torchrun_command(s, 2), env=env, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["[--nnodes=3]", "[--node_rank=2]", "[--nproc_per_node=2]", "[--rdzv-backend=static]",
+                                "[--rdzv-endpoint=10.0.0.7:20042]", "[train.py]", "[a b]", "[$HOME]"]
+
+
+def test_multi_node_jobs_get_the_group_sizes_and_the_nodes_network(tmp_path):
+    from cluster_agent.container_config import container_spec, distributed_env
+    from cluster_agent.settings import Settings
+
+    torch_job = spec(command=["x"], orchestration={"nodes": 2, "launcher": "torchrun"})
+    assert distributed_env(torch_job, 4) == {"NNODES": "2", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}
+    plain = spec(command=["x"], env={"WORLD_SIZE": "99"}, orchestration={"nodes": 3})
+    assert distributed_env(plain, 4) == {"NNODES": "3", "WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "1"}
+    settings = Settings(jobs_workdir=tmp_path, cluster_id="c1", execution_mode="slurm", job_network="none")
+    made = container_spec(plain, settings, workspace=tmp_path, gpus=[], gpu_count=4, host_has_gpus=False, timeout=60)
+    assert made.nodes == 3 and made.network == "host"  # the ranks meet over the nodes' network
+    assert made.env["WORLD_SIZE"] == "3"  # the agent's: every node must agree on the group
+    single = container_spec(spec(command=["x"]), settings, workspace=tmp_path, gpus=[], gpu_count=0,
+                            host_has_gpus=False, timeout=60)
+    assert single.nodes == 1 and single.network == "none" and "NNODES" not in single.env

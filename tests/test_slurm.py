@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from cluster_agent.errors import ConfigError
 from cluster_agent.executors import ContainerSpec
 from cluster_agent.executors.slurm.executor import SlurmExecutor
-from cluster_agent.executors.slurm.script import batch_script, sbatch_args
+from cluster_agent.executors.slurm.script import batch_script, node_script, sbatch_args
 from cluster_agent.models import FailureReason
 from cluster_agent.settings import Settings
 from cluster_agent.executors.slurm.cli import SlurmJob, parse_scontrol_record, parse_squeue
@@ -150,7 +150,7 @@ def test_the_batch_script_runs_the_container_with_exactly_the_allocated_gpus(tmp
     assert {"--init", "no-new-privileges", "--read-only"} & set(run) == {"--init", "no-new-privileges"}
     assert run[-4:] == ["registry.example.com/team/train:2", "python", "-c", "print('hi')"]
     assert json.loads((state / "exit.json").read_text()) == {"exit_code": 0, "oom_killed": False, "reason": None,
-                                                             "signalled": False}
+                                                             "signalled": False, "node": os.uname().nodename}
 
 
 def test_podman_gets_cdi_devices(tmp_path):
@@ -170,7 +170,7 @@ def test_a_gpu_job_that_slurm_gave_no_gpus_does_not_run(tmp_path):
 def test_exit_code_and_oom_come_back_from_the_node(tmp_path):
     _, state = run_script(tmp_path, spec(tmp_path, gpu_count=0), settings(tmp_path), {"EXIT_CODE": "137", "OOM": "true"})
     assert json.loads((state / "exit.json").read_text()) == {"exit_code": 137, "oom_killed": True, "reason": None,
-                                                             "signalled": False}
+                                                             "signalled": False, "node": os.uname().nodename}
 
 
 def test_an_image_the_node_cannot_pull_is_image_unavailable(tmp_path):
@@ -374,3 +374,162 @@ def test_cached_inputs_reach_the_node_s_container_read_only_even_with_commas_in_
     args = engine_run_args(spec(tmp_path, read_only_files=[(Path("/cache/sha256/ab"), "in/a,b.bin")]))
     mounts = [args[i + 1] for i, arg in enumerate(args) if arg == "--mount"]
     assert mounts[1] == 'type=bind,source=/cache/sha256/ab,"target=/workspace/in/a,b.bin",readonly'
+
+
+# --- multi-node jobs --------------------------------------------------------------------------------------------
+
+
+def test_a_multi_node_job_is_one_slurm_job_of_n_nodes_one_task_each_with_gpus_per_node(tmp_path):
+    args = sbatch_args(spec(tmp_path, nodes=3), settings(tmp_path), tmp_path / "s")
+    assert {"--nodes=3", "--ntasks=3", "--ntasks-per-node=1", "--gres=gpu:2", "--cpus-per-task=4", "--mem=2048M"} <= set(args)
+    args = sbatch_args(spec(tmp_path, nodes=3), settings(tmp_path, slurm_gpu_flag="gpus"), tmp_path / "s")
+    assert "--gpus-per-node=2" in args and not any(a.startswith("--gpus=") for a in args)  # --gpus is the job's total
+    single = sbatch_args(spec(tmp_path), settings(tmp_path), tmp_path / "s")
+    assert {"--nodes=1", "--ntasks=1"} <= set(single) and "--ntasks-per-node=1" not in single
+
+
+def run_node(tmp_path: Path, container: ContainerSpec, env: dict[str, str]) -> tuple[list[list[str]], Path, str]:
+    """node.sh of a multi-node job, as srun runs it on one node (fake engine, the task's Slurm env)."""
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "docker").write_text(FAKE_ENGINE)
+    (bin_dir / "docker").chmod(stat.S_IRWXU)
+    script = node_script(container, settings(tmp_path), state, grace=10, version="test")
+    script = script.replace('export PATH="', f'export PATH="{bin_dir}:', 1)
+    calls = tmp_path / "calls.jsonl"
+    done = subprocess.run(["sh", "-c", script], env={"PATH": os.environ["PATH"], "CALLS": str(calls), "SLURM_JOB_ID": "77",
+                                                     **env}, capture_output=True, text=True, timeout=30)
+    assert done.returncode == int(env.get("EXIT_CODE", 0)), done.stderr
+    return [json.loads(line) for line in calls.read_text().splitlines()], state, done.stdout
+
+
+def test_each_node_runs_its_container_with_its_rank_the_rendezvous_and_its_own_gpus(tmp_path):
+    container = spec(tmp_path, nodes=2, network="host", env={"RADIX_JOB_ID": "job-1", "NODE_RANK": "9",
+                                                              "LOCAL_WORLD_SIZE": "1", "WORLD_SIZE": "2", "NNODES": "2"})
+    # An srun task inherits the batch step's SLURM_JOB_GPUS (the first node's); its own are the step's.
+    calls, state, stdout = run_node(tmp_path, container, {
+        "SLURM_PROCID": "1", "SLURMD_NODENAME": "node2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "20077",
+        "SLURM_JOB_GPUS": "0,1", "SLURM_STEP_GPUS": "2,3"})
+    run = next(c for c in calls if c[0] == "run")
+    assert run[run.index("--name") + 1] == "radix-c1-job-1-77-1"
+    assert run[run.index("--gpus") + 1] == '"device=2,3"'
+    assert run[run.index("--network") + 1] == "host"
+    envs = [run[i + 1] for i, a in enumerate(run) if a == "--env"]
+    # The node's own values come after the job's env: the engine keeps the last one.
+    assert envs.index("NODE_RANK=1") > envs.index("NODE_RANK=9")
+    assert {"MASTER_ADDR=10.0.0.1", "MASTER_PORT=20077", "RANK=1", "RADIX_SLURM_NODE=node2"} <= set(envs)
+    assert "radix.node_rank=1" in run
+    assert stdout == "[node 1 node2] container output\n"  # every line says which node printed it
+    assert json.loads((state / "node-1" / "exit.json").read_text()) == {
+        "exit_code": 0, "oom_killed": False, "reason": None, "signalled": False, "node": "node2"}
+    assert not (state / "exit.json").exists()  # the job's own is launch.sh's
+
+
+def test_torchrun_nodes_get_no_rank_of_their_own(tmp_path):
+    # torchrun gives each of its workers a RANK; the container's would be the node's, not a worker's.
+    container = spec(tmp_path, nodes=2, gpu_count=0, env={"LOCAL_WORLD_SIZE": "4"})
+    calls, _, _ = run_node(tmp_path, container, {"SLURM_PROCID": "0", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
+    envs = [c for c in next(c for c in calls if c[0] == "run") if c.startswith("RANK=")]
+    assert envs == []
+
+
+FAKE_SLURM = {
+    "scontrol": """#!/bin/sh
+case "$1 $2" in
+  "show hostnames") echo node1; echo node2 ;;
+  "show node") echo "NodeName=$4 Arch=x86_64 CoresPerSocket=1 NodeAddr=10.0.0.$(echo "$4" | tr -dc 0-9) NodeHostName=$4" ;;
+esac
+""",
+    "scancel": '#!/bin/sh\necho "$@" >> "$STATE/scancel.calls"\n',
+    # Each node's result as the scenario says; a node that "runs" waits (up to 5 s) until the step is signalled.
+    "srun": """#!/bin/sh
+echo "$@" > "$STATE/srun.args"; echo "$MASTER_ADDR:$MASTER_PORT" > "$STATE/srun.env"
+for rank in 0 1; do
+  eval "result=\\$NODE$rank"
+  [ "$result" = missing ] && continue
+  [ "$result" = running ] && continue
+  mkdir -p "$STATE/node-$rank"
+  echo "$result" > "$STATE/node-$rank/exit.json"
+  case "$result" in *'"reason": "'*) echo "rank $rank could not run" > "$STATE/node-$rank/node_error.txt" ;; esac
+done
+for rank in 0 1; do
+  eval "result=\\$NODE$rank"
+  if [ "$result" = running ]; then
+    i=0; while [ ! -f "$STATE/scancel.calls" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+    mkdir -p "$STATE/node-$rank"
+    echo '{"exit_code": 143, "oom_killed": false, "reason": null, "signalled": true, "node": "node1"}' > "$STATE/node-$rank/exit.json"
+  fi
+done
+""",
+}
+
+
+def run_launch(tmp_path: Path, node0: str, node1: str) -> tuple[int, Path]:
+    state = tmp_path / "state"
+    state.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in FAKE_SLURM.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    script = batch_script(spec(tmp_path, nodes=2), settings(tmp_path), state, grace=10, version="test")
+    script = script.replace('export PATH="', f'export PATH="{bin_dir}:', 1)
+    done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30, env={
+        "PATH": os.environ["PATH"], "STATE": str(state), "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node[1-2]",
+        "NODE0": node0, "NODE1": node1})
+    return done.returncode, state
+
+
+def exit_of(code, node, signalled=False, reason=None):
+    return json.dumps({"exit_code": code, "oom_killed": False, "reason": reason, "signalled": signalled, "node": node})
+
+
+def test_the_launch_script_runs_every_node_and_rank_0_is_the_jobs_result(tmp_path):
+    code, state = run_launch(tmp_path, exit_of(0, "node1"), exit_of(0, "node2"))
+    assert code == 0
+    assert (state / "srun.args").read_text().split() == [
+        "--export=ALL", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "sh", f"{state}/node.sh"]
+    assert (state / "srun.env").read_text().strip() == "10.0.0.1:20077"  # node1's NodeAddr; 20000 + job id % 10000
+    assert json.loads((state / "exit.json").read_text()) == {
+        "exit_code": 0, "oom_killed": False, "reason": None, "signalled": False, "node": "node1", "rank": 0, "nodes": 2}
+
+
+def test_a_node_failing_stops_the_others_and_is_the_jobs_result(tmp_path):
+    code, state = run_launch(tmp_path, "running", exit_of(3, "node2"))
+    assert code == 1
+    assert (state / "scancel.calls").read_text().split() == ["--signal=TERM", "77.0"]  # the step's tasks, not srun
+    assert json.loads((state / "exit.json").read_text()) == {
+        "exit_code": 3, "oom_killed": False, "reason": None, "signalled": False, "node": "node2", "rank": 1,
+        "nodes": 2, "failed": True}
+
+
+def test_a_node_that_could_not_pull_fails_the_job_with_its_reason(tmp_path):
+    code, state = run_launch(tmp_path, exit_of(0, "node1"), exit_of(None, "node2", reason="image_unavailable"))
+    written = json.loads((state / "exit.json").read_text())
+    assert code == 1 and (written["reason"], written["rank"]) == ("image_unavailable", 1)
+    assert (state / "node_error.txt").read_text() == "rank 1 could not run\n"  # the node's own message
+
+
+def test_a_node_that_wrote_no_exit_status_is_an_agent_error(tmp_path):
+    code, state = run_launch(tmp_path, exit_of(0, "node1"), "missing")
+    assert code == 3
+    assert json.loads((state / "exit.json").read_text())["reason"] == "agent_error"
+    assert "node rank(s) 1 of the job wrote no exit status" in (state / "node_error.txt").read_text()
+
+
+def test_a_failed_node_is_named_in_the_jobs_failure(tmp_path):
+    executor = SlurmExecutor(settings(tmp_path), FakeCli(SlurmJob(job_id="41", state="FAILED", name="x")), user="u")
+    state = executor.state_dir("job-1")
+    state.mkdir(parents=True)
+    (state / "slurm_job_id").write_text("41")
+    (state / "exit.json").write_text(json.dumps({"exit_code": 3, "oom_killed": False, "reason": None, "signalled": False,
+                                                 "node": "node2", "rank": 1, "nodes": 2, "failed": True}))
+    info = executor.exit_info("41")
+    assert info.exit_code == 3 and info.failure_reason is FailureReason.EXIT_CODE
+    assert "node node2 (rank 1 of 2 nodes) exited with code 3" in info.error
+    (state / "exit.json").write_text(json.dumps({"exit_code": 137, "oom_killed": True, "node": "node1", "rank": 0,
+                                                 "nodes": 2, "failed": True}))
+    info = executor.exit_info("41")
+    assert info.failure_reason is FailureReason.OOM and "node node1 (rank 0 of 2 nodes) was killed for running out of memory" in info.error

@@ -56,6 +56,9 @@ class ContainerSpec:
     timeout_seconds: float = 0.0
     pull_policy: str = "if-not-present"
     registry_auth: dict[str, str] | None = None
+    # Nodes the job spans, one container each (only an executor backed by a scheduler takes more than one). Each
+    # node's container gets NODE_RANK, RANK (no launcher), MASTER_ADDR and MASTER_PORT from the executor.
+    nodes: int = 1
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from ...models import FailureReason, GpuInfo
 from ...settings import Settings
 from .cli import QueueView, SlurmCli, SlurmJob
 from ..base import LABEL_CLUSTER_ID, LABEL_JOB_ID, STOP_GRACE_SECONDS, ContainerSpec, ContainerState, ExitInfo, OutputSink
-from .script import batch_script, sbatch_args
+from .script import batch_script, node_script, sbatch_args
 
 __all__ = ["SlurmExecutor"]
 
@@ -103,6 +103,10 @@ class SlurmExecutor:
         script = batch_script(spec, self._settings, state, grace=STOP_GRACE_SECONDS, version=__version__)
         try:
             self._write_state(state, spec, script)
+            if spec.nodes > 1:
+                # srun starts it on every node from the shared state directory (sbatch copies only its own script).
+                write_private(state / "node.sh", node_script(spec, self._settings, state, grace=STOP_GRACE_SECONDS,
+                                                             version=__version__).encode())
         except OSError as exc:
             raise JobFailed(FailureReason.AGENT_ERROR, f"cannot write the job's Slurm state directory {state}: "
                             f"{exc.strerror or exc}; check free space and permissions of --jobs-workdir") from None
@@ -260,6 +264,8 @@ class SlurmExecutor:
             code = written.get("exit_code") if isinstance(written, dict) else None
             return ExitInfo(exit_code=code if isinstance(code, int) else None, oom_killed=job.state == "OUT_OF_MEMORY",
                             failure_reason=reason, error=message)
+        if isinstance(written, dict) and written.get("failed") and isinstance(written.get("exit_code"), int):
+            return _node_failure(written)
         if isinstance(written, dict) and isinstance(written.get("exit_code"), int):
             return ExitInfo(exit_code=written["exit_code"], oom_killed=bool(written.get("oom_killed")))
         if job is not None and job.exit_code is not None:
@@ -344,6 +350,17 @@ class SlurmExecutor:
                         self._job_of[slurm_id] = state.name
                     return state
         return None
+
+
+def _node_failure(written: dict) -> ExitInfo:
+    """One node of a multi-node job failed (launch.sh's exit.json: the node's own, with its rank and the job's
+    node count): the job failed with that node's exit code, and the message names the node."""
+    code = written["exit_code"]
+    oom = bool(written.get("oom_killed"))
+    where = f"node {written.get('node') or '?'} (rank {written.get('rank', '?')} of {written.get('nodes', '?')} nodes)"
+    what = "was killed for running out of memory (raise resources.memory_mb)" if oom else f"exited with code {code}"
+    return ExitInfo(exit_code=code, oom_killed=oom, failure_reason=FailureReason.OOM if oom else FailureReason.EXIT_CODE,
+                    error=f"the job's container on {where} {what}; the other nodes' containers were stopped")
 
 
 def _read_new(path: Path, offset: int, sink: OutputSink) -> tuple[int, bool]:

@@ -6,6 +6,12 @@ allocated (SLURM_JOB_GPUS / CUDA_VISIBLE_DEVICES), mounts the job directory at /
 `exit.json` (exit code, OOM flag, or the node-side reason it could not run) into the job's state directory, which
 is on the same shared storage as the job directories. On SIGTERM (scancel, the time limit, preemption) it stops
 the container with the same grace as the Docker executor, well inside Slurm's KillWait.
+
+A multi-node job (spec.nodes > 1) is one Slurm job of N nodes, one task each: its batch script is launch.sh, which
+runs that same per-node script (node.sh in the state directory) on every node with srun. Each node's container gets
+NODE_RANK (the task's rank), MASTER_ADDR (the first node's NodeAddr) and MASTER_PORT, prefixes its output lines
+with `[node <rank> <name>] `, and writes its own node-<rank>/exit.json; launch.sh stops every node when one fails
+and writes the job's exit.json (rank 0's, or the failed node's with its rank).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from ...settings import Settings
 from ..base import LABEL_CLUSTER_ID, LABEL_JOB_ID, WORKSPACE, ContainerSpec
 from ..hardening import hardening
 
-__all__ = ["batch_script", "cluster_args", "engine_run_args", "sbatch_args"]
+__all__ = ["batch_script", "cluster_args", "engine_run_args", "node_script", "sbatch_args"]
 
 # Slurm's --time is in minutes: the agent's own timeout (to the second) acts first, Slurm's limit is the backstop
 # for when no agent is watching.
@@ -46,15 +52,20 @@ def sbatch_args(spec: ContainerSpec, settings: Settings, state_dir: Path) -> lis
         f"--chdir={state_dir}",
         "--export=NONE",  # the agent's environment (its token) stays on the login node
         "--no-requeue",  # a node failure ends the job (NODE_FAIL) instead of running it twice
-        "--nodes=1",
-        "--ntasks=1",
+        f"--nodes={spec.nodes}",
+        f"--ntasks={spec.nodes}",
     ]
+    if spec.nodes > 1:
+        args.append("--ntasks-per-node=1")
     if spec.timeout_seconds:
         args.append(f"--time={math.ceil((spec.timeout_seconds + TIME_LIMIT_SLACK_SECONDS) / 60)}")
     if spec.gpu_count:
         kind = f"{settings.slurm_gpu_type}:" if settings.slurm_gpu_type else ""
+        # A job's GPU count is per node: --gres is; --gpus would be the whole job's.
         if settings.slurm_gpu_flag == "gres":
             args.append(f"--gres=gpu:{kind}{spec.gpu_count}")
+        elif spec.nodes > 1:
+            args.append(f"--gpus-per-node={kind}{spec.gpu_count}")
         else:
             args.append(f"--gpus={kind}{spec.gpu_count}")
     if spec.cpus:
@@ -114,10 +125,20 @@ class _Template(string.Template):
 
 
 BATCH_TEMPLATE = _Template((Path(__file__).with_name("batch.sh")).read_text())
+LAUNCH_TEMPLATE = _Template((Path(__file__).with_name("launch.sh")).read_text())
 
 
 def batch_script(spec: ContainerSpec, settings: Settings, state_dir: Path, *, grace: float, version: str) -> str:
-    """The batch script (batch.sh beside this module) for one job, every value shell-quoted."""
+    """The script sbatch gets: for one node the container's own (batch.sh beside this module); for several,
+    launch.sh, which runs `node_script` (written to `state_dir`/node.sh) on each node. Every value shell-quoted."""
+    if spec.nodes > 1:
+        return LAUNCH_TEMPLATE.substitute(job_id=spec.labels.get(LABEL_JOB_ID, ""), version=version,
+                                          state=shlex.quote(str(state_dir)), nodes=spec.nodes)
+    return node_script(spec, settings, state_dir, grace=grace, version=version)
+
+
+def node_script(spec: ContainerSpec, settings: Settings, state_dir: Path, *, grace: float, version: str) -> str:
+    """The script that runs the job's container on one node (batch.sh), every value shell-quoted."""
     engine = settings.slurm_container_engine
     gpu_mode = settings.gpu_mode if settings.gpu_mode in ("nvidia", "cdi") else ("cdi" if engine == "podman" else "nvidia")
     q = shlex.quote
@@ -135,4 +156,8 @@ def batch_script(spec: ContainerSpec, settings: Settings, state_dir: Path, *, gr
         grace_seconds=math.ceil(grace),
         run_args=" ".join(q(a) for a in engine_run_args(spec)),
         image_and_command=" ".join(q(a) for a in [spec.image, *spec.command]),
+        nodes=spec.nodes,
+        # One process per node (no launcher, or torchrun on one GPU): its global rank is the node's. torchrun
+        # gives each of several workers its own.
+        rank_env="yes" if spec.env.get("LOCAL_WORLD_SIZE") == "1" else "no",
     )
