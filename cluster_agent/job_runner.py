@@ -174,7 +174,7 @@ class JobRun:
         spec = self.job.spec
         if spec is None:
             raise JobFailed(FailureReason.INVALID_JOB, self.job.problem or "invalid job")
-        if spec.orchestration.nodes > 1 and self._settings.execution_mode != "slurm":
+        if spec.orchestration.nodes > self._executor.max_nodes:
             raise JobFailed(
                 FailureReason.INVALID_JOB,
                 f"the job asks for {spec.orchestration.nodes} nodes (orchestration.nodes) but this agent runs jobs on "

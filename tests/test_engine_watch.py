@@ -6,6 +6,7 @@ from cluster_agent.errors import EngineUnavailable
 
 class FlakyEngine:
     engine_name = "the fake engine"
+    max_nodes = 1
     jobs_die_with_engine = True
 
     def __init__(self, answers):

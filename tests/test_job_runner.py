@@ -18,6 +18,7 @@ class FakeExecutor:
 
     jobs_die_with_engine = True
     engine_name = "the fake engine"
+    max_nodes = 1
 
     def __init__(self, run_seconds=0.0):
         self.specs: list[ContainerSpec] = []

@@ -101,6 +101,7 @@ class Executor(Protocol):
     # unexplained kill signal worth blaming on an engine restart.
     jobs_die_with_engine: bool
     engine_name: str  # for messages: "the Docker engine", "the Slurm controller"
+    max_nodes: int  # nodes one job may span (orchestration.nodes): 1 on one host, a scheduler's many
 
     def ping(self) -> None:
         """Raise EngineUnavailable unless the engine answers."""

@@ -87,6 +87,7 @@ class _RemovalRefused(EngineUnavailable):
 class DockerExecutor:
     jobs_die_with_engine = True  # without live-restore, a dockerd restart kills every container
     engine_name = "the Docker engine"
+    max_nodes = 1
 
     def __init__(
         self,

@@ -30,7 +30,7 @@ from ... import __version__
 from ...clock import SYSTEM_CLOCK, Clock
 from ...errors import EngineUnavailable, JobFailed, SlurmRefused
 from ...files import read_json, write_private
-from ...models import FailureReason, GpuInfo
+from ...models import MAX_NODES, FailureReason, GpuInfo
 from ...settings import Settings
 from .cli import QueueView, SlurmCli, SlurmJob
 from ..base import LABEL_CLUSTER_ID, LABEL_JOB_ID, STOP_GRACE_SECONDS, ContainerSpec, ContainerState, ExitInfo, OutputSink
@@ -62,6 +62,7 @@ NODE_REASONS = {"image_unavailable": FailureReason.IMAGE_UNAVAILABLE, "agent_err
 class SlurmExecutor:
     jobs_die_with_engine = False  # slurmctld restarting does not end jobs
     engine_name = "the Slurm controller"
+    max_nodes = MAX_NODES
 
     def __init__(
         self, settings: Settings, cli: SlurmCli | None = None, *, user: str | None = None, clock: Clock = SYSTEM_CLOCK
