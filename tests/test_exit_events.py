@@ -117,3 +117,21 @@ def test_an_oom_event_before_the_exit_marks_it_not_plain():
     announced = events.wait("c1", 5)
     assert announced.oom and not announced.plain
     events.close()
+
+
+def test_on_podman_the_stream_asks_for_died_and_skips_containers_without_the_job_label():
+    from cluster_agent.executors.docker.engine_kind import EngineKind
+
+    api = FakeApi()
+    events = ExitEvents(api, clock=SYSTEM_CLOCK, filters=EngineKind("Podman", "4.3.1").exit_event_filters())
+    events.start()
+    assert api.connected.wait(5)
+    # Podman 4.3 matches its own event name (`died`) and ignores a label filter without a value.
+    assert "died" in api.calls[0]["filters"]["event"] and "label" not in api.calls[0]["filters"]
+    stranger = die("c2", 0)
+    del stranger["Actor"]["Attributes"]["radix.job_id"]
+    api.streams[0].items.put(stranger)
+    api.streams[0].items.put(die("c1", 5))
+    assert events.wait("c1", 5).exit_code == 5
+    assert events.take("c2") is None  # another container's exit is not remembered
+    events.close()

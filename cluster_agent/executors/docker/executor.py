@@ -28,6 +28,7 @@ from ..base import (
     ContainerState, ExitInfo, OutputSink,
 )
 from ..hardening import hardening
+from .engine_kind import DOCKER, EngineKind, identify
 from .exits import ExitEvents
 from .engine_api import STDERR_FRAME, STDOUT_FRAME, connect, engine_call, explain, log_frames, state_of
 from .images import ImagePuller
@@ -86,7 +87,6 @@ class _RemovalRefused(EngineUnavailable):
 
 class DockerExecutor:
     jobs_die_with_engine = True  # without live-restore, a dockerd restart kills every container
-    engine_name = "the Docker engine"
     max_nodes = 1
 
     def __init__(
@@ -108,10 +108,25 @@ class DockerExecutor:
         self._attached_lock = threading.Lock()
         self._reaper = ContainerReaper(self._remove_for_sure)
         self._exits = ExitEvents(self._api, clock=clock)  # started with the first job (exits.py says why)
+        self.engine: EngineKind = DOCKER  # identify() tells Docker from Podman
 
     @property
     def client(self) -> docker.DockerClient:
         return self._client
+
+    @property
+    def engine_name(self) -> str:
+        return self.engine.engine_name
+
+    def identify(self) -> EngineKind:
+        """Ask the engine what it is (Docker or Podman) and adapt to it; before the first job."""
+        with engine_call("read the engine's version"):
+            try:
+                self.engine = identify(self._api.version())
+            except APIError as exc:
+                raise EngineUnavailable(f"the engine does not tell its version: {explain(exc)}") from None
+        self._exits.filters = self.engine.exit_event_filters()
+        return self.engine
 
     def close(self) -> None:
         """Stop reading the engine's events (the mode's close)."""

@@ -28,6 +28,7 @@ import docker
 
 from ...clock import Clock
 from ..base import LABEL_JOB_ID
+from .engine_kind import DOCKER
 
 __all__ = ["ExitEvents", "Exit"]
 
@@ -56,9 +57,11 @@ class Exit:
 class ExitEvents:
     """Thread-safe. `start()` once; `wait()` from any job thread."""
 
-    def __init__(self, api: docker.APIClient, *, clock: Clock) -> None:
+    def __init__(self, api: docker.APIClient, *, clock: Clock, filters: dict[str, Any] | None = None) -> None:
         self._api = api
         self._clock = clock
+        # The engine's own filter spelling (engine_kind.py): Podman's differs from Docker's. Set before start().
+        self.filters: dict[str, Any] = filters or DOCKER.exit_event_filters()
         self._cond = threading.Condition()
         self._exits: OrderedDict[str, Exit] = OrderedDict()
         # Started by this process, after the stream's replay point; True: a plain exit may be judged from its event.
@@ -133,7 +136,7 @@ class ExitEvents:
             try:
                 stream = self._api.events(
                     since=self._since - REPLAY_SLACK_SECONDS,
-                    filters={"type": "container", "event": ["die", "oom"], "label": [LABEL_JOB_ID]},
+                    filters=self.filters,
                     decode=True,
                 )
                 with self._cond:
@@ -155,6 +158,9 @@ class ExitEvents:
         if not isinstance(event, dict) or event.get("status") not in ("die", "oom"):
             return
         container_id = event.get("id")
+        attributes = (event.get("Actor") or {}).get("Attributes") or {}
+        if "label" not in self.filters and LABEL_JOB_ID not in attributes:
+            return  # not a job's container: an engine that cannot filter by label (Podman) sends them all
         if event["status"] == "oom":
             if isinstance(container_id, str):
                 with self._cond:
@@ -162,7 +168,6 @@ class ExitEvents:
                     while len(self._oom) > MAX_REMEMBERED:
                         self._oom.popitem(last=False)
             return
-        attributes = (event.get("Actor") or {}).get("Attributes") or {}
         try:
             exit_code = int(attributes.get("exitCode"))
             at = int(event["timeNano"]) / 1e9

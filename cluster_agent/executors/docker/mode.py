@@ -27,8 +27,9 @@ __all__ = ["check_jobs_mount", "connect_engine", "open_mode"]
 log = logging.getLogger(__name__)
 
 ENGINE_FIX = (
-    "start dockerd, or when the agent runs in a container mount the socket with "
-    "-v /var/run/docker.sock:/var/run/docker.sock, or point --docker-host / DOCKER_HOST at the engine"
+    "start dockerd (or Podman's socket: systemctl enable --now podman.socket), or when the agent runs in a "
+    "container mount the socket with -v /var/run/docker.sock:/var/run/docker.sock, or point --docker-host / "
+    "RADIX_DOCKER_HOST (else DOCKER_HOST) at the engine, e.g. unix:///run/podman/podman.sock"
 )
 
 
@@ -51,10 +52,21 @@ def connect_engine(settings: Settings) -> DockerExecutor:
             connect(settings.docker_host), pull_timeout=settings.pull_timeout, pull_stall_seconds=settings.pull_stall_seconds
         )
         executor.ping()
+        engine = executor.identify()
         runtimes = executor.info().get("Runtimes") or {}
     except EngineUnavailable as exc:
         raise ConfigError(f"{exc}; {engine_fix(str(exc))}") from None
+    log.info("engine: %s", engine.describe())
     dirs = [Path(d.strip()) for d in settings.cdi_spec_dirs.split(",") if d.strip()]
+    if engine.podman:
+        if settings.gpu_mode == "nvidia":
+            raise ConfigError(
+                "--gpu-mode / RADIX_GPU_MODE nvidia: the engine is Podman, whose Docker-compatible API ignores "
+                "device requests and runtimes, so jobs would run without their GPUs; use --gpu-mode cdi (or auto) "
+                "with a CDI spec (`nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`)"
+            )
+        # Podman may list an nvidia runtime, but its compatible API would not use it: CDI or nothing.
+        runtimes = {}
     executor.gpu_injection = choose_injection(settings.gpu_mode, runtimes, dirs)
     return executor
 

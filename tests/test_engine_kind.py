@@ -1,0 +1,38 @@
+"""Docker or Podman, told from the engine's /version answer (recorded from Docker 28.2 and Debian's Podman 4.3.1)."""
+
+from cluster_agent.executors.docker.engine_kind import identify
+
+DOCKER_VERSION = {
+    "Platform": {"Name": "Docker Engine - Community"},
+    "Components": [{"Name": "Engine", "Version": "28.2.2", "Details": {"ApiVersion": "1.50"}},
+                   {"Name": "containerd", "Version": "1.7.24"}, {"Name": "runc", "Version": "1.1.5"}],
+    "Version": "28.2.2", "ApiVersion": "1.50",
+}
+PODMAN_VERSION = {
+    "Platform": {"Name": "linux/amd64/debian-12"},
+    "Components": [{"Name": "Podman Engine", "Version": "4.3.1", "Details": {"APIVersion": "4.3.1"}},
+                   {"Name": "Conmon", "Version": "conmon version 2.1.6"}, {"Name": "OCI Runtime (crun)"}],
+    "Version": "4.3.1", "ApiVersion": "1.41",
+}
+
+
+def test_docker_is_docker_and_keeps_its_event_filters():
+    engine = identify(DOCKER_VERSION)
+    assert not engine.podman and engine.name == "Docker" and engine.version == "28.2.2"
+    assert engine.engine_name == "the Docker engine"
+    assert engine.exit_event_filters() == {"type": "container", "event": ["die", "oom"], "label": ["radix.job_id"]}
+    assert "differences" not in engine.describe()
+
+
+def test_podman_is_told_by_its_component_not_its_version_number():
+    engine = identify(PODMAN_VERSION)
+    assert engine.podman and engine.version == "4.3.1" and engine.api_version == "1.41"
+    assert engine.engine_name == "the Podman engine"
+    assert "died" in engine.exit_event_filters()["event"]
+    described = engine.describe()
+    assert described.startswith("Podman 4.3.1, Docker API 1.41; differences from Docker:") and "CDI" in described
+
+
+def test_an_answer_without_components_is_docker():
+    assert identify({"Version": "20.10.24", "ApiVersion": "1.41"}).name == "Docker"
+    assert identify({}).name == "Docker"
