@@ -6,6 +6,7 @@ past the deadline, the executor's own verdict (a scheduler's failure states), OO
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,10 @@ EXIT_CODE_HINTS = {
     126: " (the command is not executable in the image)",
     127: " (the command was not found in the image; check command and the image's PATH)",
 }
+
+# Podman's init (catatonit) exits 1 when it cannot exec the job's command, where Docker's (tini) exits 127 as a
+# shell does: read as 127, so that one job gets one verdict whichever engine runs it.
+INIT_EXEC_FAILED = re.compile(r"^ERROR \(catatonit:\d+\): failed to exec pid1: ", re.MULTILINE)
 
 
 @dataclass
@@ -62,6 +67,12 @@ def judge(
         )
 
     exit_code = ending.exit_code
+    hint = EXIT_CODE_HINTS.get(exit_code or 0, "")
+    if exit_code == 1 and INIT_EXEC_FAILED.search(stderr_tail):
+        exit_code = metrics.exit_code = 127
+        program = (spec.command or spec.args or ["the image's entrypoint"])[0]
+        # catatonit does not name the program it could not run
+        hint = f" (the command {program} was not found in the image; check command and the image's PATH)"
     if ending.stop_reason is FailureReason.CANCELED:
         return done(JobStatus.CANCELED, FailureReason.CANCELED, ending.stop_message)
     if ending.stop_reason is not None:
@@ -89,7 +100,6 @@ def judge(
                         "or use less memory"),
         )
     if exit_code != 0:
-        hint = EXIT_CODE_HINTS.get(exit_code or 0, "")
         return done(JobStatus.FAILED, FailureReason.EXIT_CODE, with_stderr(f"job exited with code {exit_code}{hint}"))
     if output_error is not None:
         return done(JobStatus.FAILED, FailureReason.INVALID_OUTPUT, output_error)
