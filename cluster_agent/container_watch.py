@@ -11,6 +11,7 @@ import logging
 import threading
 from typing import Callable
 
+from .clock import SYSTEM_CLOCK
 from .engine_watch import EngineWatch
 from .errors import EngineUnavailable, JobFailed
 from .executors import STOP_GRACE_SECONDS, ContainerState, Executor
@@ -30,6 +31,13 @@ ENGINE_PROBE_SECONDS = 3.0
 TIMEOUT_SLACK_SECONDS = 1.0
 # The longest single wait call: a wait is re-issued, so that a deadline is never missed by an engine's timer.
 WAIT_CHUNK_SECONDS = 60.0
+# On an engine whose jobs outlive it (Podman's API service), a job's output stream ends when the service stops.
+# A container still running this long after its stream ended had its stream cut; one that finished this much after
+# its stream ended did too (the stream ends after the exit, a little before the engine records it).
+CUT_STREAM_RUNNING_SECONDS = 2.0
+CUT_STREAM_SLACK_SECONDS = 0.5
+# How long a cut stream waits for the engine to answer again before leaving the job's output to the watch.
+CUT_STREAM_ENGINE_SECONDS = 60.0
 
 OutputSink = Callable[[bytes], None]
 
@@ -99,15 +107,48 @@ class ContainerWatch:
             collected.feed_stderr(data)
             output(data)
 
-        if replay:
-            target: Callable[[], None] = lambda: self._executor.replay_output(  # noqa: E731
-                container_id, on_stdout, on_stderr, skip_stdout=collected.stdout_bytes, skip_stderr=collected.stderr_bytes
-            )
-        else:
-            target = lambda: self._executor.stream_output(container_id, on_stdout, on_stderr)  # noqa: E731
+        def target() -> None:
+            if replay:
+                self._executor.replay_output(container_id, on_stdout, on_stderr, skip_stdout=collected.stdout_bytes,
+                                             skip_stderr=collected.stderr_bytes)
+            else:
+                self._executor.stream_output(container_id, on_stdout, on_stderr)
+            if not self._executor.jobs_die_with_engine:
+                self._resume_if_cut(container_id, on_stdout, on_stderr, collected, ended_at=SYSTEM_CLOCK.wall())
+
         reader = threading.Thread(target=target, name=f"output-{self._job_id}", daemon=True)
         reader.start()
         return reader
+
+    def _resume_if_cut(self, container_id: str, on_stdout: OutputSink, on_stderr: OutputSink,
+                       collected: OutputCollector, *, ended_at: float) -> None:
+        """Podman's API service may stop or restart under a running job (socket activation, an upgrade): conmon
+        keeps the job running, but the output stream the service carried ends, and the wait may never notice an
+        outage. What the job wrote past the cut is read from its log, skipping what was already read."""
+        since = self._clock()
+        running_since: float | None = None
+        while True:
+            try:
+                state = self._executor.inspect(container_id)
+            except EngineUnavailable:
+                if self._clock() - since > CUT_STREAM_ENGINE_SECONDS:
+                    return  # the watch waits for the engine and reads the rest itself
+                SYSTEM_CLOCK.sleep(0.5)
+                continue
+            if state is None:
+                return
+            if not state.running:
+                if state.finished_at is None or state.finished_at <= ended_at + CUT_STREAM_SLACK_SECONDS:
+                    return  # the stream ended with the job
+                break
+            running_since = self._clock() if running_since is None else running_since
+            if self._clock() - running_since >= CUT_STREAM_RUNNING_SECONDS:
+                break
+            SYSTEM_CLOCK.sleep(0.2)
+        log.info("job %s: its output stream was cut (the engine's API service restarted); reading the rest from "
+                 "its log", self._job_id)
+        self._executor.replay_output(container_id, on_stdout, on_stderr, skip_stdout=collected.stdout_bytes,
+                                     skip_stderr=collected.stderr_bytes)
 
     def _wait_until_done(
         self, container_id: str, deadline: float, timeout: float, collected: OutputCollector, reader: threading.Thread
@@ -133,10 +174,16 @@ class ContainerWatch:
                 reader.join(timeout=5)  # its stream broke with the engine
                 if state.running:
                     log.info("job %s: its container survived the engine restart; still watching it", self._job_id)
-                    reader = self._read_output(container_id, collected, replay=True)
+                    if not reader.is_alive():  # else it resumes the stream itself (_resume_if_cut)
+                        reader = self._read_output(container_id, collected, replay=True)
                     continue
-                ending.engine_lost = True
-                self._read_output(container_id, collected, replay=True).join(timeout=30)  # what it printed meanwhile
+                # Ended while the engine was away: killed with it (dockerd), or by itself (Podman's service is not
+                # what runs its containers), which its exit code then judges.
+                ending.engine_lost = self._executor.jobs_die_with_engine
+                if reader.is_alive():
+                    reader.join(timeout=30)  # resuming its cut stream: what it printed meanwhile
+                else:
+                    self._read_output(container_id, collected, replay=True).join(timeout=30)  # what it printed meanwhile
                 return self._with_stop(ending)
         return self._past_deadline(container_id, timeout, ending)
 

@@ -36,3 +36,28 @@ def test_podman_is_told_by_its_component_not_its_version_number():
 def test_an_answer_without_components_is_docker():
     assert identify({"Version": "20.10.24", "ApiVersion": "1.41"}).name == "Docker"
     assert identify({}).name == "Docker"
+
+
+def test_the_agents_own_container_is_found_under_podman_too(tmp_path):
+    from cluster_agent.executors.docker.mode import _own_container_id
+
+    container_id = "a" * 64
+    containerenv = tmp_path / ".containerenv"
+    containerenv.write_text(f'engine="podman-4.3.1"\nname="radix-agent"\nid="{container_id}"\nimage="x"\nrootless=0\n')
+    assert _own_container_id(tmp_path / "no-dockerenv", containerenv) == container_id
+    assert _own_container_id(tmp_path / "no-dockerenv", tmp_path / "none") is None
+
+
+def test_the_executor_adapts_to_podman_once_identified():
+    from unittest.mock import MagicMock
+
+    from cluster_agent.executors.docker import DockerExecutor
+
+    client = MagicMock()
+    executor = DockerExecutor(client)
+    assert executor.engine_name == "the Docker engine" and executor.jobs_die_with_engine
+    client.api.version.return_value = PODMAN_VERSION
+    assert executor.identify().podman
+    assert executor.engine_name == "the Podman engine"
+    assert not executor.jobs_die_with_engine  # conmon keeps a job running while the API service restarts
+    assert "died" in executor._exits.filters["event"]

@@ -86,7 +86,6 @@ class _RemovalRefused(EngineUnavailable):
 
 
 class DockerExecutor:
-    jobs_die_with_engine = True  # without live-restore, a dockerd restart kills every container
     max_nodes = 1
 
     def __init__(
@@ -117,6 +116,12 @@ class DockerExecutor:
     @property
     def engine_name(self) -> str:
         return self.engine.engine_name
+
+    @property
+    def jobs_die_with_engine(self) -> bool:
+        # Without live-restore, a dockerd restart kills every container; Podman has no daemon holding them
+        # (each has its conmon), so its API service may stop or restart under running jobs.
+        return not self.engine.podman
 
     def identify(self) -> EngineKind:
         """Ask the engine what it is (Docker or Podman) and adapt to it; before the first job."""

@@ -71,9 +71,18 @@ def connect_engine(settings: Settings) -> DockerExecutor:
     return executor
 
 
-def _own_container_id() -> str | None:
-    """This process's container id, when it runs in a Docker container."""
-    if not Path("/.dockerenv").exists():
+def _own_container_id(dockerenv: Path = Path("/.dockerenv"), containerenv: Path = Path("/run/.containerenv")) -> str | None:
+    """This process's container id, when it runs in a Docker or Podman container."""
+    if containerenv.exists():
+        # Podman writes this file instead of /.dockerenv; rootful, it names the container (id="...").
+        try:
+            match = re.search(r'^id="([0-9a-f]{64})"$', containerenv.read_text(), re.MULTILINE)
+            if match:
+                return match.group(1)
+        except OSError:
+            pass
+        return socket.gethostname()
+    if not dockerenv.exists():
         return None
     try:
         mountinfo = Path("/proc/self/mountinfo").read_text()
