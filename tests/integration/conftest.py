@@ -2,6 +2,10 @@
 
 No engine is a failure, not a skip: `scripts/ensure-docker.sh` (run by `make test` and .ci/run) starts one.
 Each test gets its own cluster id; teardown force-removes every container labelled with it.
+
+`AGENT_TEST_ENGINE=podman` runs the tests marked `engine` against Podman instead: a `podman system service` the
+session starts (tests/podman_service.py), which the tests' Docker client and every agent they start reach through
+DOCKER_HOST; the other tests are deselected (`make test` runs that subset after the Docker run).
 """
 
 from __future__ import annotations
@@ -22,17 +26,62 @@ import pytest
 
 from devplane import DevControlPlane
 from devplane.images import BUSYBOX_IMAGE, ensure_busybox_image
+from tests.podman_service import PodmanService
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "integration-cluster-token"
+ENGINE = os.environ.get("AGENT_TEST_ENGINE", "docker")
+ENGINES = ("docker", "podman")
+
+
+def pytest_collection_modifyitems(config, items):
+    if ENGINE == "docker":
+        # What only Podman does (its API service restarting under running jobs) has no Docker counterpart here:
+        # dockerd's restart is test_zz_engine_restart.py.
+        wanted = lambda item: not item.get_closest_marker("podman_only")  # noqa: E731
+    else:
+        # The Podman run is the engine suite only: the rest (Slurm, the agent's image, dockerd restarts) is Docker's.
+        wanted = lambda item: item.get_closest_marker("engine") or item.get_closest_marker("podman_only")  # noqa: E731
+    config.hook.pytest_deselected(items=[item for item in items if not wanted(item)])
+    items[:] = [item for item in items if wanted(item)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def container_engine():
+    """The engine the session tests against: "docker" (DOCKER_HOST or the local socket), or a PodmanService whose
+    socket DOCKER_HOST names for the session (the agents the tests start inherit it)."""
+    if ENGINE not in ENGINES:
+        pytest.fail(f"AGENT_TEST_ENGINE={ENGINE!r}: give one of {', '.join(ENGINES)}")
+    if ENGINE == "docker":
+        yield "docker"
+        return
+    try:
+        service = PodmanService().start()
+    except RuntimeError as exc:
+        pytest.fail(f"AGENT_TEST_ENGINE=podman, but Podman cannot run here: {exc}")
+    previous = os.environ.get("DOCKER_HOST")
+    os.environ["DOCKER_HOST"] = service.docker_host
+    try:
+        # A fresh engine: the job image `make test-deps` builds for Docker is made here (an import, no registry).
+        with contextlib.closing(docker.DockerClient(base_url=service.docker_host)) as client:
+            ensure_busybox_image(client)
+        yield service
+    finally:
+        if previous is None:
+            os.environ.pop("DOCKER_HOST", None)
+        else:
+            os.environ["DOCKER_HOST"] = previous
+        service.stop()
 
 
 @pytest.fixture(scope="session")
-def docker_client():
+def docker_client(container_engine):
     try:
         client = docker.from_env()
         client.ping()
     except Exception as exc:  # noqa: BLE001 - any failure here means the same thing
+        if ENGINE == "podman":
+            pytest.fail(f"the Podman service does not answer ({exc}); its log: {container_engine.log_path}")
         pytest.fail(f"no Docker engine answers ({exc}); run scripts/ensure-docker.sh (make test does)")
     yield client
     client.close()

@@ -3,6 +3,7 @@
 
 import os
 
+import pytest
 import yaml
 
 from cluster_agent.executors import ContainerSpec
@@ -26,6 +27,7 @@ def _run(executor, spec):
         executor.remove(container_id)
 
 
+@pytest.mark.engine
 def test_cdi_spec_becomes_devices_mounts_and_env_in_a_real_container(docker_client, busybox, tmp_path, cluster_id):
     driver = tmp_path / "driver"
     driver.mkdir()
@@ -44,6 +46,7 @@ def test_cdi_spec_becomes_devices_mounts_and_env_in_a_real_container(docker_clie
     cdi.mkdir()
     (cdi / "nvidia.yaml").write_text(yaml.safe_dump(spec))
     executor = DockerExecutor(docker_client, gpu_injection=CdiInjection(find_cdi_specs([cdi])))
+    executor.identify()  # as the mode does: Docker or Podman
     workspace = tmp_path / "ws"
     workspace.mkdir()
     script = (
@@ -63,8 +66,10 @@ def test_cdi_spec_becomes_devices_mounts_and_env_in_a_real_container(docker_clie
     assert "read-only" in out
 
 
+@pytest.mark.engine
 def test_no_injection_refuses_a_gpu_container(docker_client, busybox, tmp_path, cluster_id):
     executor = DockerExecutor(docker_client, gpu_injection=NoInjection())
+    executor.identify()  # as the mode does: Docker or Podman
     try:
         executor.start(ContainerSpec(
             name=f"radix-{cluster_id}-none", image=BUSYBOX_IMAGE, command=["true"], env={}, workspace=tmp_path,
@@ -83,6 +88,8 @@ def test_nvidia_runtime_strategy_on_an_engine_without_it_names_the_fix(docker_cl
     from cluster_agent.models import FailureReason
 
     executor = DockerExecutor(docker_client, gpu_injection=NvidiaRuntimeInjection())
+
+    executor.identify()  # as the mode does: Docker or Podman
     assert "nvidia" not in (docker_client.info().get("Runtimes") or {}), "this test needs an engine without the NVIDIA runtime"
     try:
         executor.start(ContainerSpec(
@@ -111,6 +118,7 @@ def test_a_gpu_job_gets_a_large_shm_unlimited_memlock_a_64_mib_stack_and_private
         "devices": [{"name": "0", "containerEdits": {"deviceNodes": [{"path": "/dev/nvidia0", "hostPath": "/dev/zero"}]}}],
     }))
     executor = DockerExecutor(docker_client, gpu_injection=CdiInjection(find_cdi_specs([cdi])))
+    executor.identify()  # as the mode does: Docker or Podman
     workspace = tmp_path / "ws"
     workspace.mkdir()
     script = ("grep -E 'Max locked memory|Max stack size' /proc/self/limits; df -k /dev/shm | tail -1; "

@@ -2,6 +2,8 @@
 
 import time
 
+import pytest
+
 from tests.integration.conftest import eventually
 
 CAP_NET_RAW = 13
@@ -21,6 +23,7 @@ def capability_bounding_set(stdout: str) -> int:
     return int(line.split()[1], 16)
 
 
+@pytest.mark.engine
 def test_default_cap_drop_removes_raw_sockets(cp, start_agent, docker_client):
     start_agent()
     _, attrs, result = inspect_while_running(cp, docker_client, command=["sh", "-c", "grep CapBnd /proc/self/status; sleep 1"])
@@ -28,12 +31,14 @@ def test_default_cap_drop_removes_raw_sockets(cp, start_agent, docker_client):
     assert not capability_bounding_set(result["output_payload"]["stdout"]) & (1 << CAP_NET_RAW)
 
 
+@pytest.mark.engine
 def test_cap_drop_all(cp, start_agent):
     start_agent("--cap-drop", "ALL")
     result = cp.run(command=["sh", "-c", "grep CapBnd /proc/self/status"])
     assert capability_bounding_set(result["output_payload"]["stdout"]) == 0
 
 
+@pytest.mark.engine
 def test_read_only_root_filesystem_keeps_the_workspace_and_tmp_writable(cp, start_agent):
     start_agent("--read-only-rootfs")
     script = "touch /etc/x 2>/dev/null && echo root-writable || echo root-read-only; touch /tmp/y && echo tmp-ok; touch ws-ok"
@@ -41,6 +46,7 @@ def test_read_only_root_filesystem_keeps_the_workspace_and_tmp_writable(cp, star
     assert result["output_payload"]["stdout"] == "root-read-only\ntmp-ok\nws-ok\n"
 
 
+@pytest.mark.engine
 def test_job_network_none_cuts_the_job_off(cp, start_agent, docker_client):
     start_agent("--job-network", "none")
     _, attrs, result = inspect_while_running(cp, docker_client, command=["sh", "-c", "ls /sys/class/net; sleep 1"])
@@ -56,6 +62,7 @@ def test_allowed_images_refuse_other_images(cp, start_agent, docker_client, clus
     assert "not allowed" in refused["error_message"] and "--allowed-images" in refused["error_message"]
 
 
+@pytest.mark.engine
 def test_pull_policy_never_does_not_pull(cp, start_agent):
     start_agent("--pull-policy", "never")
     assert cp.run(command=["true"])["status"] == "succeeded"  # present locally
@@ -65,6 +72,7 @@ def test_pull_policy_never_does_not_pull(cp, start_agent):
     assert missing["metrics"]["retryable"] is True  # a node that has the image can run it
 
 
+@pytest.mark.engine
 def test_pull_policy_always_pulls_even_a_present_image(cp, start_agent):
     start_agent("--pull-policy", "always")
     started = time.monotonic()
@@ -73,6 +81,7 @@ def test_pull_policy_always_pulls_even_a_present_image(cp, start_agent):
     assert time.monotonic() - started < 60
 
 
+@pytest.mark.engine
 def test_a_job_spec_cannot_ask_for_host_access(cp, start_agent, docker_client):
     start_agent()
     _, attrs, result = inspect_while_running(
@@ -82,7 +91,7 @@ def test_a_job_spec_cannot_ask_for_host_access(cp, start_agent, docker_client):
     )
     host = attrs["HostConfig"]
     assert host["Privileged"] is False
-    assert host["NetworkMode"] == "bridge" and host["PidMode"] == ""
+    assert host["NetworkMode"] == "bridge" and host["PidMode"] in ("", "private")  # Podman names the default
     assert not host.get("CapAdd") and not host.get("Devices")
     assert host["SecurityOpt"] == ["no-new-privileges"]
     assert [m["Destination"] for m in attrs["Mounts"]] == ["/workspace"]

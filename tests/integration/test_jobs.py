@@ -18,6 +18,7 @@ def agent(start_agent):
     return start_agent()
 
 
+@pytest.mark.engine
 def test_happy_path_output_json(cp, agent):
     result = cp.run(
         command=["sh", "-c"],
@@ -35,6 +36,7 @@ def test_happy_path_output_json(cp, agent):
     assert result["tenant_id"] == "demo-tenant"
 
 
+@pytest.mark.engine
 def test_stdout_json(cp, agent):
     result = cp.run(command=["echo", '{"n": 1, "list": [1, 2]}'])
     assert result["status"] == "succeeded"
@@ -42,6 +44,7 @@ def test_stdout_json(cp, agent):
     assert result["metrics"]["output_source"] == "stdout_json"
 
 
+@pytest.mark.engine
 def test_plain_output_is_wrapped(cp, agent):
     result = cp.run(command=["sh", "-c", "echo hello; echo oops >&2"])
     assert result["status"] == "succeeded"
@@ -49,11 +52,13 @@ def test_plain_output_is_wrapped(cp, agent):
     assert result["metrics"]["output_source"] == "wrapped"
 
 
+@pytest.mark.engine
 def test_env_command_and_args_reach_the_container(cp, agent):
     result = cp.run(command=["sh", "-c", 'echo "$A-$B-$1"', "arg0"], args=["third"], env={"A": "one", "B": 2})
     assert result["output_payload"]["stdout"] == "one-2-third\n"
 
 
+@pytest.mark.engine
 def test_non_zero_exit(cp, agent):
     result = cp.run(command=["sh", "-c", "echo partial; echo 'it broke' >&2; exit 3"])
     assert result["status"] == "failed"
@@ -84,6 +89,7 @@ def test_output_json_symlink_to_a_host_path_is_refused(cp, agent):
     assert "symbolic link" in result["error_message"]
 
 
+@pytest.mark.engine
 def test_missing_image(cp, agent):
     result = cp.run(image="radix-test/does-not-exist:1", command=["true"])
     assert result["status"] == "failed"
@@ -96,6 +102,7 @@ def test_missing_image(cp, agent):
     assert result["metrics"]["failure_class"] == ("infrastructure" if unreachable else "job"), result
 
 
+@pytest.mark.engine
 def test_command_missing_from_the_image(cp, agent):
     result = cp.run(command=["/no/such/program"])
     assert result["status"] == "failed"
@@ -134,6 +141,7 @@ def test_invalid_job_specs(cp, agent, fields, fragment):
     assert fragment in result["error_message"]
 
 
+@pytest.mark.engine
 def test_timeout_stops_the_container(cp, agent, docker_client, cluster_id):
     started = time.monotonic()
     result = cp.run(command=["sleep", "120"], timeout_seconds=2)
@@ -150,6 +158,7 @@ def test_default_timeout_comes_from_the_setting(cp, start_agent):
     assert result["failure_reason"] == "timeout"
 
 
+@pytest.mark.engine
 def test_oom_under_a_small_memory_limit(cp, agent):
     # tail keeps a whole "line" of /dev/zero (no newline) in memory: far past 32 MiB.
     result = cp.run(command=["sh", "-c", "head -c 400m /dev/zero | tail > /dev/null"], resources={"memory_mb": 32})
@@ -168,6 +177,7 @@ def test_a_child_killed_for_memory_fails_the_job_as_oom_whatever_the_parent_exit
     assert result["status"] == "failed" and result["failure_reason"] == "oom", result
 
 
+@pytest.mark.engine
 def test_container_is_hardened_and_sees_only_its_workspace(cp, agent, docker_client, cluster_id):
     job_id = cp.submit(command=["sh", "-c", "grep NoNewPrivs /proc/self/status; cat /proc/mounts; sleep 3"])
     deadline = time.monotonic() + 20
@@ -192,6 +202,7 @@ def test_container_is_hardened_and_sees_only_its_workspace(cp, agent, docker_cli
     eventually(lambda: not (agent.jobs_dir / job_id).exists(), what="job directory removed")
 
 
+@pytest.mark.engine
 def test_resources_are_applied(cp, agent):
     result = cp.run(
         command=["sh", "-c", "cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/memory.max 2>/dev/null; df -m /dev/shm | tail -1"],
@@ -215,6 +226,7 @@ def test_a_job_printing_hundreds_of_mb_does_not_grow_the_agent(cp, agent):
     assert peak - baseline < 60, f"agent grew from {baseline:.0f} MB to {peak:.0f} MB while a job printed 300 MB"
 
 
+@pytest.mark.engine
 def test_jobs_run_one_after_another_and_all_get_results(cp, agent):
     ids = [cp.submit(command=["sh", "-c", f"echo '{{\"i\": {i}}}'"]) for i in range(5)]
     results = [cp.result(job_id) for job_id in ids]
@@ -223,6 +235,7 @@ def test_jobs_run_one_after_another_and_all_get_results(cp, agent):
     assert all(r["idempotency_keys"] == [r["job_id"]] for r in results)
 
 
+@pytest.mark.engine
 def test_run_job_prints_the_completion(tmp_path, busybox):
     import subprocess
     import sys
@@ -259,12 +272,14 @@ def test_run_job_prints_the_completion(tmp_path, busybox):
     assert given.startswith("job-") and f"running it as {given}" in out.stderr
 
 
+@pytest.mark.engine
 def test_an_image_removed_between_two_jobs_is_found_missing_at_create(cp, start_agent, docker_client, busybox):
     """The agent takes an image it found present moments ago as present (no engine round trip per job); one removed
     in between is found by the container's create, made present again (here: it cannot be pulled), and the job
     gets the true reason."""
-    name = f"radix-test/removed-between:{time.monotonic_ns()}"
-    docker_client.images.get(busybox).tag(name)
+    tag = str(time.monotonic_ns())
+    name = f"radix-test/removed-between:{tag}"
+    docker_client.images.get(busybox).tag("radix-test/removed-between", tag)  # Podman refuses a tag in the repository
     start_agent()
     assert cp.run(image=name, command=["echo", "{}"])["status"] == "succeeded"
     eventually(lambda: not docker_client.containers.list(all=True, sparse=True, filters={"ancestor": name}), what="container gone")

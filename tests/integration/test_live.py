@@ -31,6 +31,7 @@ def cancel_and_wait(cp, docker_client, job_id):
     return record, time.monotonic() - asked
 
 
+@pytest.mark.engine
 def test_start_call_names_the_container(cp, start_agent, docker_client):
     start_agent()
     job_id = cp.submit(command=["sleep", "2"])
@@ -43,6 +44,7 @@ def test_start_call_names_the_container(cp, start_agent, docker_client):
     assert started["at"] <= record["completed_at"]
 
 
+@pytest.mark.engine
 def test_log_stream_equals_the_output_byte_for_byte(cp, start_agent):
     start_agent()
     script = f"{PRINT_LINES}; sleep 0.5; echo 'to stderr ✓' >&2; sleep 0.5; echo tail-line"
@@ -57,6 +59,7 @@ def test_log_stream_equals_the_output_byte_for_byte(cp, start_agent):
     assert max(r["at"] for r in requests) <= record["completed_at"]
 
 
+@pytest.mark.engine
 def test_logs_arrive_while_the_job_runs(cp, start_agent):
     start_agent()
     job_id = cp.submit(command=["sh", "-c", "echo first; sleep 6; echo second"])
@@ -91,6 +94,7 @@ def test_a_slow_control_plane_never_stalls_the_job_or_grows_the_agent(cp, start_
     assert agent.peak_rss_mb() - baseline < 60
 
 
+@pytest.mark.engine
 def test_cancel_from_a_poll_answer(cp, start_agent, docker_client):
     start_agent()
     job_id = cp.submit(command=["sleep", "300"])
@@ -101,6 +105,7 @@ def test_cancel_from_a_poll_answer(cp, start_agent, docker_client):
     eventually(lambda: not docker_client.containers.list(all=True, sparse=True, filters={"label": f"radix.job_id={job_id}"}), what="container gone")
 
 
+@pytest.mark.engine
 def test_cancel_of_a_job_that_ignores_sigterm_kills_it_after_10_s(cp, start_agent, docker_client):
     start_agent()
     job_id = cp.submit(command=["sh", "-c", "trap '' TERM; while true; do sleep 1; done"])
@@ -203,6 +208,7 @@ def test_core_only_server_gets_core_behaviour(cp, start_agent):
     assert agent.log.count("no logs endpoint") == 1
 
 
+@pytest.mark.engine
 def test_limits_are_visible_in_the_container(cp, start_agent):
     start_agent("--pids-limit", "64")
     script = (
@@ -217,6 +223,7 @@ def test_limits_are_visible_in_the_container(cp, start_agent):
     assert str(96 * 1024 * 1024) in out
 
 
+@pytest.mark.engine
 def test_pids_limit_stops_a_fork_bomb(cp, start_agent):
     start_agent("--pids-limit", "32")
     result = cp.run(command=["sh", "-c", "i=0; while [ $i -lt 100 ]; do sleep 5 & i=$((i+1)); done; wait"], timeout_seconds=30)
@@ -224,6 +231,7 @@ def test_pids_limit_stops_a_fork_bomb(cp, start_agent):
     assert "fork" in (result["error_message"] or "") + result["output_payload"].get("stderr", "")
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("end", ["cancel", "timeout"])
 def test_no_process_of_a_stopped_job_survives_it(cp, start_agent, docker_client, end):
     # PID 1 and its children all ignore SIGTERM, and the children keep running in the background: the grace ends

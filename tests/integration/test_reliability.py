@@ -8,6 +8,8 @@ import json
 import signal
 import time
 
+import pytest
+
 from tests.integration.conftest import eventually, small_disk
 
 # Counts its runs, prints a line, takes a while, then writes output.json with the run count.
@@ -27,6 +29,7 @@ def kill(agent):
     agent.proc.wait(10)
 
 
+@pytest.mark.engine
 def test_agent_killed_mid_job_the_next_one_adopts_it(cp, start_agent, docker_client, cluster_id):
     first = start_agent()
     job_id = cp.submit(command=counted(5))
@@ -43,6 +46,7 @@ def test_agent_killed_mid_job_the_next_one_adopts_it(cp, start_agent, docker_cli
     eventually(lambda: not containers(docker_client, f"radix.job_id={job_id}"), what="container removed")
 
 
+@pytest.mark.engine
 def test_a_job_that_ended_while_no_agent_ran_is_collected_from_the_engine(cp, start_agent, docker_client):
     first = start_agent()
     script = 'echo run >> runs; echo "to stderr" >&2; sleep 2; echo "{\\"runs\\": $(wc -l < runs)}"'
@@ -62,6 +66,7 @@ def test_a_job_that_ended_while_no_agent_ran_is_collected_from_the_engine(cp, st
     assert record["deliveries"] == 1
 
 
+@pytest.mark.engine
 def test_an_adopted_job_keeps_its_deadline_and_can_be_canceled(cp, start_agent, docker_client):
     first = start_agent()
     timed = cp.submit(command=["sleep", "300"], timeout_seconds=6)
@@ -139,6 +144,7 @@ def test_a_job_accepted_but_never_started_runs_once(cp, start_agent, tmp_path):
     assert record["deliveries"] == 1
 
 
+@pytest.mark.engine
 def test_a_container_created_but_never_started_is_started_once(cp, start_agent, docker_client, busybox, cluster_id, tmp_path):
     job_id, _ = _left_by_a_killed_agent(cp, tmp_path, counted(0))
     workspace = tmp_path / "jobs" / job_id / "workspace"
@@ -262,6 +268,7 @@ def test_full_jobs_disk_fails_the_job_clearly_and_the_agent_keeps_going(cp, star
         assert agent.proc.poll() is None
 
 
+@pytest.mark.engine
 def test_an_adopted_jobs_live_log_resumes_where_it_stopped_with_nothing_lost_or_repeated(cp, start_agent):
     first = start_agent()
     job_id = cp.submit(command=["sh", "-c", "i=1; while [ $i -le 12 ]; do echo tick $i; i=$((i+1)); sleep 1; done"])
