@@ -61,3 +61,14 @@ def test_the_executor_adapts_to_podman_once_identified():
     assert executor.engine_name == "the Podman engine"
     assert not executor.jobs_die_with_engine  # conmon keeps a job running while the API service restarts
     assert "died" in executor._exits.filters["event"]
+
+
+def test_podman_without_catatonit_names_the_package():
+    from docker.errors import APIError
+
+    from cluster_agent.executors.docker.executor import DockerExecutor
+
+    error = APIError("500", explanation="container create: container-init binary not found on the host: stat "
+                                        "/usr/libexec/podman/catatonit: no such file or directory")
+    failed = DockerExecutor._classify(error, "create the container")
+    assert failed.reason.value == "agent_error" and "install catatonit" in str(failed)

@@ -64,6 +64,11 @@ NVIDIA_RUNTIME_FIX = (
     "Toolkit on this host and run `nvidia-ctk runtime configure --runtime=docker`, then restart dockerd"
 )
 
+PODMAN_INIT_FIX = (
+    "Podman has no init binary for job containers (the agent runs every job with --init): install catatonit on "
+    "this host (apt-get install catatonit, dnf install catatonit), or set init_path in containers.conf"
+)
+
 
 class _Skip:
     """Drops the first `count` bytes fed to it, then passes the rest on."""
@@ -397,6 +402,8 @@ class DockerExecutor:
         text = explain(exc)
         if "could not select device driver" in text:
             return JobFailed(FailureReason.AGENT_ERROR, f"{NVIDIA_RUNTIME_FIX} (engine said: {text})")
+        if "container-init binary not found" in text:
+            return JobFailed(FailureReason.AGENT_ERROR, f"{PODMAN_INIT_FIX} (engine said: {text})")
         if "bind source path does not exist" in text:
             return JobFailed(FailureReason.AGENT_ERROR, f"the job's workspace vanished before its container started: {text}")
         if "executable file not found" in text or "no such file or directory" in text:
