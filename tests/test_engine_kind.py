@@ -72,3 +72,23 @@ def test_podman_without_catatonit_names_the_package():
                                         "/usr/libexec/podman/catatonit: no such file or directory")
     failed = DockerExecutor._classify(error, "create the container")
     assert failed.reason.value == "agent_error" and "install catatonit" in str(failed)
+
+
+def test_a_container_podman_removed_while_it_was_read_is_gone_not_an_error():
+    from unittest.mock import MagicMock
+
+    from docker.errors import APIError
+
+    from cluster_agent.executors.docker import DockerExecutor
+
+    client = MagicMock()
+    client.api.inspect_container.side_effect = APIError(
+        "500", explanation="container ee8c does not exist in database: no such container")
+    assert DockerExecutor(client).inspect("ee8c") is None
+    client.api.inspect_container.side_effect = APIError("500", explanation="something else broke")
+    try:
+        DockerExecutor(client).inspect("ee8c")
+    except APIError:
+        pass
+    else:
+        raise AssertionError("other engine errors must not read as a removed container")

@@ -6,6 +6,7 @@ import pytest
 from tests.integration.conftest import eventually
 
 
+@pytest.mark.engine
 @pytest.mark.podman_only
 def test_a_podman_service_restart_mid_job_ends_nothing_and_loses_no_output(cp, start_agent, container_engine, docker_client):
     agent = start_agent()

@@ -21,7 +21,8 @@ def counted(sleep: float) -> list[str]:
 
 
 def containers(docker_client, label):
-    return docker_client.containers.list(all=True, filters={"label": label})
+    # sparse: a full list inspects each container, which fails for one removed meanwhile (Podman: a 500)
+    return docker_client.containers.list(all=True, sparse=True, filters={"label": label})
 
 
 def kill(agent):

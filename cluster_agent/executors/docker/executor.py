@@ -516,6 +516,12 @@ class DockerExecutor:
                 return state_of(container_id, self._api.inspect_container(container_id))
             except NotFound:
                 return None
+            except APIError as exc:
+                # Podman answers 500 "does not exist in database: no such container" for one removed while it
+                # is read (listed, then inspected); Docker answers 404.
+                if "no such container" in explain(exc):
+                    return None
+                raise
 
     def start_created(self, container_id: str) -> None:
         self._exits.start()
