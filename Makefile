@@ -11,10 +11,11 @@ IMAGE_NAME  ?= radix-cluster-agent
 RELEASE_TAG ?=
 GIT_SHA     := $(shell git rev-parse HEAD 2>/dev/null)
 
-.PHONY: help venv engine test-deps test unit-test integration-test demo demo-deps example-ml image push gpu-check bench profile-dispatch slurm-lab slurm-lab-stop clean
+.PHONY: help venv engine test-deps test unit-test integration-test podman-test demo demo-deps example-ml image push gpu-check bench profile-dispatch slurm-lab slurm-lab-stop clean
 
 help:
-	@echo "make test    unit + integration tests (starts a Docker engine if none answers)"
+	@echo "make test    unit + integration tests (starts a Docker engine if none answers), then the engine suite on Podman"
+	@echo "make podman-test   the engine suite alone, against a Podman service the tests start"
 	@echo "make demo    dev control plane + agent + the jobs in examples/jobs, results printed"
 	@echo "make image   build the agent's image ($(IMAGE)); BASE_IMAGE=... CA_BUNDLE=... optional"
 	@echo "make push    REGISTRY=... build linux/amd64+arm64 with buildx and push (tags: git sha, RELEASE_TAG)"
@@ -38,12 +39,15 @@ engine:
 # run the private-registry tests; slurmctld, slurmd and munge the one-node Slurm cluster of the Slurm tests.
 # debootstrap builds a Debian base for the agent's image where python:3.11-slim cannot be pulled.
 # nginx (with WebDAV PUT) is the object store of the input and artifact tests (tests/object_store.py); prometheus
-# (with promtool) checks and unit-tests deploy/prometheus and scrapes a running agent.
-TEST_PACKAGES := busybox-static docker-registry apache2-utils openssl slurmctld slurmd slurm-client munge debootstrap nginx prometheus
+# (with promtool) checks and unit-tests deploy/prometheus and scrapes a running agent. podman (with catatonit, its
+# --init, and runc, netavark, aardvark-dns) runs the engine suite a second time on Podman (tests/podman_service.py).
+PODMAN_PACKAGES := podman catatonit runc netavark aardvark-dns
+TEST_PACKAGES := busybox-static docker-registry apache2-utils openssl slurmctld slurmd slurm-client munge debootstrap nginx prometheus $(PODMAN_PACKAGES)
 test-deps: venv engine
 	@command -v busybox >/dev/null 2>&1 && command -v docker-registry >/dev/null 2>&1 && command -v htpasswd >/dev/null 2>&1 \
 		&& command -v debootstrap >/dev/null 2>&1 && test -x /usr/sbin/nginx && command -v promtool >/dev/null 2>&1 \
-		&& command -v sbatch >/dev/null 2>&1 && test -x /usr/sbin/slurmctld && test -x /usr/sbin/munged || \
+		&& command -v sbatch >/dev/null 2>&1 && test -x /usr/sbin/slurmctld && test -x /usr/sbin/munged \
+		&& command -v podman >/dev/null 2>&1 && test -x /usr/bin/catatonit || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_PACKAGES) >/dev/null; }
 	$(PY) -m devplane.images
 
@@ -52,9 +56,16 @@ unit-test: venv
 
 integration-test: test-deps
 	AGENT_TEST_BASE_IMAGE="$(BASE_IMAGE)" AGENT_TEST_CA_BUNDLE="$(CA_BUNDLE)" $(PY) -m pytest -q tests/integration
+	$(MAKE) --no-print-directory podman-test
+
+# The engine suite (tests marked `engine`: run, output, timeout, cancel, OOM, logs, adoption, hardening) against a
+# Podman service the tests start themselves; make test runs it after the Docker run.
+podman-test: test-deps
+	AGENT_TEST_ENGINE=podman $(PY) -m pytest -q tests/integration -m engine
 
 test: test-deps
 	AGENT_TEST_BASE_IMAGE="$(BASE_IMAGE)" AGENT_TEST_CA_BUNDLE="$(CA_BUNDLE)" $(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory podman-test
 
 # The demo needs only the engine and busybox (its job image): not the Slurm, registry and TLS tools of the tests.
 demo-deps: venv engine
