@@ -92,3 +92,12 @@ def test_a_container_podman_removed_while_it_was_read_is_gone_not_an_error():
         pass
     else:
         raise AssertionError("other engine errors must not read as a removed container")
+
+
+def test_a_rootless_engine_on_cgroup_v1_is_known_to_ignore_limits():
+    from cluster_agent.executors.docker.engine_kind import limits_ignored
+
+    assert limits_ignored({"SecurityOptions": ["name=seccomp,profile=default", "name=rootless"], "CgroupVersion": "1"})
+    assert not limits_ignored({"SecurityOptions": ["name=rootless"], "CgroupVersion": "2"})
+    assert not limits_ignored({"SecurityOptions": ["name=seccomp,profile=default"], "CgroupVersion": "1"})
+    assert not limits_ignored({})

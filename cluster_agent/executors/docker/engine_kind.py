@@ -27,7 +27,7 @@ from typing import Any
 
 from ..base import LABEL_JOB_ID
 
-__all__ = ["EngineKind", "DOCKER", "identify"]
+__all__ = ["EngineKind", "DOCKER", "identify", "limits_ignored"]
 
 # What the agent does differently on Podman, logged once at start-up.
 PODMAN_DIFFERENCES = (
@@ -81,3 +81,11 @@ def identify(version: dict[str, Any]) -> EngineKind:
             return EngineKind("Podman", str(component.get("Version") or version.get("Version") or ""),
                               str(version.get("ApiVersion") or ""))
     return EngineKind("Docker", str(version.get("Version") or ""), str(version.get("ApiVersion") or ""))
+
+
+def limits_ignored(info: dict[str, Any]) -> bool:
+    """A rootless engine on cgroup v1 (from `/info`): it cannot set a container's memory, CPU or pids limits and
+    runs it without them (Podman logs "Resource limits are not supported and ignored on cgroups V1 rootless
+    systems"; rootless Docker likewise)."""
+    rootless = any("name=rootless" in str(option) for option in info.get("SecurityOptions") or [])
+    return rootless and str(info.get("CgroupVersion", "")) == "1"

@@ -20,6 +20,7 @@ from ...metrics import Metrics
 from ...models import Capabilities, GpuInfo
 from ...settings import Settings
 from ..mode import ExecutionMode
+from .engine_kind import limits_ignored
 from .executor import DockerExecutor, connect
 
 __all__ = ["check_jobs_mount", "connect_engine", "open_mode"]
@@ -53,10 +54,17 @@ def connect_engine(settings: Settings) -> DockerExecutor:
         )
         executor.ping()
         engine = executor.identify()
-        runtimes = executor.info().get("Runtimes") or {}
+        info = executor.info()
+        runtimes = info.get("Runtimes") or {}
     except EngineUnavailable as exc:
         raise ConfigError(f"{exc}; {engine_fix(str(exc))}") from None
     log.info("engine: %s", engine.describe())
+    if limits_ignored(info):
+        log.warning(
+            "%s is rootless on cgroup v1, where it cannot set memory, CPU or pids limits: jobs run without "
+            "resources.memory_mb, cpus and --pids-limit; use cgroup v2 with the controllers delegated to the "
+            "engine's user, or a rootful engine", engine.engine_name,
+        )
     dirs = [Path(d.strip()) for d in settings.cdi_spec_dirs.split(",") if d.strip()]
     if engine.podman:
         if settings.gpu_mode == "nvidia":
