@@ -77,6 +77,17 @@ def _calls_torchrun(command: list[str]) -> bool:
             and command[2] in ("torch.distributed.run", "torch.distributed.launch"))
 
 
+# On the node's network (a multi-node job's), raw sockets and ports below 1024 would be the node's own.
+HOST_NETWORK_CAP_DROP = ("NET_RAW", "NET_BIND_SERVICE")
+
+
+def _cap_drop(settings: Settings, nodes: int) -> list[str]:
+    caps = [c.strip().upper() for c in settings.cap_drop.split(",") if c.strip()]
+    if nodes > 1:
+        caps += [c for c in HOST_NETWORK_CAP_DROP if c not in caps]
+    return caps
+
+
 def distributed_env(spec: JobSpec, gpus: int) -> dict[str, str]:
     """The rendezvous a PyTorch job reads (torch.distributed's env:// init). One node: rank 0, its GPUs as the
     local world. N nodes: the sizes only (NNODES, WORLD_SIZE, LOCAL_WORLD_SIZE; one process per node without a
@@ -156,7 +167,7 @@ def container_spec(
         shm_mb=shm_mb_for(spec, gpu_count, settings),
         gpu_job=bool(gpu_count),
         pids_limit=settings.pids_limit or None,
-        cap_drop=[c.strip().upper() for c in settings.cap_drop.split(",") if c.strip()],
+        cap_drop=_cap_drop(settings, nodes),
         read_only_rootfs=settings.read_only_rootfs,
         # The ranks meet at the first node's address (and NCCL/Gloo exchange the nodes' own addresses): a bridge's
         # NAT or --job-network none would cut them apart, so a multi-node job's containers use the node's network.

@@ -91,7 +91,7 @@ class Orchestration(_Lenient):
     num_gpus: int | None = Field(default=None, ge=0, le=1024)
     launcher: str | None = None
     # Nodes the job runs on, one container each (docs/protocol.md "Multi-node jobs"); more than one needs Slurm mode.
-    nodes: int = Field(default=1, ge=1, le=MAX_NODES)
+    nodes: int = Field(default=1, ge=1, le=MAX_NODES, strict=True)  # a JSON integer: "2", 2.0 and true are refused
 
     @field_validator("nodes", mode="before")
     @classmethod

@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from cluster_agent.executors import ContainerSpec
 from cluster_agent.executors.slurm.executor import SlurmExecutor
 from cluster_agent.executors.slurm.script import batch_script, node_script, sbatch_args
 from cluster_agent.models import FailureReason
+from cluster_agent.received_job import ReceivedJob
 from cluster_agent.settings import Settings
 from cluster_agent.executors.slurm.cli import SlurmJob, parse_scontrol_record, parse_squeue
 from cluster_agent.executors.slurm.cluster import check_shared_storage, gpu_count
@@ -489,9 +491,12 @@ def exit_of(code, node, signalled=False, reason=None):
 def test_the_launch_script_runs_every_node_and_rank_0_is_the_jobs_result(tmp_path):
     code, state = run_launch(tmp_path, exit_of(0, "node1"), exit_of(0, "node2"))
     assert code == 0
-    assert (state / "srun.args").read_text().split() == [
-        "--export=ALL", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "sh", f"{state}/node.sh"]
-    assert (state / "srun.env").read_text().strip() == "10.0.0.1:20077"  # node1's NodeAddr; 20000 + job id % 10000
+    srun_args = (state / "srun.args").read_text().split()
+    assert srun_args[:6] == ["--export=ALL", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "sh", "-c"]
+    assert srun_args[-4:] == ["node-task", str(state), "docker", spec(tmp_path, nodes=2).name]  # node.sh, watched
+    address, port = (state / "srun.env").read_text().strip().split(":")
+    assert address == "10.0.0.1"  # node1's NodeAddr
+    assert 20000 <= int(port) < 32000  # drawn by the agent per job, below the ephemeral range
     assert json.loads((state / "exit.json").read_text()) == {
         "exit_code": 0, "oom_killed": False, "reason": None, "signalled": False, "node": "node1", "rank": 0, "nodes": 2}
 
@@ -533,3 +538,89 @@ def test_a_failed_node_is_named_in_the_jobs_failure(tmp_path):
                                                  "nodes": 2, "failed": True}))
     info = executor.exit_info("41")
     assert info.failure_reason is FailureReason.OOM and "node node1 (rank 0 of 2 nodes) was killed for running out of memory" in info.error
+
+
+def test_a_node_whose_script_dies_without_an_exit_status_fails_the_job_and_its_container_is_removed(tmp_path):
+    # The OOM killer (or Slurm's KillWait) kills rank 1's node.sh: its watcher removes rank 1's container and writes
+    # the failure, so the launch script stops rank 0 and the job fails naming the node.
+    state = tmp_path / "state"
+    state.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fakes = {
+        **FAKE_SLURM,
+        "srun": '#!/bin/sh\nwhile [ "${1#--}" != "$1" ]; do shift; done\n'
+                'for rank in 0 1; do SLURM_PROCID=$rank SLURMD_NODENAME=node$((rank + 1)) "$@" & done\nwait\n',
+        "docker": '#!/bin/sh\necho "$@" >> "$STATE/engine.calls"\n',
+    }
+    for name, text in fakes.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    (state / "node.sh").write_text(
+        'if [ "$SLURM_PROCID" = 1 ]; then kill -9 $$; fi\n'
+        'i=0; while [ ! -f "$STATE/scancel.calls" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done\n'
+        'mkdir -p "$STATE/node-0"\n'
+        'echo \'{"exit_code": 143, "oom_killed": false, "reason": null, "signalled": true, "node": "node1"}\' '
+        '> "$STATE/node-0/exit.json"\n')
+    job = spec(tmp_path, nodes=2)
+    script = batch_script(job, settings(tmp_path), state, grace=10, version="test")
+    script = script.replace('export PATH="', f'export PATH="{bin_dir}:', 1)
+    done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30, env={
+        "PATH": f"{bin_dir}:{os.environ['PATH']}", "STATE": str(state), "SLURM_JOB_ID": "77",
+        "SLURM_JOB_NODELIST": "node[1-2]"})
+    assert done.returncode == 1, done.stderr
+    assert f"rm --force {job.name}-77-1" in (state / "engine.calls").read_text()
+    assert "77.0" in (state / "scancel.calls").read_text()  # rank 0 was stopped
+    written = json.loads((state / "exit.json").read_text())
+    assert written["reason"] == "agent_error" and written["rank"] == 1 and written["failed"] is True
+    assert "node2 (rank 1) died" in (state / "node_error.txt").read_text()
+    executor = SlurmExecutor(settings(tmp_path), FakeCli(None), user="u")
+    executor._state_for = lambda slurm_id: state  # noqa: SLF001 - the job's state directory, as recorded at submit
+    info = executor.exit_info("77")
+    assert info.failure_reason is FailureReason.AGENT_ERROR and "node2 (rank 1) died" in info.error
+
+
+def test_a_job_slurm_keeps_pending_for_a_reason_it_never_leaves_is_cancelled_as_invalid(tmp_path):
+    class Pending(FakeCli):
+        cancelled: list[str] = []
+
+        def cancel(self, job_id):
+            self.cancelled.append(job_id)
+
+    cli = Pending(SlurmJob(job_id="51", state="PENDING", name="radix-c1-j", reason="PartitionNodeLimit"))
+    executor = SlurmExecutor(settings(tmp_path, slurm_poll_interval=0.05), cli, user="u")
+    state = executor.state_dir("job-1")
+    state.mkdir(parents=True)
+    (state / "slurm_job_id").write_text("51")
+    executor._state_for = lambda slurm_id: state  # noqa: SLF001
+    assert executor.wait_started("51", threading.Event()) is None
+    assert cli.cancelled == ["51"]
+    info = executor.exit_info("51")
+    assert info.failure_reason is FailureReason.INVALID_JOB
+    assert "PartitionNodeLimit" in info.error and "fewer nodes" in info.error
+
+
+@pytest.mark.parametrize("value", ["2", 2.0, True, "2.0"])
+def test_nodes_is_a_json_integer(value):
+    job = ReceivedJob.parse({"job_id": "j", "image": "i", "orchestration": {"nodes": value}})
+    assert job.spec is None and "orchestration.nodes" in job.problem
+
+
+def test_a_multi_node_jobs_containers_take_whole_nodes_and_no_low_ports(tmp_path):
+    args = sbatch_args(spec(tmp_path, nodes=2), settings(tmp_path), tmp_path / "s")
+    assert "--exclusive" in args
+    assert "--exclusive" not in sbatch_args(spec(tmp_path), settings(tmp_path), tmp_path / "s")
+
+
+def test_a_multi_node_jobs_containers_on_the_node_network_cannot_bind_low_ports_or_use_raw_sockets(tmp_path):
+    from cluster_agent.container_config import container_spec
+    from cluster_agent.models import JobSpec
+
+    job = JobSpec.model_validate({"job_id": "mn", "image": "i", "orchestration": {"nodes": 2}})
+    container = container_spec(job, Settings(cluster_id="c1", cap_drop=""), workspace=tmp_path, gpus=[], gpu_count=0,
+                               host_has_gpus=False, timeout=60)
+    assert container.network == "host" and {"NET_RAW", "NET_BIND_SERVICE"} <= set(container.cap_drop)
+    single = container_spec(job.model_copy(update={"orchestration": job.orchestration.model_copy(update={"nodes": 1})}),
+                            Settings(cluster_id="c1", cap_drop=""), workspace=tmp_path, gpus=[], gpu_count=0,
+                            host_has_gpus=False, timeout=60)
+    assert single.cap_drop == []

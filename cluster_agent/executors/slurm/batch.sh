@@ -80,7 +80,8 @@ if [ "$NODES" -gt 1 ]; then
   [ @@{rank_env} = yes ] && set -- "$@" --env RANK="$RANK"
 fi
 # Each line of a multi-node job's output says which node printed it (the streams stay apart).
-prefix() { (trap '' TERM INT; exec awk -v p="$1" '{ print p $0; fflush() }'); }
+# fold first: awk holds a whole line, and a line is as long as the job makes it (64 KiB pieces bound that).
+prefix() { (trap '' TERM INT; stdbuf -oL fold -b -w 65536 | awk -v p="$1" '{ print p $0; fflush() }'); }
 
 "$ENGINE" rm --force "$NAME" >/dev/null 2>&1
 SIGNALLED=false

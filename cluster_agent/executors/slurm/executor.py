@@ -56,7 +56,12 @@ SLURM_FAILURES: dict[str, tuple[FailureReason, str]] = {
     "NODE_FAIL": (FailureReason.AGENT_ERROR, "the Slurm node failed while the job ran; the job did not fail by itself: resubmit it"),
     "BOOT_FAIL": (FailureReason.AGENT_ERROR, "the Slurm node failed to boot for the job; resubmit it"),
 }
-NODE_REASONS = {"image_unavailable": FailureReason.IMAGE_UNAVAILABLE, "agent_error": FailureReason.AGENT_ERROR}
+NODE_REASONS = {"image_unavailable": FailureReason.IMAGE_UNAVAILABLE, "agent_error": FailureReason.AGENT_ERROR,
+                "invalid_job": FailureReason.INVALID_JOB}
+# Why Slurm keeps a job pending that it can never run as asked (slurm.conf's EnforcePartLimits=NO, the default,
+# lets sbatch accept it): more nodes than the partition has or allows, a constraint no node meets (squeue(1),
+# "JOB REASON CODES"). The agent ends such a job as invalid_job instead of waiting forever.
+NEVER_RUN_REASONS = ("PartitionNodeLimit", "PartitionConfig", "BadConstraints")
 
 
 class SlurmExecutor:
@@ -168,12 +173,36 @@ class SlurmExecutor:
                 return job.start_time if job is not None and job.start_time else None
             if not job.queued and job.state != "UNKNOWN":
                 return job.start_time or self._clock.wall()
+            if job.reason in NEVER_RUN_REASONS:
+                self._refuse(container_id, job.reason)
+                return None
             if not logged:
                 why = job.reason if job.reason not in ("", "None") else job.state
                 log.info("Slurm job %s is queued (%s)", container_id, why)
                 logged = True
             stop.wait(self._settings.slurm_poll_interval)
         return None
+
+    def _refuse(self, slurm_id: str, reason: str) -> None:
+        """A job Slurm will never start as asked: its failure (invalid_job, Slurm's reason) where the node's would
+        be, then scancel."""
+        state = self._state_for(slurm_id)
+        try:
+            if state is None:
+                raise FileNotFoundError(slurm_id)
+            write_private(state / "node_error.txt", (
+                f"Slurm will never start this job as asked (pending: {reason}): it asks for more nodes than the "
+                "partition has or allows, or for a constraint no node meets (`scontrol show partition` says what "
+                "there is); ask for fewer nodes, or send it to a partition with more (--slurm-partition)\n").encode())
+            write_private(state / "exit.json",
+                          json.dumps({"exit_code": None, "oom_killed": False, "reason": "invalid_job"}).encode())
+        except OSError as exc:
+            log.warning("Slurm job %s: its refusal cannot be written (%s): Slurm's cancel will stand for it", slurm_id, exc)
+        log.warning("Slurm job %s: pending for %s, which it never leaves: cancelled as invalid_job", slurm_id, reason)
+        try:
+            self.cli.cancel(slurm_id)
+        except (SlurmRefused, EngineUnavailable) as exc:
+            log.warning("Slurm job %s: scancel failed: %s", slurm_id, exc)
 
     def _job_or_ended(self, slurm_id: str) -> SlurmJob | None:
         """The job's state: ended once the node wrote exit.json (the container is gone and its output is in the

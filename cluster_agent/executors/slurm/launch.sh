@@ -18,7 +18,7 @@ field() { sed -n "s/.*\"$2\": \"\{0,1\}\([^,\"}]*\)\"\{0,1\}[,}].*/\1/p" "$1" 2>
 FIRST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_ADDR=$(scontrol show node -o "$FIRST" 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p')
 MASTER_ADDR="${MASTER_ADDR:-$FIRST}"
-MASTER_PORT=$((20000 + SLURM_JOB_ID % 10000))
+MASTER_PORT=@@{master_port}  # drawn by the agent for this job: another job cannot know it in advance
 export MASTER_ADDR MASTER_PORT
 say "$NODES nodes ($SLURM_JOB_NODELIST); rank 0 on $FIRST; MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"
 
@@ -43,7 +43,24 @@ first_failure() {
 # srun answers SIGTERM and a failed task with SIGKILL to every node's script, which then cannot stop its container.
 # On scancel (a cancel, the time limit) Slurm sends each node's script SIGTERM itself (srun, signalled too, asks
 # for the step's end, which Slurm carries out after KillWait).
-srun --export=ALL --nodes=$NODES --ntasks=$NODES --ntasks-per-node=1 sh "$STATE/node.sh" &
+# Each task runs node.sh under a watcher: should node.sh die without writing its exit status (the OOM killer,
+# Slurm's KillWait escalation), the watcher removes that node's container and writes the failure in its place, so
+# the loop below stops the other nodes. It forwards SIGTERM (a trap, not an ignore: node.sh keeps its own).
+TASK='sh "$1/node.sh" & child=$!
+trap "kill -TERM $child 2>/dev/null" TERM INT
+wait $child; code=$?
+while kill -0 $child 2>/dev/null; do wait $child; code=$?; done
+out="$1/node-$SLURM_PROCID"
+if [ ! -f "$out/exit.json" ]; then
+  mkdir -p "$out"
+  "$2" rm --force "$3-$SLURM_JOB_ID-$SLURM_PROCID" >/dev/null 2>&1
+  node="${SLURMD_NODENAME:-$(hostname)}"
+  printf "the job script on Slurm node %s (rank %s) died (status %s) before writing its exit status: killed by the OOM killer or by Slurm; its container was removed\n" "$node" "$SLURM_PROCID" "$code" > "$out/node_error.txt"
+  printf "{\"exit_code\": null, \"oom_killed\": false, \"reason\": \"agent_error\", \"node\": \"%s\"}\n" "$node" > "$out/.exit.json.tmp"
+  mv "$out/.exit.json.tmp" "$out/exit.json"
+fi
+exit $code'
+srun --export=ALL --nodes=$NODES --ntasks=$NODES --ntasks-per-node=1 sh -c "$TASK" node-task "$STATE" @@{engine} @@{name} &
 SRUN=$!
 SIGNALLED=false
 trap 'SIGNALLED=true' TERM INT

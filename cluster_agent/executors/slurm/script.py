@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import secrets
 import shlex
 import string
 from pathlib import Path
@@ -28,6 +29,10 @@ from ..base import LABEL_CLUSTER_ID, LABEL_JOB_ID, WORKSPACE, ContainerSpec
 from ..hardening import hardening
 
 __all__ = ["batch_script", "cluster_args", "engine_run_args", "node_script", "sbatch_args"]
+
+# A multi-node job's rendezvous port (MASTER_PORT), drawn per job below Linux's ephemeral range (32768-60999).
+MASTER_PORT_FIRST = 20000
+MASTER_PORT_COUNT = 12000
 
 # Slurm's --time is in minutes: the agent's own timeout (to the second) acts first, Slurm's limit is the backstop
 # for when no agent is watching.
@@ -56,7 +61,9 @@ def sbatch_args(spec: ContainerSpec, settings: Settings, state_dir: Path) -> lis
         f"--ntasks={spec.nodes}",
     ]
     if spec.nodes > 1:
-        args.append("--ntasks-per-node=1")
+        # Whole nodes: the ranks' containers use the node's network, where another job on the node could reach
+        # (or squat) their rendezvous port.
+        args += ["--ntasks-per-node=1", "--exclusive"]
     if spec.timeout_seconds:
         args.append(f"--time={math.ceil((spec.timeout_seconds + TIME_LIMIT_SLACK_SECONDS) / 60)}")
     if spec.gpu_count:
@@ -133,7 +140,10 @@ def batch_script(spec: ContainerSpec, settings: Settings, state_dir: Path, *, gr
     launch.sh, which runs `node_script` (written to `state_dir`/node.sh) on each node. Every value shell-quoted."""
     if spec.nodes > 1:
         return LAUNCH_TEMPLATE.substitute(job_id=spec.labels.get(LABEL_JOB_ID, ""), version=version,
-                                          state=shlex.quote(str(state_dir)), nodes=spec.nodes)
+                                          state=shlex.quote(str(state_dir)), nodes=spec.nodes,
+                                          engine=shlex.quote(settings.slurm_container_engine),
+                                          name=shlex.quote(spec.name),
+                                          master_port=MASTER_PORT_FIRST + secrets.randbelow(MASTER_PORT_COUNT))
     return node_script(spec, settings, state_dir, grace=grace, version=version)
 
 
