@@ -292,10 +292,10 @@ def test_a_two_node_job_meets_at_master_addr_and_rank_0_reports_every_rank(multi
     result = record["result"]
     assert result["status"] == "succeeded", (result, record["log"])
     payload = result["output_payload"]
-    slurm_id = int(record["started"]["container_id"])
-    # Rank 0 heard rank 1 over TCP; MASTER_ADDR is node1's address as Slurm knows it (NodeAddr), the port the job's.
-    assert payload == {"ranks": [0, 1], "nodes": ["node1", "node2"], "world_size": 2,
-                       "master": f"127.0.0.2:{20000 + slurm_id % 10000}"}
+    # Rank 0 heard rank 1 over TCP; MASTER_ADDR is node1's address as Slurm knows it (NodeAddr), the port the one
+    # the agent drew for the job (launch.sh says it).
+    port = _master_port(record["log"])
+    assert payload == {"ranks": [0, 1], "nodes": ["node1", "node2"], "world_size": 2, "master": f"127.0.0.2:{port}"}
     log = record["log"]
     assert "[node 0 node1] rank 0 (RANK 0) of NNODES 2 WORLD_SIZE 2 on node1" in log, log
     assert "[node 1 node2] rank 1 (RANK 1) of NNODES 2 WORLD_SIZE 2 on node2" in log, log
@@ -371,7 +371,7 @@ def test_a_two_node_torchrun_job_runs_torchrun_on_each_node_with_its_rank_and_th
     record = cp.result(cp.submit(image=image, command=["python", "train.py"], args=["--epochs", "1"],
                                  orchestration={"nodes": 2, "launcher": "torchrun"}, timeout_seconds=60), wait=90)
     assert record["result"]["status"] == "succeeded", (record["result"], record["log"])
-    port = 20000 + int(record["started"]["container_id"]) % 10000
+    port = _master_port(record["log"])
     assert record["result"]["output_payload"] == {"ranks": [0, 1], "endpoint": f"127.0.0.2:{port}",
                                                   "script": "train.py --epochs 1"}
     for rank, node in ((0, "node1"), (1, "node2")):
@@ -411,3 +411,21 @@ def test_docker_mode_refuses_a_multi_node_job_naming_slurm_mode(start_agent, cp,
     result = cp.run(wait=60, command=["true"], orchestration={"nodes": 2})
     assert result["status"] == "failed" and result["failure_reason"] == "invalid_job", result
     assert "asks for 2 nodes" in result["error_message"] and "--execution-mode slurm" in result["error_message"]
+
+
+def _master_port(log: str) -> int:
+    import re
+
+    port = int(re.search(r"MASTER_PORT=(\d+)", log).group(1))
+    assert 20000 <= port < 32000, port
+    return port
+
+
+def test_more_nodes_than_the_partition_has_is_invalid_not_queued_forever(multi_agent, cp):
+    # The lab's partition `multi` has two nodes; slurm.conf's default EnforcePartLimits=NO lets sbatch accept three
+    # (pending PartitionConfig or PartitionNodeLimit, as the Slurm version words it).
+    multi_agent()
+    record = cp.result(cp.submit(command=["true"], orchestration={"nodes": 3}, timeout_seconds=60), wait=60)
+    result = record["result"]
+    assert result["status"] == "failed" and result["failure_reason"] == "invalid_job", result
+    assert "pending: Partition" in result["error_message"] and "fewer nodes" in result["error_message"]
