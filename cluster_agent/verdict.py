@@ -24,7 +24,8 @@ EXIT_CODE_HINTS = {
 
 # Podman's init (catatonit) exits 1 when it cannot exec the job's command, where Docker's (tini) exits 127 as a
 # shell does: read as 127, so that one job gets one verdict whichever engine runs it.
-INIT_EXEC_FAILED = re.compile(r"^ERROR \(catatonit:\d+\): failed to exec pid1: ", re.MULTILINE)
+# Only when that line is all the job wrote to stderr: a job that printed it among others ran, and exited 1 itself.
+INIT_EXEC_FAILED = re.compile(r"\AERROR \(catatonit:\d+\): failed to exec pid1: [^\n]*\n?\Z")
 
 
 @dataclass
@@ -68,7 +69,7 @@ def judge(
 
     exit_code = ending.exit_code
     hint = EXIT_CODE_HINTS.get(exit_code or 0, "")
-    if exit_code == 1 and INIT_EXEC_FAILED.search(stderr_tail):
+    if exit_code == 1 and INIT_EXEC_FAILED.match(stderr_tail.strip() + "\n"):
         exit_code = metrics.exit_code = 127
         program = (spec.command or spec.args or ["the image's entrypoint"])[0]
         # catatonit does not name the program it could not run
@@ -93,12 +94,13 @@ def judge(
         return done(status, ending.failure, with_stderr(ending.failure_message) if ending.failure is not FailureReason.CANCELED else ending.failure_message)
     # Exit 137 that the agent did not cause is an OOM kill the engine failed to flag (cgroup v2 engines).
     if ending.oom_killed or exit_code == 137:
-        limit = f" of {spec.resources.memory_mb} MiB" if spec.resources.memory_mb else ""
-        return done(
-            JobStatus.FAILED, FailureReason.OOM,
-            with_stderr(f"container was killed for running out of memory (limit{limit}); raise resources.memory_mb "
-                        "or use less memory"),
-        )
+        if spec.resources.memory_mb:
+            what = (f"container was killed for running out of memory (limit of {spec.resources.memory_mb} MiB); raise "
+                    "resources.memory_mb or use less memory")
+        else:
+            what = ("container was killed (exit 137, SIGKILL: the host's OOM killer, as the engine did not say "
+                    "otherwise); give the job a memory limit (resources.memory_mb) or use less memory")
+        return done(JobStatus.FAILED, FailureReason.OOM, with_stderr(what))
     if exit_code != 0:
         return done(JobStatus.FAILED, FailureReason.EXIT_CODE, with_stderr(f"job exited with code {exit_code}{hint}"))
     if output_error is not None:

@@ -176,6 +176,25 @@ def test_a_restarted_agent_finds_its_cache_and_a_second_agent_is_refused(tmp_pat
     assert calls == [] and second.stats()["entries"] == 1
 
 
+@pytest.mark.parametrize("cached_first", [False, True])
+def test_a_directory_an_engine_made_at_an_entrys_path_is_replaced_not_a_lasting_failure(tmp_path, cached_first):
+    # Podman creates a missing bind-mount source as a directory: a container started late, after its input was
+    # evicted, leaves one where the entry was (or is).
+    cache = InputCache(tmp_path / "cache", 10_000)
+    cache.open()
+    content = b"y" * 10
+    calls: list[str] = []
+    if cached_first:
+        path = cache.acquire("a", digest(content), writer(content, calls))
+        path.unlink()
+    path = tmp_path / "cache" / "sha256" / digest(content)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "left-by-a-container").write_text("x")
+    got = cache.acquire("b", digest(content), writer(content, calls))
+    assert got.is_file() and got.read_bytes() == content
+    assert cache.acquire("c", digest(content), writer(content, calls)).read_bytes() == content
+
+
 def test_a_failed_fetch_caches_nothing(tmp_path):
     cache = InputCache(tmp_path / "cache", 10_000)
     cache.open()

@@ -19,7 +19,8 @@ __all__ = ["Hardening", "hardening"]
 # pinned memory and RDMA need unlimited memlock; some CUDA libraries need a 64 MiB stack.
 GPU_ULIMITS = (("memlock", -1, -1), ("stack", 67108864, 67108864))
 # Programs expect a writable /tmp; with a read-only root filesystem it is a tmpfs of this size.
-READ_ONLY_TMPFS = {"/tmp": "rw,nosuid,nodev,size=1g"}
+# noexec said, not left to the engine's default: Docker's is noexec, Podman's is not.
+READ_ONLY_TMPFS = {"/tmp": "rw,noexec,nosuid,nodev,size=1g"}
 
 
 @dataclass(frozen=True)

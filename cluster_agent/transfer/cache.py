@@ -203,6 +203,7 @@ class InputCache:
     def _insert(self, digest: str, tmp: Path, job_id: str) -> int:
         os.chmod(tmp, 0o444)
         path = self._entries_dir / digest
+        self._clear(path)  # a directory in its place would make every later fetch of this digest fail
         os.replace(tmp, path)
         entry = CacheEntry(digest, path.stat().st_size, self._clock.wall(), _stamp(path))
         self._write_stamp(entry)
@@ -252,9 +253,19 @@ class InputCache:
     def _drop_files(self, digest: str) -> None:
         for name in (digest, f"{digest}.json"):
             try:
-                (self._entries_dir / name).unlink(missing_ok=True)
+                self._clear(self._entries_dir / name)
             except OSError as exc:
                 log.warning("input cache: %s not removed (%s)", name, exc)
+
+    @staticmethod
+    def _clear(path: Path) -> None:
+        """Remove whatever is at `path`: a file, or a directory an engine made there (Podman creates a missing
+        bind-mount source, as a directory, for a container started after its input was evicted)."""
+        if path.is_dir() and not path.is_symlink():
+            log.warning("input cache: a directory stood at %s (made by the engine for a late container): removed", path)
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _stamp(path: Path) -> tuple[int, int, int, int]:

@@ -276,3 +276,19 @@ def test_a_job_that_ended_in_time_while_no_agent_ran_is_not_a_timeout(cp, start_
     result = cp.result(job_id, wait=60)["result"]
     assert result["status"] == "succeeded", result
     assert result["output_payload"] == {"ok": True}
+
+
+def test_an_image_label_named_like_an_event_attribute_cannot_forge_the_jobs_exit(cp, start_agent, docker_client, busybox):
+    # Docker copies a container's labels into its die event after its own attributes: `LABEL exitCode=0` once made
+    # a failing (or killed) job's event read exit 0, and the job "succeeded".
+    import io
+
+    image = "radix-test/forged-exit:1"
+    docker_client.images.build(fileobj=io.BytesIO(f"FROM {busybox}\nLABEL exitCode=0\n".encode()), tag=image,
+                               rm=True, forcerm=True)
+    start_agent()
+    failed = cp.run(image=image, command=["sh", "-c", "exit 7"])
+    assert failed["status"] == "failed" and failed["failure_reason"] == "exit_code", failed
+    assert failed["metrics"]["exit_code"] == 7
+    killed = cp.run(image=image, command=["sh", "-c", "kill -9 $$"])
+    assert killed["status"] == "failed" and killed["metrics"]["exit_code"] == 137, killed

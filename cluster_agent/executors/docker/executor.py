@@ -348,7 +348,8 @@ class DockerExecutor:
                 raise ImageGone(FailureReason.IMAGE_UNAVAILABLE, message) from None
             raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, message) from None
         container_id: str = created["Id"]
-        self._exits.watch(container_id, judge_from_event=not spec.memory_mb)
+        # An image whose labels could forge the exit event is judged by the engine's inspect, never by the event.
+        self._exits.watch(container_id, judge_from_event=not spec.memory_mb and not self._images.forges_events(spec.image))
         step = "attach to the container's output"
         try:
             with engine_call(f"{step} of {spec.name}"):

@@ -32,6 +32,11 @@ PRESENT_FOR_SECONDS = 60.0
 PULL_REPORT_EVERY_SECONDS = 10.0
 
 
+# What a container's die event says of it besides its labels (moby daemon/monitor.go, container.LogEvent): a label
+# of one of these names would be read as the engine's own.
+EVENT_ATTRIBUTES = frozenset({"exitCode", "execDuration", "name", "image", "signal"})
+
+
 class ImagePuller:
     """`pull_timeout` bounds a whole pull, `pull_stall_seconds` the wait for its next progress item (seconds)."""
 
@@ -45,6 +50,7 @@ class ImagePuller:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._present_at: dict[str, float] = {}  # when each image was last found present (monotonic)
+        self._forges_events: dict[str, bool] = {}  # per image: its labels name an exit event's own attributes
         self._pulled_since: dict[str, float] = {}  # when the last pull of each image began (monotonic); under its lock
 
     def _lock_for(self, image: str) -> threading.Lock:
@@ -75,7 +81,7 @@ class ImagePuller:
                 began = self._clock.monotonic()
                 self._pull(image, auth)
                 try:
-                    self._api.inspect_image(image)
+                    self._note_labels(image, self._api.inspect_image(image))
                 except ImageNotFound:
                     raise JobFailed(FailureReason.IMAGE_UNAVAILABLE, f"image {image} is still missing after its pull") from None
                 self._pulled_since[image] = began  # only a pull that worked serves the jobs waiting for it
@@ -95,9 +101,21 @@ class ImagePuller:
         with self._locks_guard:
             self._present_at[image] = self._clock.monotonic()
 
+    def forges_events(self, image: str) -> bool:
+        """Whether a container of `image` could carry a forged exit in its engine events: Docker copies a
+        container's labels (the image's included) into its event attributes after its own, so an image label
+        `exitCode` replaces the real one. True for an image not inspected here (unknown is not trusted)."""
+        with self._locks_guard:
+            return self._forges_events.get(image, True)
+
+    def _note_labels(self, image: str, info: Any) -> None:
+        labels = ((info or {}).get("Config") or {}).get("Labels") or {} if isinstance(info, dict) else {}
+        with self._locks_guard:
+            self._forges_events[image] = bool(set(labels) & EVENT_ATTRIBUTES)
+
     def _present(self, image: str, policy: str) -> bool:
         try:
-            self._api.inspect_image(image)
+            self._note_labels(image, self._api.inspect_image(image))
             return True
         except ImageNotFound:
             if policy == "never":
