@@ -15,6 +15,8 @@ GIT_SHA     := $(shell git rev-parse HEAD 2>/dev/null)
 
 help:
 	@echo "make test    unit + integration tests (starts a Docker engine if none answers), then the engine suite on Podman"
+	@echo "make unit-test         the unit tests only (no engine, about 90 s)"
+	@echo "make integration-test  the integration tests and the Podman engine suite"
 	@echo "make podman-test   the engine suite alone, against a Podman service the tests start"
 	@echo "make demo    dev control plane + agent + the jobs in examples/jobs, results printed"
 	@echo "make image   build the agent's image ($(IMAGE)); BASE_IMAGE=... CA_BUNDLE=... optional"

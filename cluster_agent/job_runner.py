@@ -174,6 +174,11 @@ class JobRun:
         spec = self.job.spec
         if spec is None:
             raise JobFailed(FailureReason.INVALID_JOB, self.job.problem or "invalid job")
+        for name, guess in spec.unknown_fields():
+            if guess:
+                log.warning("job %s: %r is not a field this agent knows: ignored (did you mean %s?)", spec.job_id, name, guess)
+            else:
+                log.info("job %s: %r is not a field this agent knows: ignored", spec.job_id, name)
         if spec.orchestration.nodes > self._executor.max_nodes:
             raise JobFailed(
                 FailureReason.INVALID_JOB,

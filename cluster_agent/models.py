@@ -5,6 +5,7 @@ Unknown fields from a newer control plane are kept, never fatal: the contract gr
 
 from __future__ import annotations
 
+import difflib
 import re
 from enum import StrEnum
 from typing import Any, Literal
@@ -369,6 +370,18 @@ class JobSpec(_Lenient):
                 _check_exec_string(f"env {name}", item)
             out[name] = item
         return out
+
+    def unknown_fields(self) -> list[tuple[str, str | None]]:
+        """Keys of `resources` and `orchestration` this agent does not know (ignored, for forward compatibility),
+        each with the known key it most likely misspells, if any: [("resources.mig_profile",
+        "resources.gpu_profile")]. At most 5, names cut to 40 characters."""
+        found: list[tuple[str, str | None]] = []
+        for section, model in (("resources", self.resources), ("orchestration", self.orchestration)):
+            known = list(type(model).model_fields)
+            for key in (model.model_extra or {}):
+                guess = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                found.append((f"{section}.{key[:40]}", f"{section}.{guess[0]}" if guess else None))
+        return found[:5]
 
     @property
     def gpu_request(self) -> int | None:

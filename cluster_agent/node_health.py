@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .clock import SYSTEM_CLOCK, Clock
+from .errors import AgentError
 from .gpu_pool import GpuAllocator
 from .models import Completion, GpuInfo, JobStatus
 from .settings import Settings
@@ -182,6 +183,8 @@ class NodeHealth:
             image = self._last_image
         try:
             self._engine_probe(image)
+        except AgentError as exc:  # the agent's own words name the fix
+            return Check("engine", False, str(exc)[:500])
         except Exception as exc:  # noqa: BLE001 - any failure is the check's verdict
             return Check("engine", False, f"{type(exc).__name__}: {exc}"[:500])
         return Check("engine", True, f"created and removed a container from {image}" if image else "answers")

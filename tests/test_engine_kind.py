@@ -101,3 +101,20 @@ def test_a_rootless_engine_on_cgroup_v1_is_known_to_ignore_limits():
     assert not limits_ignored({"SecurityOptions": ["name=rootless"], "CgroupVersion": "2"})
     assert not limits_ignored({"SecurityOptions": ["name=seccomp,profile=default"], "CgroupVersion": "1"})
     assert not limits_ignored({})
+
+
+def test_a_podman_container_whose_containerenv_is_empty_is_found_by_its_mounts_or_cgroup(tmp_path):
+    # Rootful, unprivileged Podman leaves /run/.containerenv empty; with --network host the hostname is the host's.
+    from cluster_agent.executors.docker.mode import _id_from_proc
+
+    container_id = "ab" * 32
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(f"812 790 0:52 /overlay-containers/{container_id}/userdata/hosts /etc/hosts rw - tmpfs x rw\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.write_text(f"0::/libpod_parent/libpod-{container_id}\n")
+    assert _id_from_proc(mountinfo, tmp_path / "none") == container_id
+    assert _id_from_proc(tmp_path / "none", cgroup) == container_id
+    docker_mounts = tmp_path / "docker"
+    docker_mounts.write_text(f"1 2 0:1 /var/lib/docker/containers/{container_id}/hostname /etc/hostname rw - x y rw\n")
+    assert _id_from_proc(docker_mounts, tmp_path / "none") == container_id
+    assert _id_from_proc(tmp_path / "none", tmp_path / "none") is None

@@ -286,3 +286,14 @@ def test_docker_mode_refuses_a_multi_node_job_before_it_touches_the_engine(setti
     assert "asks for 2 nodes" in completion.error_message and "--execution-mode slurm" in completion.error_message
     assert executor.specs == []  # no container was made
     assert run(settings, FakeExecutor(), GpuPool(GPUS), orchestration={"nodes": 1}).status is JobStatus.SUCCEEDED
+
+
+def test_a_misspelled_resources_or_orchestration_field_is_named_in_the_log(settings, caplog):
+    with caplog.at_level("INFO", logger="cluster_agent.job_runner"):
+        completion = run(settings, FakeExecutor(), GpuPool(GPUS), resources={"mig_profile": "1g.10gb", "gpu": 1},
+                         orchestration={"node": 2, "vendor_thing": 1})
+    assert completion.status is JobStatus.SUCCEEDED
+    text = caplog.text
+    assert "'resources.mig_profile' is not a field this agent knows: ignored (did you mean resources.gpu_profile?)" in text
+    assert "did you mean resources.gpus?" in text and "did you mean orchestration.nodes?" in text
+    assert "'orchestration.vendor_thing' is not a field this agent knows: ignored" in text

@@ -298,3 +298,14 @@ def test_labels_and_volumes_of_a_hostile_image_do_not_reach_the_agents_books(doc
     finally:
         executor.stop(job, 1)
         executor.remove(job)
+
+
+def test_a_self_test_image_that_is_not_on_the_host_names_the_setting(docker_client, busybox):
+    from cluster_agent.errors import AgentError
+
+    try:
+        DockerExecutor(docker_client, gpu_injection=NoInjection()).probe("radix-test/no-such-image:1")
+    except AgentError as exc:
+        assert "not on this host" in str(exc) and "--self-test-image" in str(exc)
+    else:
+        raise AssertionError("a missing self-test image passed the engine check")

@@ -167,6 +167,9 @@ class DockerExecutor:
                     labels=SELF_TEST_LABELS, host_config=self._api.create_host_config(network_mode="none"))
             with engine_call("self-test: remove the container"):
                 self._api.remove_container(created["Id"], force=True, v=True)  # and the image's VOLUMEs
+        except ImageNotFound:
+            raise AgentError(f"the self-test image {image} is not on this host: load or pull it there, or set "
+                             "--self-test-image to an image that is") from None
         except APIError as exc:
             raise AgentError(f"the engine cannot create a container from {image}: {explain(exc)}") from None
 

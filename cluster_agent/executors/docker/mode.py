@@ -82,24 +82,32 @@ def connect_engine(settings: Settings) -> DockerExecutor:
 def _own_container_id(dockerenv: Path = Path("/.dockerenv"), containerenv: Path = Path("/run/.containerenv")) -> str | None:
     """This process's container id, when it runs in a Docker or Podman container."""
     if containerenv.exists():
-        # Podman writes this file instead of /.dockerenv; rootful, it names the container (id="...").
+        # Podman writes this file instead of /.dockerenv; rootful and privileged, it names the container
+        # (id="..."); otherwise it is empty, and the id is in the mounts or the cgroup.
         try:
             match = re.search(r'^id="([0-9a-f]{64})"$', containerenv.read_text(), re.MULTILINE)
             if match:
                 return match.group(1)
         except OSError:
             pass
-        return socket.gethostname()
+        return _id_from_proc() or socket.gethostname()
     if not dockerenv.exists():
         return None
-    try:
-        mountinfo = Path("/proc/self/mountinfo").read_text()
-        match = re.search(r"/containers/([0-9a-f]{64})/", mountinfo)
+    return _id_from_proc() or socket.gethostname()
+
+
+def _id_from_proc(mountinfo: Path = Path("/proc/self/mountinfo"), cgroup: Path = Path("/proc/self/cgroup")) -> str | None:
+    """The container id in this process's mounts (Docker: /var/lib/docker/containers/<id>/hostname; Podman:
+    .../overlay-containers/<id>/userdata/hosts) or cgroup (Podman: libpod-<id>). The hostname is no fallback
+    with host networking: it is the host's."""
+    for path, pattern in ((mountinfo, r"containers/([0-9a-f]{64})/"), (cgroup, r"libpod-([0-9a-f]{64})")):
+        try:
+            match = re.search(pattern, path.read_text())
+        except OSError:
+            continue
         if match:
             return match.group(1)
-    except OSError:
-        pass
-    return socket.gethostname()
+    return None
 
 
 def own_image(executor: DockerExecutor) -> str | None:
