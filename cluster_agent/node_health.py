@@ -73,7 +73,7 @@ class NodeHealth:
     on the host only); `token_rejected()` says the last heartbeat was refused for the token."""
 
     def __init__(
-        self, settings: Settings, *, engine_probe: Callable[[str | None], None], gpus: GpuAllocator,
+        self, settings: Settings, *, engine_probe: Callable[[str | None, bool], None], gpus: GpuAllocator,
         token_rejected: Callable[[], bool], on_change: Callable[[], None] = lambda: None,
         gpu_probe: Callable[[str | None, list[GpuInfo]], dict[str, str]] = lambda image, gpus: {},
         probe_image: str | None = None, clock: Clock = SYSTEM_CLOCK,
@@ -182,7 +182,8 @@ class NodeHealth:
         with self._lock:
             image = self._last_image
         try:
-            self._engine_probe(image)
+            # Only a trusted image is started; a job's is created and removed, never run by the agent.
+            self._engine_probe(image, image is not None and image == self._probe_image)
         except AgentError as exc:  # the agent's own words name the fix
             return Check("engine", False, str(exc)[:500])
         except Exception as exc:  # noqa: BLE001 - any failure is the check's verdict

@@ -20,7 +20,7 @@ class Engine:
         self.fault: Exception | None = None
         self.images: list[str | None] = []
 
-    def __call__(self, image):
+    def __call__(self, image, start=False):
         self.images.append(image)
         if self.fault:
             raise self.fault

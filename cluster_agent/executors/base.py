@@ -106,7 +106,7 @@ class Executor(Protocol):
     def ping(self) -> None:
         """Raise EngineUnavailable unless the engine answers."""
 
-    def probe(self, image: str | None) -> None:
+    def probe(self, image: str | None, start: bool = False) -> None:
         """The self-test's engine check (node_health.py): raise unless the engine can run a job's container here."""
 
     def probe_gpus(self, image: str | None, gpus: list[GpuInfo]) -> dict[str, str]:

@@ -309,3 +309,29 @@ def test_a_self_test_image_that_is_not_on_the_host_names_the_setting(docker_clie
         assert "not on this host" in str(exc) and "--self-test-image" in str(exc)
     else:
         raise AssertionError("a missing self-test image passed the engine check")
+
+
+def test_the_engine_check_runs_a_container_from_a_trusted_image_and_only_creates_from_others(docker_client, busybox):
+    from cluster_agent.errors import AgentError
+
+    executor = DockerExecutor(docker_client, gpu_injection=NoInjection())
+    started = []
+    real_start = docker_client.api.start
+    docker_client.api.start = lambda container, *a, **k: started.append(container) or real_start(container, *a, **k)
+    try:
+        executor.probe(BUSYBOX_IMAGE, start=True)  # runs `exit 0`
+        assert len(started) == 1
+        executor.probe(BUSYBOX_IMAGE)  # a job's image: created and removed, never started
+        assert len(started) == 1
+        # A runtime that cannot start containers fails the check with the engine's words.
+        docker_client.api.start = lambda container, *a, **k: (_ for _ in ()).throw(
+            __import__("docker").errors.APIError("500", explanation="crun: setrlimit `RLIMIT_NOFILE`: Operation not permitted"))
+        try:
+            executor.probe(BUSYBOX_IMAGE, start=True)
+        except AgentError as exc:
+            assert "cannot start it" in str(exc) and "RLIMIT_NOFILE" in str(exc)
+        else:
+            raise AssertionError("an engine that cannot start a container passed the engine check")
+    finally:
+        docker_client.api.start = real_start
+    assert docker_client.containers.list(all=True, sparse=True, filters={"label": "radix.self_test=1"}) == []

@@ -152,26 +152,60 @@ class DockerExecutor:
         with engine_call("read engine info"):
             return self._api.info()
 
-    def probe(self, image: str | None) -> None:
+    def probe(self, image: str | None, start: bool = False) -> None:
         """The self-test's engine check: the engine answers and, given an image on this host, creates and removes
-        a container from it (never started, no network). Raises EngineUnavailable, or AgentError with the engine's
-        reason (a broken storage driver, a full engine root)."""
+        a container from it (no network); with `start` (a trusted image, never a job's) it also runs `sh -c 'exit
+        0'` in it, boxed in as the GPU check's containers are, so an engine whose runtime cannot start any
+        container fails the check. Raises EngineUnavailable, or AgentError with the engine's reason (a broken
+        storage driver, a full engine root, a runtime that cannot set a limit)."""
         self.ping()
         if image is None:
             return
         self._sweep_self_tests()
+        container_id = None
         try:
             with engine_call("self-test: create a container"):
-                created = self._api.create_container(
-                    image, command=["true"], name=f"radix-self-test-{uuid.uuid4().hex[:12]}",
-                    labels=SELF_TEST_LABELS, host_config=self._api.create_host_config(network_mode="none"))
-            with engine_call("self-test: remove the container"):
-                self._api.remove_container(created["Id"], force=True, v=True)  # and the image's VOLUMEs
+                container_id = self._api.create_container(
+                    image, entrypoint=["sh", "-c", "exit 0"] if start else None, command=None if start else ["true"],
+                    name=f"radix-self-test-{uuid.uuid4().hex[:12]}", labels=SELF_TEST_LABELS,
+                    host_config=self._api.create_host_config(**self._boxed_host_config()))["Id"]
+            if start:
+                self._run_probe(container_id, image)
         except ImageNotFound:
             raise AgentError(f"the self-test image {image} is not on this host: load or pull it there, or set "
                              "--self-test-image to an image that is") from None
         except APIError as exc:
-            raise AgentError(f"the engine cannot create a container from {image}: {explain(exc)}") from None
+            raise AgentError(f"the engine cannot create a container from {image}: {explain(exc)[:300]}") from None
+        finally:
+            if container_id is not None:
+                try:
+                    with engine_call("self-test: remove the container"):
+                        self._api.remove_container(container_id, force=True, v=True)  # and the image's VOLUMEs
+                except (APIError, EngineUnavailable):
+                    pass
+
+    def _run_probe(self, container_id: str, image: str) -> None:
+        try:
+            with engine_call("self-test: start a container"):
+                self._api.start(container_id)
+        except APIError as exc:
+            words = explain(exc)
+            if '"sh"' in words and ("executable file not found" in words or "no such file or directory" in words):
+                return  # no shell to run: what could be checked (create) passed
+            raise AgentError(f"the engine created a container from {image} but cannot start it: {words[:300]}") from None
+        try:
+            code = self._api.wait(container_id, timeout=GPU_PROBE_SECONDS).get("StatusCode")
+        except requests.exceptions.RequestException:
+            raise AgentError(f"a container from {image} running `exit 0` did not end in {GPU_PROBE_SECONDS:g} s") from None
+        if code != 0:
+            raise AgentError(f"a container from {image} running `exit 0` exited {code}: the engine cannot run containers")
+
+    @staticmethod
+    def _boxed_host_config() -> dict[str, Any]:
+        """The self-test's containers: no network, nothing to escalate with, little to use, a short log."""
+        return {"network_mode": "none", "binds": {}, "cap_drop": ["ALL"], "security_opt": ["no-new-privileges"],
+                "read_only": True, "pids_limit": 64, "mem_limit": "128m", "memswap_limit": "128m",
+                "nano_cpus": 1_000_000_000, "log_config": SELF_TEST_LOG_CONFIG}
 
     def probe_gpus(self, image: str | None, gpus: list[GpuInfo]) -> dict[str, str]:
         """The self-test's GPU check, made the way a job gets its GPUs: for each GPU, a container from `image`
@@ -208,11 +242,7 @@ class DockerExecutor:
         how = f"{self.gpu_injection.name} injection"
         try:
             nodes = self.gpu_injection.device_nodes(gpu)
-            # The image may be the last job's, which is hostile: its `sh` runs boxed in, and briefly.
-            host_config: dict[str, Any] = {"network_mode": "none", "binds": {}, "cap_drop": ["ALL"],
-                                           "security_opt": ["no-new-privileges"], "read_only": True,
-                                           "pids_limit": 64, "mem_limit": "128m", "memswap_limit": "128m",
-                                           "nano_cpus": 1_000_000_000, "log_config": SELF_TEST_LOG_CONFIG}
+            host_config = self._boxed_host_config()
             env: dict[str, str] = {}
             self._give_gpus([gpu], host_config, env)
         except JobFailed as exc:

@@ -87,7 +87,7 @@ class SlurmExecutor:
     def ping(self) -> None:
         self.cli.ping()
 
-    def probe(self, image: str | None) -> None:
+    def probe(self, image: str | None, start: bool = False) -> None:
         """The self-test's engine check: Slurm answers (the nodes' engines are Slurm's to watch)."""
         self.ping()
 
