@@ -118,3 +118,7 @@ def test_a_podman_container_whose_containerenv_is_empty_is_found_by_its_mounts_o
     docker_mounts.write_text(f"1 2 0:1 /var/lib/docker/containers/{container_id}/hostname /etc/hostname rw - x y rw\n")
     assert _id_from_proc(docker_mounts, tmp_path / "none") == container_id
     assert _id_from_proc(tmp_path / "none", tmp_path / "none") is None
+    # On a host, other containers' storage mounts are in the table: never taken for this process's own.
+    host = tmp_path / "host"
+    host.write_text(f"900 28 0:60 / /var/lib/containers/storage/overlay-containers/{container_id}/userdata/shm rw - tmpfs shm rw\n")
+    assert _id_from_proc(host, tmp_path / "none") is None

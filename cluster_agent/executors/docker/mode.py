@@ -100,7 +100,10 @@ def _id_from_proc(mountinfo: Path = Path("/proc/self/mountinfo"), cgroup: Path =
     """The container id in this process's mounts (Docker: /var/lib/docker/containers/<id>/hostname; Podman:
     .../overlay-containers/<id>/userdata/hosts) or cgroup (Podman: libpod-<id>). The hostname is no fallback
     with host networking: it is the host's."""
-    for path, pattern in ((mountinfo, r"containers/([0-9a-f]{64})/"), (cgroup, r"libpod-([0-9a-f]{64})")):
+    # Only the mounts of this container's own /etc/hostname or /etc/hosts: on a host the mount table lists other
+    # containers' storage too (rootful Podman's shm mounts), which must not be taken for this process's.
+    own_files = r"containers/([0-9a-f]{64})/\S* /etc/(?:hostname|hosts) "
+    for path, pattern in ((mountinfo, own_files), (cgroup, r"libpod-([0-9a-f]{64})")):
         try:
             match = re.search(pattern, path.read_text())
         except OSError:
