@@ -48,6 +48,12 @@ SELF_TEST_LABELS = {LABEL_SELF_TEST: "1", LABEL_CLUSTER_ID: "", LABEL_JOB_ID: ""
 SELF_TEST_LOG_CONFIG = {"type": "json-file", "config": {"max-size": "64k", "max-file": "1"}}
 
 
+def _lacks_shell(engine_words: str) -> bool:
+    """Whether a start failed only because the image has no `sh` (the runtime's words for a missing program)."""
+    return '"sh"' in engine_words and ("executable file not found" in engine_words
+                                       or "no such file or directory" in engine_words)
+
+
 class _LimitRefused(Exception):
     """The engine could not set a ulimit the container asked for (start failed, container removed)."""
 
@@ -190,7 +196,7 @@ class DockerExecutor:
                 self._api.start(container_id)
         except APIError as exc:
             words = explain(exc)
-            if '"sh"' in words and ("executable file not found" in words or "no such file or directory" in words):
+            if _lacks_shell(words):
                 return  # no shell to run: what could be checked (create) passed
             raise AgentError(f"the engine created a container from {image} but cannot start it: {words[:300]}") from None
         try:
@@ -262,7 +268,7 @@ class DockerExecutor:
                     self._api.start(container_id)
             except APIError as exc:
                 words = explain(exc)
-                if '"sh"' in words and ("executable file not found" in words or "no such file or directory" in words):
+                if _lacks_shell(words):
                     if not DockerExecutor._said_no_shell:
                         DockerExecutor._said_no_shell = True
                         log.warning("self-test: image %s has no sh, so the GPUs cannot be looked at in a container; "
