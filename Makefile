@@ -11,7 +11,7 @@ IMAGE_NAME  ?= radix-cluster-agent
 RELEASE_TAG ?=
 GIT_SHA     := $(shell git rev-parse HEAD 2>/dev/null)
 
-.PHONY: help venv engine test-deps test unit-test integration-test podman-test demo demo-deps example-ml image push gpu-check bench profile-dispatch slurm-lab slurm-lab-stop clean
+.PHONY: help venv engine test-deps test unit-test integration-test podman-test demo demo-deps example-ml image push gpu-check gpu-lab-bundle bench profile-dispatch slurm-lab slurm-lab-stop clean
 
 help:
 	@echo "make test    unit + integration tests (starts a Docker engine if none answers), then the engine suite on Podman"
@@ -26,6 +26,7 @@ help:
 	@echo "                        (PROFILE_ARGS=\"--path finish\": from a container's exit to its result)"
 	@echo "make slurm-lab  a two-node Slurm cluster here, to try --execution-mode slurm (docs/slurm.md)"
 	@echo "make gpu-check  on a GPU host: the agent runs GPU-pinned jobs and checks what they see (docs/gpu.md)"
+	@echo "make gpu-lab-bundle  build/gpu-lab/ for a GPU host with no Docker or network: then scripts/gpu_lab_run.sh there"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -111,6 +112,10 @@ profile-dispatch: venv engine
 
 gpu-check: test-deps
 	$(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
+
+# For a GPU machine with no Docker and no network: build/gpu-lab/ to carry there, then scripts/gpu_lab_run.sh.
+gpu-lab-bundle: venv
+	scripts/gpu_lab_bundle.sh $(GPU_LAB_DIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
