@@ -270,6 +270,9 @@ def test_capabilities_describe_the_cluster_gpus_per_partition_and_idle_gpus():
     # An agent bound to one partition offers that partition's idle GPUs in its polls.
     assert SlurmCluster(ClusterCli(), partition="cpu").gpus().free_count() == 0
     assert SlurmCluster(ClusterCli(), partition="gpu").gpus().free_count() == 5
+    # Without a partition, a node in two partitions (a1 in gpu and all) counts once: 16 GPUs, 5 idle, not 32 and 10.
+    unbound = SlurmCluster(ClusterCli()).gpus()
+    assert (unbound.total, unbound.free_count()) == (16, 5)
 
 
 def test_sacct_gives_the_jobs_own_line_not_its_steps():

@@ -146,13 +146,19 @@ class SlurmCluster:
     def gpus(self) -> "SlurmGpus":
         return SlurmGpus(self)
 
+    # A node may sit in several partitions: without --slurm-partition the cluster-wide counts, which count each
+    # node once, are the answer, never a sum over partitions.
     def total_gpus(self) -> int:
         view = self.view()
-        return sum(p.gpus for p in self._scope(view)) if view else 0
+        if view is None:
+            return 0
+        return sum(p.gpus for p in self._scope(view)) if self._partition else view.gpus
 
     def idle_gpus(self) -> int:
         view = self.view()
-        return sum(p.idle_gpus for p in self._scope(view)) if view else 0
+        if view is None:
+            return 0
+        return sum(p.idle_gpus for p in self._scope(view)) if self._partition else view.idle_gpus
 
 
 class SlurmGpus:
