@@ -77,6 +77,10 @@ def load_settings(cli_values: dict[str, Any]) -> Settings:
         raise ConfigError(describe_validation_error(exc)) from None
 
 
+# pydantic's ByteSize: decimal units are powers of 1000, binary ones of 1024 (pydantic docs, "ByteSize").
+BYTE_SIZE_FORMS = "a whole number of bytes, or a number and a unit: KB, MB, GB, TB (1000s) or KiB, MiB, GiB, TiB (1024s), as in 500MB or 100GiB"
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
@@ -85,6 +89,8 @@ def describe_validation_error(exc: ValidationError) -> str:
         if field is None:
             field = next((f for f in Settings.model_fields if env_name(f).lower() in [p.lower() for p in loc]), None)
         message = error.get("msg", "invalid value").removeprefix("Value error, ")
+        if error.get("type") in ("byte_size", "byte_size_unit"):
+            message += f" (give {BYTE_SIZE_FORMS})"
         if field:
             lines.append(f"{flag_name(field)} / {env_name(field)}: {message}")
         else:

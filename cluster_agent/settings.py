@@ -126,8 +126,8 @@ class Settings(BaseSettings):
         **_env("RADIX_JOB_TIMEOUT_SECONDS"),
     )
     max_concurrent_jobs: int = Field(default=1, ge=1, le=256, description="Jobs run at the same time.")
-    max_output_bytes: int = Field(
-        default=DEFAULT_MAX_OUTPUT_BYTES, ge=1, description="Largest output.json (and JSON stdout) accepted, in bytes."
+    max_output_bytes: ByteSize = Field(
+        default=DEFAULT_MAX_OUTPUT_BYTES, ge=1, description="Largest output.json (and JSON stdout) accepted (bytes, or 10MiB)."
     )
     pids_limit: int = Field(
         default=4096, ge=0, description="Most processes a job's container may run (0: no limit). Stops fork bombs."

@@ -87,12 +87,24 @@ def test_insecure_http_can_be_allowed_explicitly():
         ({"allowed_images": " , "}, "give '*' to allow any image"),
         ({"cap_drop": "NET_RAW,NOT_A_CAP"}, "NOT_A_CAP is not a Linux capability"),
         ({"docker_host": "/var/run/docker.sock"}, "unix:///var/run/docker.sock"),
+        # A size with a unit the parser does not know names the units it does.
+        ({"cache_max_bytes": "10XB"}, "--cache-max-bytes / RADIX_CACHE_MAX_BYTES: could not interpret byte unit: XB "
+                                      "(give a whole number of bytes, or a number and a unit: KB, MB, GB, TB"),
+        ({"max_output_bytes": "lots"}, "--max-output-bytes / RADIX_MAX_OUTPUT_BYTES: could not parse value and unit"),
     ],
 )
 def test_bad_values_name_the_setting(values, message):
     with pytest.raises(ConfigError) as caught:
         load_settings(values)
     assert message in str(caught.value)
+
+
+def test_every_size_in_bytes_takes_a_unit():
+    # The README says sizes in bytes take a unit: every *_bytes setting, not some of them.
+    names = [name for name in Settings.model_fields if name.endswith("_bytes")]
+    settings = load_settings({name: "10MiB" for name in names})
+    assert names and all(getattr(settings, name) == 10 * 1024**2 for name in names)
+    assert load_settings({"max_output_bytes": "500KB"}).max_output_bytes == 500_000
 
 
 def test_the_agent_requires_api_base_and_cluster_id():
