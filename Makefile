@@ -29,6 +29,8 @@ help:
 	@echo "make gpu-lab-bundle  build/gpu-lab/ for a GPU host with no Docker or network: then scripts/gpu_lab_run.sh there"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { echo "$(PYTHON) has no venv: installing Debian's python3-venv"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
@@ -92,9 +94,11 @@ slurm-lab-stop:
 image: venv engine
 	$(PY) scripts/build_image.py --tag $(IMAGE) $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE)) $(if $(CA_BUNDLE),--ca-bundle $(CA_BUNDLE))
 
+PUSH_NEEDS := make push needs Docker's buildx plugin (docker-buildx-plugin from Docker's apt repository; Debian's docker.io has none) and, for the arm64 half, QEMU user emulation (apt-get install qemu-user-static binfmt-support)
 # By hand what .github/workflows/image.yml does: both architectures, tagged with the sha (and a release tag).
 push:
 	@test -n "$(REGISTRY)" || { echo "set REGISTRY=registry/namespace (and docker login to it first)"; exit 2; }
+	@docker buildx version >/dev/null 2>&1 || { echo "$(PUSH_NEEDS)"; exit 2; }
 	docker buildx build --platform linux/amd64,linux/arm64 \
 		-t $(REGISTRY)/$(IMAGE_NAME):$(GIT_SHA) $(if $(RELEASE_TAG),-t $(REGISTRY)/$(IMAGE_NAME):$(RELEASE_TAG)) \
 		--push .
