@@ -242,6 +242,38 @@ def test_a_local_jobs_directory_with_remote_nodes_is_refused(tmp_path, monkeypat
     check_shared_storage(NodesCli(), tmp_path, probe_seconds=0)  # network storage: believed
 
 
+class ProbingCli(NodesCli):
+    """A cluster whose nodes see the jobs directory: the probe job answers at once."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.submitted = name, 0
+
+    def cluster_name(self):
+        return self.name
+
+    def submit(self, args, script):
+        self.submitted += 1
+        subprocess.run(["sh", "-c", script], check=True)
+        return str(self.submitted)
+
+    def show_job(self, job_id):
+        return None
+
+    def cancel(self, job_id):
+        pass
+
+
+def test_a_storage_proof_holds_for_the_cluster_that_gave_it_only(tmp_path, monkeypatch):
+    monkeypatch.setattr("cluster_agent.executors.slurm.cluster.filesystem_type", lambda path: "nfs4")
+    first = ProbingCli("east")
+    check_shared_storage(first, tmp_path, probe_seconds=5)
+    check_shared_storage(first, tmp_path, probe_seconds=5)  # a restart: no second probe job
+    assert first.submitted == 1
+    rebuilt = ProbingCli("west")  # the directory reused with another cluster: its nodes must show it again
+    check_shared_storage(rebuilt, tmp_path, probe_seconds=5)
+    assert rebuilt.submitted == 1
+
+
 class ClusterCli:
     def nodes(self):
         return [

@@ -249,7 +249,10 @@ def check_shared_storage(cli: SlurmCli, jobs_workdir: Path, probe_seconds: float
     fix = (f"put --jobs-workdir on storage the nodes mount at the same path (NFS, Lustre, GPFS, CephFS, ...); "
            f"{jobs_workdir} is on {fstype}")
     verified = jobs_workdir / VERIFIED_FILE
-    if probe_seconds > 0 and verified.exists():
+    # The proof holds for the cluster whose nodes read it: a directory reused with another (or a rebuilt) cluster
+    # is probed again.
+    proof = f"cluster={cli.cluster_name()}\n" if probe_seconds > 0 else ""
+    if probe_seconds > 0 and _first_line(verified) == proof:
         # A probe proved it before: a restart (which must adopt running jobs promptly) does not queue another one.
         log.info("jobs directory %s was shown shared with the Slurm nodes earlier (%s)", jobs_workdir, verified)
         return
@@ -258,7 +261,7 @@ def check_shared_storage(cli: SlurmCli, jobs_workdir: Path, probe_seconds: float
         if verdict is True:
             log.info("jobs directory %s is shared with the Slurm nodes (probe job read it)", jobs_workdir)
             verified.parent.mkdir(parents=True, exist_ok=True)
-            verified.write_text(f"probe job read {jobs_workdir} at {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+            verified.write_text(f"{proof}probe job read {jobs_workdir} at {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
             return
         if verdict is False:
             raise ConfigError(f"--jobs-workdir {jobs_workdir}: a probe job on the Slurm nodes could not see it: {fix}")
@@ -270,6 +273,14 @@ def check_shared_storage(cli: SlurmCli, jobs_workdir: Path, probe_seconds: float
         )
     log.warning("could not prove that the Slurm nodes see %s (filesystem %s); jobs fail with a clear error if not",
                 jobs_workdir, fstype)
+
+
+def _first_line(path: Path) -> str:
+    try:
+        with path.open() as file:
+            return file.readline(256)
+    except OSError:
+        return ""
 
 
 def _probe(cli: SlurmCli, jobs_workdir: Path, seconds: float, sbatch_args: list[str], clock: Clock) -> bool | None:
