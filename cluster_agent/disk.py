@@ -68,7 +68,9 @@ class DiskGuard:
         self._ledger = jobs_workdir / ".images.json"
         self.state = DiskState(None, None, False)
         if engine_root and self._engine_root is None:
-            log.info("the engine's data root %s is not visible here: only the jobs directory's free space is checked", engine_root)
+            log.info("the engine's data root %s is not visible here: only the jobs directory's free space is checked "
+                     "(in a container, add -v %s:%s:ro so --min-free-disk-gb covers the images' disk too)",
+                     engine_root, engine_root, engine_root)
 
     # --- free space ----------------------------------------------------------------------------------------
 

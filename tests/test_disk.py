@@ -69,3 +69,10 @@ def test_check_prunes_when_low_and_pruning_is_on(tmp_path):
     api.remove_image = lambda name: (original(name), free.__setitem__("value", 20))
     assert g.check().low is False
     assert api.removed == ["old"]
+
+
+def test_an_engine_data_root_out_of_sight_is_named_with_the_mount_that_shows_it(tmp_path, caplog):
+    caplog.set_level("INFO", logger="cluster_agent.disk")
+    DiskGuard(tmp_path, tmp_path / "var-lib-docker", min_free_gb=5, prune_to_free_gb=0, engine_api=FakeApi({}))
+    root = tmp_path / "var-lib-docker"
+    assert f"only the jobs directory's free space is checked (in a container, add -v {root}:{root}:ro" in caplog.text
