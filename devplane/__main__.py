@@ -29,6 +29,9 @@ class CliError(Exception):
     """One line for the user: what went wrong and what to do."""
 
 
+QUEUED_HINT_SECONDS = 10.0  # `result`: how long a job may sit queued before it says so
+
+
 def _call(url: str, method: str = "GET", body: object = None) -> object:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
@@ -130,11 +133,12 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devplane", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the server in the foreground")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--cluster-id", default="dev-cluster")
-    serve.add_argument("--cluster-token", default="dev-cluster-token")
+    serve = sub.add_parser("serve", help="run the server in the foreground",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on")
+    serve.add_argument("--cluster-id", default="dev-cluster", help="the one cluster id agents must use")
+    serve.add_argument("--cluster-token", default="dev-cluster-token", help="the token agents must send")
     serve.add_argument("--one-time-token", action="append", default=[], help="accept this one-time token once")
     serve.add_argument("--no-long-poll", action="store_true", help="answer polls at once, unmarked (core server)")
     serve.add_argument("--core-only", action="store_true", help="also 404 the start/logs extensions")
@@ -150,6 +154,7 @@ def _main(argv: list[str] | None) -> int:
     result = sub.add_parser("result", help="wait for a job's result and print it")
     result.add_argument("--url", default="http://127.0.0.1:8080")
     result.add_argument("--wait", type=float, default=300, help="seconds to wait for the result (default 300)")
+    result.add_argument("--brief", action="store_true", help="print only the state, the result and the log")
     result.add_argument("job_id")
     artifacts = sub.add_parser("artifacts", help="list a job's artifacts: path, size, sha256 (and 'not uploaded')")
     artifacts.add_argument("--url", default="http://127.0.0.1:8080")
@@ -190,9 +195,10 @@ def _main(argv: list[str] | None) -> int:
             print(answer["job_id"])  # type: ignore[index]
         return 0
     if args.command == "jobs":
+        print("JOB_ID\tSTATE\tSTATUS")
         for job in _call(f"{args.url}/admin/jobs")["jobs"]:  # type: ignore[index]
             status = (job.get("result") or {}).get("status", "")
-            print(f"{job['job_id']}\t{job['state']}\t{status}")
+            print(f"{job['job_id']}\t{_shown_state(job)}\t{status}")
         return 0
     if args.command == "cancel":
         job = _call(f"{args.url}/admin/jobs/{quote(args.job_id, safe='')}")  # an unknown id: one line, exit 1
@@ -211,13 +217,34 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "artifact":
         job, path = quote(args.job_id, safe=""), quote(args.path, safe="/")
         return _download(f"{args.url}/admin/jobs/{job}/artifacts/{path}", args.output)
-    record = _call(f"{args.url}/admin/jobs/{args.job_id}?wait={args.wait}")
+    record = _wait_for_result(args.url, args.job_id, args.wait)
+    if args.brief:
+        record = {"job_id": record["job_id"], "state": _shown_state(record), "result": record.get("result"),  # type: ignore[index]
+                  "log": record.get("log")}  # type: ignore[union-attr]
     print(json.dumps(record, indent=2))
     if not record.get("result"):  # type: ignore[union-attr]
         print(f"devplane: no result for {args.job_id} within {args.wait:g} s (it is {record.get('state')}); "  # type: ignore[union-attr]
               "is an agent running? wait longer with --wait", file=sys.stderr)
         return 1
     return 0
+
+
+def _shown_state(job: dict) -> str:
+    # The server keeps a started job "assigned" (what it hands out and cancels by); a person reads "running".
+    return "running" if job.get("state") == "assigned" and job.get("started") else str(job.get("state"))
+
+
+def _wait_for_result(url: str, job_id: str, wait: float) -> dict:
+    """The job's record once it has a result, or after `wait` seconds; says early when no agent took the job."""
+    job = quote(job_id, safe="")
+    first = min(wait, QUEUED_HINT_SECONDS)
+    record = _call(f"{url}/admin/jobs/{job}?wait={first}")
+    if not record.get("result") and record.get("state") == "queued" and wait > first:  # type: ignore[union-attr]
+        print(f"devplane: job {job_id} is still queued after {first:g} s: no agent has taken it (is an agent "
+              "running against this server, with its cluster id and token?); waiting on", file=sys.stderr, flush=True)
+    if not record.get("result") and wait > first:  # type: ignore[union-attr]
+        record = _call(f"{url}/admin/jobs/{job}?wait={wait - first}")
+    return record  # type: ignore[return-value]
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ import re
 import select
 import shutil
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -966,6 +967,16 @@ class DevServer(ThreadingHTTPServer):
         self.closing = False
         self.connections: set[Any] = set()
         self.connections_lock = threading.Lock()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that went away mid-request (an agent killed during its long poll, `docker rm -f`) is routine: one
+        # line when verbose, never a traceback. Anything else is a bug worth the traceback.
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)):
+            if self.verbose:
+                print(f"devplane: connection from {client_address[0]} closed mid-request: {error}", file=sys.stderr)
+            return
+        super().handle_error(request, client_address)
 
     def cut_connections(self) -> None:
         """An outage: established keep-alive connections die too, not only the listening socket."""

@@ -4,6 +4,7 @@ import hashlib
 import json
 import signal
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -78,8 +79,45 @@ def test_a_port_in_use(plane):
 
 def test_jobs_lists_what_it_has(plane):
     plane.state.submit({"job_id": "listed-1", "image": "busybox"})
+    plane.state.submit({"job_id": "started-1", "image": "busybox"})
+    plane.state.jobs["started-1"].state, plane.state.jobs["started-1"].started = "assigned", {"at": 1.0}
     run = cli("jobs", "--url", plane.url)
-    assert run.returncode == 0 and run.stdout.split() == ["listed-1", "queued"]
+    assert run.returncode == 0
+    assert [line.split() for line in run.stdout.splitlines()] == [
+        ["JOB_ID", "STATE", "STATUS"], ["listed-1", "queued"], ["started-1", "running"]]
+
+
+def test_result_says_early_that_no_agent_took_the_job_and_brief_shows_only_the_outcome(plane, monkeypatch, capsys):
+    import devplane.__main__ as devplane_cli
+
+    monkeypatch.setattr(devplane_cli, "QUEUED_HINT_SECONDS", 0.2)
+    plane.state.submit({"job_id": "waiting-1", "image": "busybox"})
+    assert devplane_cli.main(["result", "--url", plane.url, "--wait", "0.5", "--brief", "waiting-1"]) == 1
+    out, err = capsys.readouterr()
+    hint, end = err.strip().splitlines()
+    assert "job waiting-1 is still queued after 0.2 s: no agent has taken it" in hint
+    assert "no result for waiting-1 within 0.5 s" in end
+    plane.state.jobs["waiting-1"].result, plane.state.jobs["waiting-1"].state = {"status": "succeeded"}, "done"
+    assert devplane_cli.main(["result", "--url", plane.url, "--brief", "waiting-1"]) == 0
+    out, err = capsys.readouterr()
+    assert set(json.loads(out)) == {"job_id", "state", "result", "log"} and err == ""
+
+
+def test_serve_shows_no_traceback_when_a_client_resets_its_connection():
+    serve = subprocess.Popen([sys.executable, "-m", "devplane", "serve", "--port", str(free_port())], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        host, port = serve.stdout.readline().split()[4].removeprefix("http://").split(":")
+        for _ in range(3):  # an agent killed mid-request: its kernel resets the connection
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(b"POST /v1/clusters/dev-cluster/jobs/poll HTTP/1.1\r\nHost: x\r\n")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        assert httpx.get(f"http://{host}:{port}/admin/jobs").status_code == 200  # still serving
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(10) == 0
+    assert "Traceback" not in serve.stderr.read()
 
 
 def test_cancel_of_an_unknown_or_finished_job_says_so_and_adds_nothing(plane):
