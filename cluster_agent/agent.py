@@ -122,8 +122,9 @@ class Agent:
     def run(self) -> int:
         """Run until `stopping` is set (a signal, or --max-jobs reached), then shut down."""
         log.info(
-            "agent starting: cluster %s, control plane %s, up to %d job(s) at once, %d GPU(s)",
+            "agent starting: cluster %s, control plane %s, up to %d job(s) at once, %d GPU(s), input cache %s",
             self._settings.cluster_id, self._settings.api_base, self._settings.max_concurrent_jobs, self._gpus.total,
+            self._settings.cache_dir or "off (--cache-dir)",
         )
         self._heartbeat.beat("active")  # one before the first poll (contract)
         self._heartbeat.start()

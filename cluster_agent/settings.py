@@ -159,8 +159,8 @@ class Settings(BaseSettings):
     )
     cap_drop: str = Field(
         default="NET_RAW,MKNOD,AUDIT_WRITE",
-        description="Comma-separated capabilities dropped from job containers ('ALL' for none at all; '' for the "
-        "engine's default set).",
+        description="Comma-separated capabilities dropped from job containers ('ALL': the job keeps no capability; '' "
+        "drops none beyond what the engine's default set leaves out).",
     )
     read_only_rootfs: bool = Field(
         default=False, description="Job containers get a read-only root filesystem (/workspace and /tmp stay writable)."
@@ -374,7 +374,7 @@ class Settings(BaseSettings):
             if parts.scheme == "http" and not is_loopback(parts.hostname or "") and not self.allow_insecure_http:
                 raise ValueError(
                     f"--api-base / RADIX_API_BASE: {self.api_base} is plain http to a non-loopback host, which would send the cluster "
-                    "token in clear; use https, or pass --allow-insecure-http if you really mean it"
+                    "token in clear; use https, or pass --allow-insecure-http (RADIX_ALLOW_INSECURE_HTTP=true) if you really mean it"
                 )
         return self
 

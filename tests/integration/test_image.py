@@ -100,7 +100,7 @@ def test_a_loopback_api_base_on_a_bridge_network_is_explained(agent_image, docke
     try:
         logs = eventually(lambda: (text := container.logs().decode()) and "nothing answers" in text and text,
                           timeout=60, what="the unreachable hint")
-        assert "is a loopback address, but this agent runs in a container on the 'bridge' network" in logs
+        assert "is a loopback address, but this agent runs in a container on the default bridge network" in logs
         assert "--network host" in logs
         assert logs.count("nothing answers at http://127.0.0.1:8080") == 1  # said once, then retried quietly
         assert TOKEN not in logs

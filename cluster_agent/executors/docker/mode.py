@@ -176,10 +176,12 @@ def warn_loopback_api_base(executor: DockerExecutor, api_base: str) -> None:
         return
     if network != "host":
         log.warning(
-            "--api-base %s is a loopback address, but this agent runs in a container on the %r network, where it "
+            "--api-base %s is a loopback address, but this agent runs in a container on %s, where it "
             "means the container itself: use the host's address (e.g. http://<host ip>:<port>, or "
             "host.docker.internal with --add-host host.docker.internal:host-gateway), or run the agent with "
-            "--network host", api_base, network or "default",
+            "--network host", api_base,
+            # Docker's NetworkMode for its default bridge is "default" (or "bridge"): name it as users know it.
+            "the default bridge network" if network in ("", "default", "bridge") else f"the network {network!r}",
         )
 
 
