@@ -70,11 +70,10 @@ class JobRun:
         redactor: Redactor | None = None,
         data: JobData | None = None,
     ) -> None:
-        self._redactor = redactor or Redactor()
-        secrets = list(job.spec.secret_env.values()) if job.spec is not None else []
-        self._job_secrets = Redactor(secrets)  # this job's own, for its output and result
-        for secret in secrets:
-            self._redactor.add(secret)  # and the agent's log lines (the formatter shares this redactor)
+        self._redactor = redactor or Redactor()  # the agent's: its secrets, and the log formatter's scopes
+        # This job's secret_env values, for its output, streamed log and result: built in execute(), on the job's
+        # thread (a pattern build takes time in the secrets' length: never on the poller's).
+        self._job_secrets = Redactor()
         # Inputs and artifacts; run-job and tests that move no data get their own, without a control plane.
         self._data = data
         self.job = job
@@ -121,16 +120,24 @@ class JobRun:
 
     def execute(self) -> Completion:
         """Run the job and judge it. Always returns a Completion: every job gets exactly one result."""
+        self._job_secrets = Redactor(self.job.spec.secret_env.values() if self.job.spec is not None else ())
+        self._redactor.attach(self._job_secrets)  # the agent's log lines hide them while the job runs
+        try:
+            return self._judged()
+        finally:
+            self._redactor.detach(self._job_secrets)
+
+    def _judged(self) -> Completion:
         completion = self._without_job_secrets(self._execute())
         try:
             completion.to_wire()
         except Exception as exc:  # noqa: BLE001 - a result that cannot be encoded is no result
             log.error("job %s: its result cannot be encoded (%s); reporting that instead", self.job_id, exc)
-            completion = self._result(
+            completion = self._without_job_secrets(self._result(
                 JobStatus.FAILED, FailureReason.INVALID_OUTPUT,
                 f"the job's output cannot be sent as a result ({type(exc).__name__}: {exc}); write plain JSON, at most "
                 f"{MAX_OUTPUT_DEPTH} levels deep",
-            )
+            ))
         spec = self.job.spec
         return classify(completion, memory_limited=bool(spec and spec.resources.memory_mb), retryable=self._retryable)
 
@@ -143,7 +150,7 @@ class JobRun:
                 update={"output_payload": self._job_secrets.redact_json(completion.output_payload)})
         if not completion.error_message:
             return completion
-        message = self._redactor.redact(completion.error_message)
+        message = self._redactor.redact_own(completion.error_message)  # never other jobs' secrets (see Redactor)
         auth = self.job.raw.get("registry_auth") if isinstance(self.job.raw, dict) else None
         password = auth.get("password") if isinstance(auth, dict) else None
         if isinstance(password, str):
@@ -404,6 +411,7 @@ class JobRun:
             completion = self._job_data().uploads.finish(
                 spec.job_id, spec.artifacts, self.directory.workspace, self.directory.path, completion,
                 exclude=frozenset(target for _, target in (self._staged.mounts if self._staged else [])),
+                secrets=self._job_secrets,
             )
         return completion
 

@@ -68,5 +68,5 @@ def _problem(raw: Any, job_id: str | None, redactor: Redactor) -> str | None:
         return refused
     if job_id is None or not JOB_ID_PATTERN.fullmatch(job_id):
         # Redacted before it is cut: a cut secret would leave a prefix no redaction recognises.
-        return f"job_id {redactor.redact(str(raw.get('job_id')))[:140]!r} does not match {JOB_ID_PATTERN.pattern}"
+        return f"job_id {redactor.redact_own(str(raw.get('job_id')))[:140]!r} does not match {JOB_ID_PATTERN.pattern}"
     return None

@@ -23,6 +23,7 @@ form wins over its unpadded core at the same position), rebuilt when a secret is
 from __future__ import annotations
 
 import base64
+import codecs
 import json
 import re
 import threading
@@ -38,29 +39,55 @@ MIN_ENCODED_LENGTH = 6
 class Redactor:
     """The set of secrets to hide, shared by everything that writes output (logs, job results, streamed logs).
 
-    Thread-safe: `add()` builds a new pattern under a lock and publishes it with one assignment; `redact()` reads
+    Thread-safe: `add_all()` builds a new pattern under a lock and publishes it with one assignment; `redact()` reads
     that one reference and takes no lock, so it never waits on an `add()` and stays cheap on every log line.
+
+    Scopes: the log formatter's redactor also hides the secrets of each running job, which `attach()`es its own
+    Redactor while it runs and `detach()`es it at its end. An attached scope takes part in `redact()` (so in
+    `redact_json()`) only; `secrets`, `redact_own()`, `stream_hold()` and `redact_stream()` are this redactor's
+    own. A job's result is redacted with the agent's own secrets (`redact_own()`) and that job's, never another
+    job's: otherwise one tenant's output could test guesses at another's secrets by watching for "[REDACTED]".
     """
 
     def __init__(self, secrets: Iterable[str | None] = ()) -> None:
         self._lock = threading.Lock()
         self._secrets: set[str] = set()
         self._pattern: re.Pattern[str] | None = None
-        for secret in secrets:
-            self.add(secret)
+        self._scopes: tuple[Redactor, ...] = ()
+        self.add_all(secrets)
 
     def add(self, secret: str | None) -> None:
         """Hide `secret` from now on; None, empty and too-short values are ignored (see the module's rule)."""
-        if not secret or len(secret) < MIN_SECRET_LENGTH:
-            return
+        self.add_all([secret])
+
+    def add_all(self, secrets: Iterable[str | None]) -> None:
+        """Hide each of `secrets` from now on: one pattern build for all of them (a build costs time linear in the
+        total length of all secrets, so adding them one by one would cost the square)."""
+        new = {secret for secret in secrets if secret and len(secret) >= MIN_SECRET_LENGTH}
         with self._lock:
-            if secret in self._secrets:
+            if new <= self._secrets:
                 return
-            self._secrets.add(secret)
+            self._secrets |= new
             self._pattern = _compile(self._secrets)
 
+    def attach(self, scope: Redactor) -> None:
+        """Also hide `scope`'s secrets in `redact()` until `detach(scope)`."""
+        with self._lock:
+            self._scopes = (*self._scopes, scope)
+
+    def detach(self, scope: Redactor) -> None:
+        with self._lock:
+            self._scopes = tuple(s for s in self._scopes if s is not scope)
+
     def redact(self, text: str) -> str:
-        """`text` with every form of every secret replaced by REPLACEMENT."""
+        """`text` with every form of every secret (attached scopes' too) replaced by REPLACEMENT."""
+        text = self.redact_own(text)
+        for scope in self._scopes:
+            text = scope.redact(text)
+        return text
+
+    def redact_own(self, text: str) -> str:
+        """`text` with every form of this redactor's own secrets replaced, not its scopes'."""
         pattern = self._pattern
         return pattern.sub(REPLACEMENT, text) if pattern is not None else text
 
@@ -99,11 +126,15 @@ class Redactor:
         return "".join(out), text[cut:]
 
     def redact_json(self, value: Any) -> Any:
-        """Every string (keys too) of a JSON value, redacted."""
-        if self._pattern is None:
+        """Every string (keys too) of a JSON value, redacted; a number whose digits hold a secret (a PIN given as a
+        secret and printed unquoted) becomes the REPLACEMENT string."""
+        if self._pattern is None and not self._scopes:
             return value
         if isinstance(value, str):
             return self.redact(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            text = json.dumps(value)
+            return REPLACEMENT if self.redact(text) != text else value
         if isinstance(value, list):
             return [self.redact_json(item) for item in value]
         if isinstance(value, dict):
@@ -119,21 +150,26 @@ class RedactingOutput:
         self._sink = sink
         self._redactor = redactor
         self._pending = ""
+        # A character split between two chunks must be decoded whole, or a secret holding it would be two lone
+        # surrogates that no pattern matches: the incremental decoder keeps an incomplete sequence for the next
+        # chunk. Bytes that are not UTF-8 at all become surrogates and are written back unchanged.
+        self._decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
 
     def __call__(self, data: bytes) -> None:
         hold = self._redactor.stream_hold()
         if not hold:
             self._sink(data)
             return
-        text = self._pending + data.decode("utf-8", "surrogateescape")
+        text = self._pending + self._decoder.decode(data)
         ready, self._pending = self._redactor.redact_stream(text, hold)
         if ready:
             self._sink(ready.encode("utf-8", "surrogateescape"))
 
     def flush(self) -> None:
-        if self._pending:
-            text, self._pending = self._redactor.redact(self._pending), ""
-            self._sink(text.encode("utf-8", "surrogateescape"))
+        rest = self._pending + (self._decoder.decode(b"", final=True) if self._redactor.stream_hold() else "")
+        self._pending = ""
+        if rest:
+            self._sink(self._redactor.redact(rest).encode("utf-8", "surrogateescape"))
 
 
 # --- patterns ----------------------------------------------------------------------------------------------------

@@ -163,3 +163,56 @@ def test_a_stream_without_secrets_passes_through_at_once():
     stream = RedactingOutput(out.append, Redactor())
     stream(b"hello")
     assert out == [b"hello"]
+
+
+def test_a_stream_redacts_a_secret_whose_character_is_split_between_chunks():
+    """A block-buffered writer cuts anywhere, inside a UTF-8 character too: decoded alone, each half was a lone
+    surrogate and the secret went out in the clear."""
+    from cluster_agent.redaction import RedactingOutput
+
+    secret = "pässwörd-secret"
+    data = f"leak:{secret} end\n".encode()
+    for cut in range(1, len(data)):
+        out: list[bytes] = []
+        stream = RedactingOutput(out.append, Redactor([secret]))
+        stream(data[:cut])
+        stream(data[cut:])
+        stream.flush()
+        assert b"".join(out) == b"leak:[REDACTED] end\n", cut
+    # Bytes that are no UTF-8 at all still come out unchanged, an incomplete character at the end too.
+    out = []
+    stream = RedactingOutput(out.append, Redactor([secret]))
+    stream(b"\xff\xfe ok \xc3")
+    stream.flush()
+    assert b"".join(out) == b"\xff\xfe ok \xc3"
+
+
+def test_a_number_that_is_a_secret_is_redacted_in_json():
+    redactor = Redactor(["4111111111111111"])
+    assert redactor.redact_json({"pin": 4111111111111111, "n": 42, "flag": True, "text": "4111111111111111"}) == {
+        "pin": REPLACEMENT, "n": 42, "flag": True, "text": REPLACEMENT}
+
+
+def test_many_secrets_are_compiled_once(monkeypatch):
+    import cluster_agent.redaction as redaction
+
+    builds = []
+    real = redaction._compile
+    monkeypatch.setattr(redaction, "_compile", lambda secrets: builds.append(1) or real(secrets))
+    redactor = Redactor([f"secret-number-{n:04d}" for n in range(100)])
+    assert builds == [1] and len(redactor) == 100
+    redactor.add_all(["secret-number-0001", None, "x"])  # nothing new: no build
+    assert builds == [1]
+
+
+def test_a_scope_is_redacted_while_attached_and_never_by_redact_own():
+    agent = Redactor(["agent-token-123456"])
+    job = Redactor(["Summer2024!"])
+    agent.attach(job)
+    line = "guess:Summer2024! agent-token-123456"
+    assert agent.redact(line) == f"guess:{REPLACEMENT} {REPLACEMENT}"
+    assert agent.redact_json({"k": line}) == {"k": f"guess:{REPLACEMENT} {REPLACEMENT}"}
+    assert agent.redact_own(line) == f"guess:Summer2024! {REPLACEMENT}"  # what another job's result gets
+    assert agent.secrets == {"agent-token-123456"}
+    agent.detach(job)
+    assert agent.redact(line) == f"guess:Summer2024! {REPLACEMENT}"  # gone with the job: nothing piles up

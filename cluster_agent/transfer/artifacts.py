@@ -286,14 +286,24 @@ class ArtifactUpload:
         self._client.close()
 
     def finish(self, job_id: str, patterns: list[str], workspace: Path, job_dir: Path,
-               completion: Completion, *, exclude: frozenset[str] = frozenset()) -> Completion:
+               completion: Completion, *, exclude: frozenset[str] = frozenset(),
+               secrets: Redactor | None = None) -> Completion:
         """`completion` with `artifacts` (uploaded, this run or an earlier one) and `artifact_errors`; a job that
         succeeded but whose artifacts did not all go up is failed/artifact_upload_failed (a job that failed keeps
-        its own reason). `exclude`: workspace paths that are no artifact (the cached inputs' mount points)."""
+        its own reason). `exclude`: workspace paths that are no artifact (the cached inputs' mount points).
+        `secrets`: the job's secret_env values; a file whose path holds one is not uploaded (its name would reach
+        the control plane's plan, the object's URL and the result) and is listed with that part redacted."""
         began = self._clock.monotonic()
         max_files, max_bytes, max_file_bytes = self._limits
         found, errors, skipped = collect_artifacts(workspace, patterns, max_files=max_files, max_bytes=max_bytes,
                                                    max_file_bytes=max_file_bytes, exclude=exclude)
+        if secrets is not None and len(secrets):
+            hidden = [item for item in found if secrets.redact(item.path) != item.path]
+            found = [item for item in found if item not in hidden]
+            skipped += [ArtifactError(path=secrets.redact(item.path), error="skipped: its path holds one of the job's "
+                                      "secret_env values; not uploaded") for item in hidden]
+            errors = [e.model_copy(update={"path": secrets.redact(e.path)}) for e in errors]
+            skipped = [e.model_copy(update={"path": secrets.redact(e.path)}) for e in skipped]
         matched = [*found, *errors, *skipped]
         for pattern in patterns:
             if not any(_globmatch(entry.path, [pattern]) for entry in matched):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import json
 
+from .conftest import eventually
+
 SECRET = "pA55w0rd-xyz-2026"
 
 
@@ -48,3 +50,40 @@ def test_a_short_secret_is_refused_as_unmaskable(cp, start_agent, busybox):
     start_agent()
     result = cp.run(command=["true"], secret_env={"TOKEN": "abc"})
     assert result["failure_reason"] == "invalid_job" and "cannot be masked" in result["error_message"]
+
+
+def test_one_jobs_secret_never_shows_in_anothers_result(cp, start_agent, busybox):
+    """Redacting a job's result with every job's secrets would let a tenant test guesses at another's: a guess that
+    comes back "[REDACTED]" is right. Two jobs at once: the prober's own stderr comes back as it printed it."""
+    start_agent("--max-concurrent-jobs", "2")
+    victim = cp.submit(command=["sh", "-c", "sleep 4"], secret_env={"DB_PASSWORD": "Summer2024!x"})
+    eventually(lambda: cp.result_now(victim)["started"], what="the victim job running")
+    prober = cp.run(command=["sh", "-c", "sleep 1; echo 'guess:Winter2023!x guess:Summer2024!x' >&2; exit 1"])
+    assert prober["failure_reason"] == "exit_code"
+    assert "guess:Summer2024!x" in prober["error_message"], prober["error_message"]
+    assert cp.result(victim)["result"]["status"] == "succeeded"
+
+
+def test_a_secret_split_inside_a_character_is_redacted_in_the_streamed_log(cp, start_agent, busybox):
+    start_agent()
+    secret = "pässwörd-secret"
+    record = cp.result(cp.submit(
+        command=["sh", "-c", "printf 'leak:p\\303'; sleep 1; printf '\\244sswörd-secret end\\n'"],
+        secret_env={"PW": secret}))
+    assert record["result"]["status"] == "succeeded"
+    assert "leak:[REDACTED] end" in record["log"] and secret not in record["log"], record["log"]
+
+
+def test_a_secret_in_an_artifacts_name_or_an_unquoted_number_stays_out_of_the_result(cp, start_agent, busybox):
+    start_agent()
+    pin = "4111111111111111"
+    record = cp.result(cp.submit(
+        command=["sh", "-c", 'mkdir out; echo x > "out/$TOK.txt"; echo y > out/plain.txt; '
+                             'printf \'{"pin": %s}\' "$PIN" > output.json'],
+        secret_env={"TOK": SECRET, "PIN": pin}, artifacts=["out/*"]))
+    result = record["result"]
+    assert result["output_payload"] == {"pin": "[REDACTED]"}
+    assert [a["path"] for a in result["artifacts"]] == ["out/plain.txt"]  # the other was not uploaded
+    assert {"path": "out/[REDACTED].txt",
+            "error": "skipped: its path holds one of the job's secret_env values; not uploaded"} in result["artifact_errors"]
+    assert not leaks(json.dumps(record["result"])) and pin not in json.dumps(record["result"])
