@@ -6,6 +6,7 @@ Unknown fields from a newer control plane are kept, never fatal: the contract gr
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from enum import StrEnum
 from typing import Any, Literal
@@ -43,6 +44,12 @@ REFUSED_KEY = "x-radix-refused"
 RESERVED_ENV = frozenset({"RADIX_JOB_ID"})
 # The shortest secret_env value the agent accepts: shorter ones cannot be redacted without masking ordinary output.
 MIN_SECRET_CHARS = 6
+# The most it accepts. Every form of every secret is one regular expression, built in time linear in their total
+# length (about 15 ms per KiB here) and matched against a stream held back by 12 times the longest: a PEM key or a
+# service-account JSON fits; larger secrets belong in a file the job downloads (inputs), not in its environment.
+MAX_SECRETS = 100
+MAX_SECRET_CHARS = 16 * 1024
+MAX_SECRETS_TOTAL_CHARS = 64 * 1024
 
 
 class JobStatus(StrEnum):
@@ -108,12 +115,17 @@ class Orchestration(_Lenient):
         return value
 
 
+# 1 PiB: far beyond any host, and far inside the engine's int64 byte counts (a larger value was an engine error,
+# "cannot unmarshal number", counted against the node as an infrastructure failure).
+MAX_MEMORY_MB = 1024**3
+
+
 class Resources(_Lenient):
     gpus: int | None = Field(default=None, ge=0, le=1024)
     cpus: float | None = Field(default=None, gt=0, le=4096)
     # Docker refuses memory limits under 6 MiB.
-    memory_mb: int | None = Field(default=None, ge=6)
-    shm_mb: int | None = Field(default=None, ge=1)
+    memory_mb: int | None = Field(default=None, ge=6, le=MAX_MEMORY_MB)
+    shm_mb: int | None = Field(default=None, ge=1, le=MAX_MEMORY_MB)
     # A MIG profile (e.g. "1g.10gb"): the job gets MIG instances of it instead of full GPUs (docs/gpu.md).
     gpu_profile: str | None = None
 
@@ -255,22 +267,43 @@ class JobSpec(_Lenient):
     inputs: list[InputFile] = Field(default_factory=list, max_length=MAX_INPUTS)
     artifacts: list[str] = Field(default_factory=list, max_length=MAX_ARTIFACT_PATTERNS)
 
+    @field_validator("input_payload")
+    @classmethod
+    def _finite_input(cls, value: Any) -> Any:
+        # A number past a double's range (1e400) parses as infinity, which input.json could only carry as the
+        # non-JSON `Infinity` every strict parser refuses.
+        try:
+            json.dumps(value, allow_nan=False)
+        except ValueError:
+            raise ValueError("input_payload holds a number JSON cannot carry (NaN or beyond ±1.8e308, read as "
+                             "infinity); send it as a string") from None
+        return value
+
     @field_validator("secret_env", mode="before")
     @classmethod
     def _secret_env(cls, value: Any) -> Any:
         value = _none_as_empty(value, {})
         if not isinstance(value, dict):
             return value  # pydantic reports the type error
+        if len(value) > MAX_SECRETS:
+            raise ValueError(f"secret_env has {len(value)} values: at most {MAX_SECRETS}")
         for name, item in value.items():
             if not isinstance(name, str) or not ENV_NAME_PATTERN.fullmatch(name) or name in RESERVED_ENV:
                 raise ValueError(f"secret_env name {str(name)[:60]!r} is not a variable name a job may set")
             if not isinstance(item, str):
                 raise ValueError(f"secret_env {name}: the value must be a string")
+            if len(item) > MAX_SECRET_CHARS:
+                raise ValueError(f"secret_env {name}: {len(item)} characters, at most {MAX_SECRET_CHARS}; give a larger "
+                                 "secret to the job as a file (inputs) instead")
             if len(item) < MIN_SECRET_CHARS:
                 # As GitLab and Buildkite do: a short value cannot be masked without masking ordinary output.
                 raise ValueError(f"secret_env {name}: a secret of fewer than {MIN_SECRET_CHARS} characters cannot be "
                                  "masked in the job's output; use a longer one")
             _check_exec_string(f"secret_env {name}", item)
+        total = sum(len(item) for item in value.values())
+        if total > MAX_SECRETS_TOTAL_CHARS:
+            raise ValueError(f"secret_env values have {total} characters in all, at most {MAX_SECRETS_TOTAL_CHARS}; "
+                             "give large secrets to the job as files (inputs) instead")
         return value
 
     @model_validator(mode="after")

@@ -169,6 +169,28 @@ def test_secret_env_is_checked():
         spec(command=["x"], env={"TOKEN": "x"}, secret_env={"TOKEN": "abcdef123"})
     with pytest.raises(ValidationError, match="not a variable name"):
         spec(command=["x"], secret_env={"RADIX_JOB_ID": "abcdef123"})
+    # Bounded: every form of every secret is one pattern, and a stream is held back by 12 times the longest.
+    with pytest.raises(ValidationError, match="secret_env has 101 values: at most 100"):
+        spec(command=["x"], secret_env={f"S{n}": f"secret-{n:04d}" for n in range(101)})
+    with pytest.raises(ValidationError, match="16385 characters, at most 16384"):
+        spec(command=["x"], secret_env={"KEY": "k" * 16385})
+    with pytest.raises(ValidationError, match="65540 characters in all, at most 65536"):
+        spec(command=["x"], secret_env={f"K{n}": "k" * 13108 for n in range(5)})
+    assert len(spec(command=["x"], secret_env={"PEM": "k" * 16384}).secret_env["PEM"]) == 16384
+
+
+@pytest.mark.parametrize("resources", [{"memory_mb": 10**25}, {"shm_mb": 10**25}, {"memory_mb": 2**40}])
+def test_memory_beyond_any_host_is_the_jobs_error_not_the_engines(resources):
+    # Past int64 bytes the engine refused it ("cannot unmarshal number"), an infrastructure failure that counted
+    # towards quarantine on every node the control plane retried it on.
+    with pytest.raises(ValidationError, match="less than or equal to 1073741824"):
+        spec(command=["x"], resources=resources)
+
+
+def test_an_input_payload_json_cannot_carry_is_refused():
+    with pytest.raises(ValidationError, match="input_payload holds a number JSON cannot carry"):
+        spec(command=["x"], input_payload={"v": [1, float("inf")]})
+    assert spec(command=["x"], input_payload={"v": 1e308}).input_payload == {"v": 1e308}
 
 
 # --- multi-node jobs (orchestration.nodes; Slurm mode runs them, docs/slurm.md) ----------------------------------
