@@ -6,6 +6,7 @@
      ├── SlurmRefused           Slurm answered and said no (an invalid request): the caller decides what it means
      ├── GpuLost                a GPU stopped answering NVML (telemetry marks it lost)
      ├── PollInterrupted        the agent broke off its own max_jobs-0 poll (a slot freed, or shutdown)
+     ├── ProbeImageMissing      the self-test's image is not on the engine's host
      ├── ControlPlaneError      the control plane did not give a usable answer
      │    ├── ControlPlaneUnavailable   network error, 5xx, 408 or 429 (retryable)
      │    ├── TokenRejected             401 / 403
@@ -33,6 +34,7 @@ __all__ = [
     "JobFailed",
     "MalformedResponse",
     "PollInterrupted",
+    "ProbeImageMissing",
     "RequestNotSendable",
     "SlurmRefused",
     "TokenRejected",
@@ -50,6 +52,10 @@ class ConfigError(AgentError):
 
 class EngineUnavailable(AgentError):
     """The container engine cannot be reached, or failed an operation for reasons not the job's."""
+
+
+class ProbeImageMissing(AgentError):
+    """The image the self-test was to create a container from is not on the engine's host."""
 
 
 class ControlPlaneError(AgentError):

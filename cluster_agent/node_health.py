@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .clock import SYSTEM_CLOCK, Clock
-from .errors import AgentError
+from .errors import AgentError, ProbeImageMissing
 from .gpu_pool import GpuAllocator
 from .models import Completion, GpuInfo, JobStatus
 from .settings import Settings
@@ -48,7 +48,9 @@ BACKOFF_FIRST_SECONDS = 30.0
 BACKOFF_MAX_SECONDS = 600.0
 # The GPU check looks at one GPU at a time (seconds each); past this, the rest wait for the next self-test.
 GPU_CHECK_SECONDS = 120.0
-SELF_TEST_BORROWER = "self-test"  # the pool's owner of a GPU while the self-test looks at it
+# The pool's owner of a GPU while the self-test looks at it: not a job id (JOB_ID_PATTERN has no parentheses), so a
+# job named "self-test" cannot have its GPUs released with the borrowed ones.
+SELF_TEST_BORROWER = "(self-test)"
 MAX_WHY_CHARS = 300
 MAX_DETAIL_CHARS = 2000
 
@@ -181,9 +183,19 @@ class NodeHealth:
     def _check_engine(self) -> Check:
         with self._lock:
             image = self._last_image
+        trusted = image is not None and image == self._probe_image
         try:
             # Only a trusted image is started; a job's is created and removed, never run by the agent.
-            self._engine_probe(image, image is not None and image == self._probe_image)
+            self._engine_probe(image, trusted)
+        except ProbeImageMissing as exc:
+            if trusted:
+                return Check("engine", False, str(exc)[:500])
+            # The last job's image was removed (pruned, by hand): no fault of the engine's. Forget it, or a
+            # quarantined node, which runs no job to name another, would fail this check for ever.
+            with self._lock:
+                if self._last_image == image:
+                    self._last_image = None
+            return self._check_engine()
         except AgentError as exc:  # the agent's own words name the fix
             return Check("engine", False, str(exc)[:500])
         except Exception as exc:  # noqa: BLE001 - any failure is the check's verdict
@@ -262,23 +274,25 @@ class NodeHealth:
         self._wake.set()
 
     def _loop(self) -> None:
-        backoff = BACKOFF_FIRST_SECONDS
+        interval = self._settings.self_test_interval
+        first = min(BACKOFF_FIRST_SECONDS, interval) if interval else BACKOFF_FIRST_SECONDS
+        backoff = first
         while not self._stop.is_set():
-            if self.quarantined:
-                wait = backoff
-                backoff = min(backoff * 2, BACKOFF_MAX_SECONDS)
-            else:
-                wait = self._settings.self_test_interval or BACKOFF_MAX_SECONDS
-                backoff = min(BACKOFF_FIRST_SECONDS, wait)
-            woken = self._wake.wait(wait)
+            quarantined = self.quarantined
+            if not quarantined:
+                backoff = first
+            woken = self._wake.wait(backoff if quarantined else (interval or BACKOFF_MAX_SECONDS))
             self._wake.clear()
             if self._stop.is_set():
                 return
-            if woken and not self._test_now:
+            asked, self._test_now = self._test_now, False
+            if woken and not asked:
                 continue  # the state changed: wait again on the schedule it calls for
-            self._test_now = False
-            if self.quarantined or self._settings.self_test_interval:
-                try:
-                    self.self_test()
-                except Exception:  # the self-test must never take the agent down
-                    log.exception("self-test failed to run")
+            if not (asked or quarantined or interval):
+                continue  # --self-test-interval 0: only at start, on request (SIGUSR1) and in quarantine
+            try:
+                self.self_test()
+            except Exception:  # the self-test must never take the agent down
+                log.exception("self-test failed to run")
+            # Backoff doubles only after a test that its own timer ran; one asked for starts it again.
+            backoff = first if asked else min(backoff * 2, BACKOFF_MAX_SECONDS)

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from cluster_agent.errors import EngineUnavailable
+from cluster_agent.errors import EngineUnavailable, ProbeImageMissing
 from cluster_agent.failure_class import classify
 from cluster_agent.gpu_pool import GpuPool
 from cluster_agent.models import Completion, FailureReason, GpuInfo, JobMetrics, JobStatus
@@ -246,3 +246,100 @@ def test_a_long_reason_is_cut(tmp_path, monkeypatch):
     report = node.report()
     assert all(len(why) <= 300 for why in report["gpus_held_out"].values())
     assert len(report["reason"]) < 3000
+
+
+def test_the_last_jobs_image_removed_is_forgotten_not_a_quarantine(parts):
+    """Pruned or removed by hand: a quarantined node runs no job to name another image, so failing on it would
+    quarantine the node for good (and SIGUSR1 would only clear it until the next self-test)."""
+    node, engine, *_ = parts
+    node.job_finished("j", ok(), "gone/image:1")
+
+    def probe(image, start=False):
+        engine.images.append(image)
+        if image == "gone/image:1":
+            raise ProbeImageMissing("the self-test image gone/image:1 is not on this host")
+
+    node._engine_probe = probe
+    checks = {c.name: c for c in node.self_test()}
+    assert checks["engine"].ok and not node.quarantined
+    assert engine.images == ["gone/image:1", None]  # then the engine's answer alone
+    node.self_test()
+    assert engine.images[-1] is None
+
+
+def test_a_trusted_self_test_image_missing_fails_the_engine_check(tmp_path):
+    def probe(image, start=False):
+        raise ProbeImageMissing(f"the self-test image {image} is not on this host: load or pull it there")
+
+    node = NodeHealth(Settings(jobs_workdir=tmp_path), probe_image="trusted:1", engine_probe=probe, gpus=GpuPool([]),
+                      token_rejected=lambda: False)
+    checks = {c.name: c for c in node.self_test()}
+    assert not checks["engine"].ok and "trusted:1 is not on this host" in checks["engine"].detail and node.quarantined
+
+
+def test_a_job_named_like_the_self_test_keeps_its_gpus(tmp_path, monkeypatch):
+    monkeypatch.setattr("cluster_agent.node_health.device_present", lambda path: True)
+    pool = GpuPool(_two_gpus())
+    node = NodeHealth(Settings(jobs_workdir=tmp_path), probe_image="busybox:trusted", engine_probe=Engine(),
+                      gpus=pool, token_rejected=lambda: False, gpu_probe=lambda image, gpus: {})
+    [held] = pool.acquire("self-test", 1, threading.Event())  # a valid job id
+    node.self_test()  # lends the other GPU and gives it back
+    assert pool.owner(held.uuid) == "self-test"
+    with pytest.raises(TimeoutError):  # never handed to a second job
+        _acquire_within(pool, "other-job", 2, 0.3)
+
+
+def _running(node: NodeHealth) -> list[float]:
+    """When each self-test ran (monotonic seconds)."""
+    import time
+
+    runs: list[float] = []
+    real = node.self_test
+
+    def counted():
+        runs.append(time.monotonic())
+        return real()
+
+    node.self_test = counted  # type: ignore[method-assign]
+    return runs
+
+
+def test_sigusr1_runs_the_self_test_even_with_the_interval_at_zero(tmp_path):
+    engine = Engine()
+    node = NodeHealth(Settings(jobs_workdir=tmp_path, self_test_interval=0, quarantine_after=1), engine_probe=engine,
+                      gpus=GpuPool([]), token_rejected=lambda: False)
+    runs = _running(node)
+    node.start()
+    try:
+        engine.fault = EngineUnavailable("Docker engine does not answer")
+        node.clear("the operator (SIGUSR1)")
+        _eventually(lambda: len(runs) == 1)
+        assert node.quarantined  # the engine is still broken: the test the operator asked for said so
+    finally:
+        node.stop()
+
+
+def test_a_failed_self_test_the_operator_asked_for_retries_after_the_first_backoff(tmp_path, monkeypatch):
+    monkeypatch.setattr("cluster_agent.node_health.BACKOFF_FIRST_SECONDS", 0.3)
+    monkeypatch.setattr("cluster_agent.node_health.BACKOFF_MAX_SECONDS", 5.0)
+    engine = Engine()
+    engine.fault = EngineUnavailable("Docker engine does not answer")
+    node = NodeHealth(Settings(jobs_workdir=tmp_path, self_test_interval=0), engine_probe=engine, gpus=GpuPool([]),
+                      token_rejected=lambda: False)
+    runs = _running(node)
+    node.start()
+    try:
+        node.clear("the operator (SIGUSR1)")
+        _eventually(lambda: len(runs) == 2)
+        assert runs[1] - runs[0] < 0.5  # 0.3 s later, not 0.6 s: the backoff started again
+    finally:
+        node.stop()
+
+
+def _eventually(condition, timeout: float = 5.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)

@@ -301,14 +301,31 @@ def test_labels_and_volumes_of_a_hostile_image_do_not_reach_the_agents_books(doc
 
 
 def test_a_self_test_image_that_is_not_on_the_host_names_the_setting(docker_client, busybox):
-    from cluster_agent.errors import AgentError
+    from cluster_agent.errors import ProbeImageMissing
 
+    for start in (True, False):  # the trusted image, or the last job's (which node_health then forgets)
+        try:
+            DockerExecutor(docker_client, gpu_injection=NoInjection()).probe("radix-test/no-such-image:1", start)
+        except ProbeImageMissing as exc:
+            assert "not on this host" in str(exc)
+            assert ("--self-test-image" in str(exc)) == start
+        else:
+            raise AssertionError("a missing self-test image passed the engine check")
+
+
+def test_the_engine_check_creates_no_container_from_a_jobs_image_that_declares_volumes(docker_client, busybox):
+    """Creating one copies each VOLUME's data into a new volume: a job's image would set the idle node's disk I/O."""
+    image = _image_from_busybox(docker_client, "radix-test/volume-heavy:1", ["VOLUME /data"])
+    created = []
+    real_create = docker_client.api.create_container
+    docker_client.api.create_container = lambda *a, **k: created.append(a) or real_create(*a, **k)
     try:
-        DockerExecutor(docker_client, gpu_injection=NoInjection()).probe("radix-test/no-such-image:1")
-    except AgentError as exc:
-        assert "not on this host" in str(exc) and "--self-test-image" in str(exc)
-    else:
-        raise AssertionError("a missing self-test image passed the engine check")
+        DockerExecutor(docker_client, gpu_injection=NoInjection()).probe(image)
+        assert created == []
+        DockerExecutor(docker_client, gpu_injection=NoInjection()).probe(BUSYBOX_IMAGE)  # no VOLUME: created
+        assert len(created) == 1
+    finally:
+        docker_client.api.create_container = real_create
 
 
 def test_the_engine_check_runs_a_container_from_a_trusted_image_and_only_creates_from_others(docker_client, busybox):

@@ -20,7 +20,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest, Mount, Ulimit
 
 from ...clock import SYSTEM_CLOCK, Clock
-from ...errors import AgentError, EngineUnavailable, ImageGone, JobFailed
+from ...errors import AgentError, EngineUnavailable, ImageGone, JobFailed, ProbeImageMissing
 from ...gpu_injection import GpuInjection, NvidiaRuntimeInjection
 from ...models import FailureReason, GpuInfo
 from ..base import (
@@ -168,6 +168,10 @@ class DockerExecutor:
         if image is None:
             return
         self._sweep_self_tests()
+        if not start and self._declares_volumes(image):
+            # A job's image: creating a container from it copies the data of each VOLUME it declares into a new
+            # volume, as much as its author chose, at every self-test. The engine answered; that is the check.
+            return
         container_id = None
         try:
             with engine_call("self-test: create a container"):
@@ -178,8 +182,8 @@ class DockerExecutor:
             if start:
                 self._run_probe(container_id, image)
         except ImageNotFound:
-            raise AgentError(f"the self-test image {image} is not on this host: load or pull it there, or set "
-                             "--self-test-image to an image that is") from None
+            raise ProbeImageMissing(f"the self-test image {image} is not on this host: load or pull it there, or set "
+                                    "--self-test-image to an image that is") from None
         except APIError as exc:
             raise AgentError(f"the engine cannot create a container from {image}: {explain(exc)[:300]}") from None
         finally:
@@ -189,6 +193,16 @@ class DockerExecutor:
                         self._api.remove_container(container_id, force=True, v=True)  # and the image's VOLUMEs
                 except (APIError, EngineUnavailable):
                     pass
+
+    def _declares_volumes(self, image: str) -> bool:
+        try:
+            with engine_call("self-test: inspect the image"):
+                config = self._api.inspect_image(image).get("Config") or {}
+        except ImageNotFound:
+            raise ProbeImageMissing(f"the self-test image {image} is not on this host") from None
+        except APIError as exc:
+            raise AgentError(f"the engine cannot inspect {image}: {explain(exc)[:300]}") from None
+        return bool(config.get("Volumes"))
 
     def _run_probe(self, container_id: str, image: str) -> None:
         try:
