@@ -8,6 +8,8 @@
             container.json     the container's id, once created: a missing container is then known to have vanished
             result.json        the completion (0600), spooled before the first delivery attempt
             log_offset         bytes of the live log the control plane has acknowledged
+            stop.json          why the agent was stopping it (canceled, interrupted): a restarted agent judges the
+                               job the same way, whatever its container did after the stop signal
             workspace/         the job's: mounted read-write at /workspace (mode 0777, any container user writes)
                 input.json     the job's input, written before the container starts
                 output.json    the job's output, if it writes one
@@ -91,6 +93,17 @@ class JobDirectory:
     def read_result(self) -> dict[str, Any] | None:
         data = read_json(self.path / "result.json")
         return data if isinstance(data, dict) else None
+
+    def write_stop(self, reason: str, message: str) -> None:
+        """Written before the container is sent its stop, durably: an agent killed during the stop grace must not
+        leave the next one to report the job by its exit code (succeeded, or an OOM-like 137)."""
+        write_json_atomic(self.path / "stop.json", {"reason": reason, "message": message[:1000]})
+
+    def read_stop(self) -> tuple[str, str] | None:
+        data = read_json(self.path / "stop.json")
+        if isinstance(data, dict) and isinstance(data.get("reason"), str) and isinstance(data.get("message"), str):
+            return data["reason"], data["message"]
+        return None
 
     def write_log_offset(self, offset: int) -> None:
         try:

@@ -108,8 +108,16 @@ class JobRun:
     def stop(self, reason: FailureReason, message: str, grace: float = STOP_GRACE_SECONDS) -> None:
         """Stop the job (interrupted by shutdown, canceled): it completes with `reason`."""
         with self._stop.lock:
+            first = self._stop.reason is None
             self._stop.request(reason, message)
             container_id = self._container_id
+        directory = self.directory
+        if container_id and first and directory is not None:
+            try:
+                directory.write_stop(reason.value, message)
+            except OSError as exc:
+                log.warning("job %s: why it is being stopped was not recorded in %s (a restart in the next %.0f s "
+                            "would judge it by its exit code): %s", self.job_id, directory.path, grace, exc)
         if container_id:
             try:
                 self._executor.stop(container_id, grace)
@@ -314,7 +322,14 @@ class JobRun:
             # Its container mounts these: a restarted agent must not evict them while it runs.
             self._data.cache.pin(spec.job_id, [item.sha256 for item in spec.inputs if item.sha256])
         try:
+            recorded = self._recorded_stop()
+            if recorded is not None:
+                log.info("job %s: the last agent was stopping it (%s); stopping it and reporting it so",
+                         spec.job_id, recorded[0].value)
+                self.stop(*recorded)
             if state.status == "created":
+                if self._stop.event.is_set():
+                    return self._stopped_before_start()
                 # The previous agent died between create and start: the job never ran, so start it now.
                 self._executor.start_created(state.id)
                 log.info("job %s: started its created container %s", spec.job_id, state.id[:12])
@@ -333,6 +348,15 @@ class JobRun:
             self._gpus.release(spec.job_id)
             if self._data is not None:
                 self._data.release(spec.job_id)
+
+    def _recorded_stop(self) -> tuple[FailureReason, str] | None:
+        recorded = self.directory.read_stop() if self.directory is not None else None
+        if recorded is None:
+            return None
+        try:
+            return FailureReason(recorded[0]), recorded[1]
+        except ValueError:
+            return None
 
     def _announce_start(self, container_id: str) -> float | None:
         """Send the start call once the job really runs (a scheduler may queue it first; an engine runs it at once).

@@ -88,6 +88,28 @@ def test_an_adopted_job_keeps_its_deadline_and_can_be_canceled(cp, start_agent, 
     assert cp.result(canceled, wait=30)["result"]["status"] == "canceled"
 
 
+@pytest.mark.engine
+@pytest.mark.parametrize("on_term", [
+    # Ends cleanly, with output, a while after SIGTERM: judged by its exit alone it "succeeded".
+    "trap 'sleep 3; echo {} > output.json; exit 0' TERM",
+    # Ignores SIGTERM: the engine kills it when the grace ends, exit 137, read alone as the host's OOM killer.
+    "trap '' TERM",
+])
+def test_a_job_canceled_just_before_the_agent_died_is_reported_canceled(cp, start_agent, on_term):
+    first = start_agent()
+    job_id = cp.submit(command=["sh", "-c", f"{on_term}; echo started; while true; do sleep 0.2; done"])
+    eventually(lambda: "started" in cp.result_now(job_id)["log"], what="the job running")
+    cp.cancel(job_id)
+    first.wait_for_log(f"job {job_id}: cancel requested")
+    time.sleep(1)
+    kill(first)  # within the stop grace: the container has not ended yet
+    second = start_agent()
+    record = cp.result(job_id, wait=60)
+    assert record["result"]["status"] == "canceled", record["result"]
+    assert record["deliveries"] == 1
+    assert "the last agent was stopping it (canceled)" in second.log
+
+
 def test_agent_killed_after_the_job_ended_before_delivery(cp, start_agent, docker_client, tmp_path):
     cp.fault("complete", [503] * 1000)
     first = start_agent()
