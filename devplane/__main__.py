@@ -181,6 +181,9 @@ def _main(argv: list[str] | None) -> int:
         print(f"dev control plane on {plane.url} (cluster {args.cluster_id}); serving until Ctrl-C", flush=True)
         print(f"uploaded artifacts are kept in {plane.state.objects.dir} until it stops", flush=True)
         signal.signal(signal.SIGTERM, _interrupted)  # `kill` stops it like Ctrl-C: the artifacts' directory goes too
+        # And SIGINT whatever it inherited: a shell without job control starts `serve &` with SIGINT ignored, and
+        # Python then leaves it ignored (`kill -INT` did nothing there).
+        signal.signal(signal.SIGINT, _interrupted)
         try:
             plane.serve_forever()
         except KeyboardInterrupt:
