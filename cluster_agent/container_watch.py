@@ -8,6 +8,7 @@ container ended.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from typing import Callable
 
@@ -26,6 +27,11 @@ log = logging.getLogger(__name__)
 # A container that dies of a signal the agent did not send may have been stopped by an engine shutting down
 # (dockerd stops its containers first, then exits): watch the engine this long before judging the job.
 ENGINE_PROBE_SECONDS = 3.0
+# One that died of SIGTERM is what a departing dockerd sends first, and dockerd answers until every container has
+# stopped: each is given its stop timeout (10 s by default) within the daemon's --shutdown-timeout (15 s by
+# default, dockerd(8)), so one other container that ignores SIGTERM keeps the engine up 10 s or more after the job
+# died (seen in the engine-restart test on a busy host). Watch it that long, with room for a loaded host.
+ENGINE_SHUTDOWN_PROBE_SECONDS = 20.0
 # An adopted container that ended by itself within this much of its timeout (by the engine's own clock) ended in
 # time: the engine's start and finish stamps are taken a little apart from the process's real run.
 TIMEOUT_SLACK_SECONDS = 1.0
@@ -216,7 +222,8 @@ class ContainerWatch:
     def _killed_by_a_departing_engine(self, ending: Ending) -> bool:
         if ending.stop_reason is not None or ending.oom_killed or (ending.exit_code or 0) <= 128:
             return False
-        return self._engine.took_its_jobs_along(ENGINE_PROBE_SECONDS)
+        sigterm = ending.exit_code == 128 + signal.SIGTERM
+        return self._engine.took_its_jobs_along(ENGINE_SHUTDOWN_PROBE_SECONDS if sigterm else ENGINE_PROBE_SECONDS)
 
     def await_engine(self, container_id: str) -> ContainerState | None:
         """Wait until the engine answers, then return the container's state (None: it is gone)."""
