@@ -409,7 +409,7 @@ class JobRun:
         # Measured from the container's real start: an adopted job keeps the deadline it had.
         deadline = self._clock() + timeout - max(0.0, self._wall() - started_wall)
         queue_seconds = max(0.0, started_wall - (self._wall() - (self._clock() - self._received)))
-        collected = OutputCollector(self._settings.max_output_bytes)
+        collected = OutputCollector(self._settings.max_output_bytes, self._job_secrets)
         output = RedactingOutput(self._observer.output, self._job_secrets)
         watch = ContainerWatch(self._executor, self._engine, job_id=spec.job_id, stop=self._stop,
                                output=output, clock=self._clock)

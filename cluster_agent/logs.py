@@ -92,7 +92,10 @@ class RedactingFormatter(logging.Formatter):
         if traceback:
             # Indented, so a forged "2026-01-01 ... INFO ..." inside an exception message never starts a line.
             line += "\n" + "\n".join(TRACEBACK_INDENT + part for part in traceback.split("\n"))
-        return self.redact(line)
+        # The finished line again, for a form the formatting made: the agent's own secrets only. A running job's
+        # (scopes) were taken out of its message and traceback; over the whole line they would let a job blank the
+        # time, level or logger of every line (a value such as "cluster_agent").
+        return self.redactor.redact_own(line)
 
 
 class JsonFormatter(RedactingFormatter):
@@ -113,7 +116,10 @@ class JsonFormatter(RedactingFormatter):
         if traceback:
             line["exception"] = traceback
         encoded = self._encode(line)
-        redacted = self.redact(encoded)
+        # Every string was redacted above, a running job's values included; the encoded line only with the agent's
+        # own secrets: a job's value such as '"ts": "2026-' matched across the JSON syntax of every record, and
+        # each was withheld while that job ran.
+        redacted = self.redactor.redact_own(encoded)
         if redacted != encoded and not _parses(redacted):
             # A secret form matched across JSON syntax; never print it, never print a broken line.
             return self._encode({key: line[key] for key in ("ts", "level", "logger")} | {

@@ -14,11 +14,12 @@ import math
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import JobFailed
 from .json_depth import nesting_depth
 from .models import FailureReason, OutputSource
+from .redaction import RedactingOutput, Redactor
 
 __all__ = ["OutputCollector", "read_output_json", "resolve_output", "wrapped_output"]
 
@@ -51,19 +52,30 @@ class _Tail:
 
 
 class OutputCollector:
-    """Receives the job's stdout and stderr as they arrive; thread-safe for one writer and later readers."""
+    """Receives the job's stdout and stderr as they arrive; thread-safe for one writer and later readers.
 
-    def __init__(self, max_output_bytes: int) -> None:
+    `secrets`: the job's, redacted from the tails as they are kept (through the stream redaction the live log
+    uses), never after the cut: a cut secret matches nothing, and its part inside the tail would go out in clear.
+    The whole stdout (a JSON document) is kept as printed: it is redacted once parsed, whole."""
+
+    def __init__(self, max_output_bytes: int, secrets: Redactor | None = None) -> None:
         self._limit = max_output_bytes
         self._stdout_tail = _Tail(TAIL_BYTES)
         self._stderr_tail = _Tail(TAIL_BYTES)
+        self._stdout_sink: Callable[[bytes], None] = self._stdout_tail.feed
+        self._stderr_sink: Callable[[bytes], None] = self._stderr_tail.feed
+        self._redacting: list[RedactingOutput] = []
+        if secrets is not None and len(secrets):
+            self._redacting = [RedactingOutput(self._stdout_tail.feed, secrets),
+                               RedactingOutput(self._stderr_tail.feed, secrets)]
+            self._stdout_sink, self._stderr_sink = self._redacting
         self._head: bytearray | None = bytearray()  # None once stdout can no longer be one JSON document
         self.stdout_bytes = 0
         self.stderr_bytes = 0
 
     def feed_stdout(self, data: bytes) -> None:
         self.stdout_bytes += len(data)
-        self._stdout_tail.feed(data)
+        self._stdout_sink(data)
         if self._head is None:
             return
         if len(self._head) + len(data) > self._limit:
@@ -76,17 +88,23 @@ class OutputCollector:
 
     def feed_stderr(self, data: bytes) -> None:
         self.stderr_bytes += len(data)
-        self._stderr_tail.feed(data)
+        self._stderr_sink(data)
 
     def stdout_document(self) -> bytes | None:
         """The whole stdout, if it was small enough to be an output payload."""
         return bytes(self._head) if self._head is not None else None
 
     def stdout_tail(self) -> str:
+        self._flush()
         return self._stdout_tail.text(TAIL_CHARS)
 
     def stderr_tail(self, chars: int = TAIL_CHARS) -> str:
+        self._flush()
         return self._stderr_tail.text(chars)
+
+    def _flush(self) -> None:
+        for stream in self._redacting:  # what the redaction still held back, once the job has ended
+            stream.flush()
 
 
 def _finite(text: str) -> float:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import codecs
 import json
+import math
 import re
 import threading
 from typing import Any, Callable, Iterable
@@ -53,6 +54,8 @@ class Redactor:
         self._lock = threading.Lock()
         self._secrets: set[str] = set()
         self._pattern: re.Pattern[str] | None = None
+        self._longest = 0  # the longest text any form of any secret can take
+        self._numbers: frozenset[float] = frozenset()  # the secrets that are numbers, as numbers
         self._scopes: tuple[Redactor, ...] = ()
         self.add_all(secrets)
 
@@ -68,7 +71,8 @@ class Redactor:
             if new <= self._secrets:
                 return
             self._secrets |= new
-            self._pattern = _compile(self._secrets)
+            self._pattern, self._longest = _compile(self._secrets)
+            self._numbers = frozenset(n for n in map(_as_number, self._secrets) if n is not None)
 
     def attach(self, scope: Redactor) -> None:
         """Also hide `scope`'s secrets in `redact()` until `detach(scope)`."""
@@ -87,9 +91,17 @@ class Redactor:
         return text
 
     def redact_own(self, text: str) -> str:
-        """`text` with every form of this redactor's own secrets replaced, not its scopes'."""
+        """`text` with every form of this redactor's own secrets replaced, not its scopes'. Overlapping forms (two
+        secrets sharing a part) become one REPLACEMENT: replacing the first alone would leave the rest of the other."""
         pattern = self._pattern
-        return pattern.sub(REPLACEMENT, text) if pattern is not None else text
+        if pattern is None:
+            return text
+        out, last = [], 0
+        for start, end in _spans(pattern, text):
+            out += [text[last:start], REPLACEMENT]
+            last = end
+        out.append(text[last:])
+        return "".join(out)
 
     def __len__(self) -> int:
         return len(self._secrets)
@@ -101,10 +113,9 @@ class Redactor:
 
     def stream_hold(self) -> int:
         """How many trailing characters of a stream must wait for the next chunk: the longest text any form of any
-        secret can take (a \\uXXXX escape or a percent-encoded 4-byte character is 12 characters for one)."""
-        with self._lock:
-            longest = max((len(secret) for secret in self._secrets), default=0)
-        return 12 * longest + 8 if longest else 0
+        secret can take (measured on the forms themselves: a 4-byte character is 16 in a bytes repr)."""
+        longest = self._longest
+        return longest + 8 if longest else 0
 
     def redact_stream(self, text: str, hold: int) -> tuple[str, str]:
         """Split a stream's pending `text` into what may go out now, redacted, and what must wait for more: the
@@ -115,12 +126,12 @@ class Redactor:
             return text[:cut], text[cut:]
         out: list[str] = []
         last = 0
-        for match in pattern.finditer(text):
-            if match.end() <= cut:
-                out += [text[last:match.start()], REPLACEMENT]
-                last = match.end()
+        for start, end in _spans(pattern, text):
+            if end <= cut:
+                out += [text[last:start], REPLACEMENT]
+                last = end
             else:
-                cut = max(last, min(cut, match.start()))
+                cut = max(last, min(cut, start))
                 break
         out.append(text[last:cut])
         return "".join(out), text[cut:]
@@ -134,12 +145,23 @@ class Redactor:
             return self.redact(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             text = json.dumps(value)
-            return REPLACEMENT if self.redact(text) != text else value
+            return REPLACEMENT if self.redact(text) != text or self._hides_number(value) else value
         if isinstance(value, list):
             return [self.redact_json(item) for item in value]
         if isinstance(value, dict):
-            return {self.redact(str(k)) if isinstance(k, str) else k: self.redact_json(v) for k, v in value.items()}
+            redacted: dict[Any, Any] = {}
+            for key, item in value.items():
+                key = self.redact(key) if isinstance(key, str) else key
+                if key in redacted:  # two keys that redact alike: keep both values
+                    key = next(f"{key}#{n}" for n in range(2, len(value) + 2) if f"{key}#{n}" not in redacted)
+                redacted[key] = self.redact_json(item)
+            return redacted
         return value
+
+    def _hides_number(self, value: float) -> bool:
+        # A secret "0.00001234" is the number 1.234e-05 once a job's JSON encoder wrote it.
+        number = float(value)
+        return number in self._numbers or any(scope._hides_number(value) for scope in self._scopes)
 
 
 class RedactingOutput:
@@ -154,20 +176,28 @@ class RedactingOutput:
         # surrogates that no pattern matches: the incremental decoder keeps an incomplete sequence for the next
         # chunk. Bytes that are not UTF-8 at all become surrogates and are written back unchanged.
         self._decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+        self._fresh = 0  # characters that arrived since the held text was last scanned
 
     def __call__(self, data: bytes) -> None:
         hold = self._redactor.stream_hold()
         if not hold:
             self._sink(data)
             return
-        text = self._pending + self._decoder.decode(data)
-        ready, self._pending = self._redactor.redact_stream(text, hold)
+        text = self._decoder.decode(data)
+        self._pending += text
+        self._fresh += len(text)
+        if self._fresh < hold // 2:
+            # Each scan reads all the held text: scanning it for every small chunk (a job printing a line every few
+            # milliseconds) would cost its length per chunk, with the GIL held. Wait for half a hold of new text.
+            return
+        self._fresh = 0
+        ready, self._pending = self._redactor.redact_stream(self._pending, hold)
         if ready:
             self._sink(ready.encode("utf-8", "surrogateescape"))
 
     def flush(self) -> None:
         rest = self._pending + (self._decoder.decode(b"", final=True) if self._redactor.stream_hold() else "")
-        self._pending = ""
+        self._pending, self._fresh = "", 0
         if rest:
             self._sink(self._redactor.redact(rest).encode("utf-8", "surrogateescape"))
 
@@ -175,7 +205,8 @@ class RedactingOutput:
 # --- patterns ----------------------------------------------------------------------------------------------------
 
 
-def _compile(secrets: Iterable[str]) -> re.Pattern[str]:
+def _compile(secrets: Iterable[str]) -> tuple[re.Pattern[str], int]:
+    """The one pattern of every form of every secret, and the longest text one of them can match."""
     # Ordered by the length of text each alternative matches, longest first; the pattern string breaks ties so the
     # order (hence the regex) is the same on every run.
     alternatives: dict[str, int] = {}
@@ -183,7 +214,30 @@ def _compile(secrets: Iterable[str]) -> re.Pattern[str]:
         for regex, length in _patterns(secret):
             alternatives[regex] = max(length, alternatives.get(regex, 0))
     ordered = sorted(alternatives, key=lambda regex: (-alternatives[regex], regex))
-    return re.compile("|".join(ordered))
+    return re.compile("|".join(ordered)), max(alternatives.values())
+
+
+def _spans(pattern: re.Pattern[str], text: str) -> list[tuple[int, int]]:
+    """Where `pattern` matches `text`, overlapping matches merged: after each match the search goes on from the
+    character after its start, not its end, so a second secret that shares the first one's end is found too."""
+    spans: list[tuple[int, int]] = []
+    match = pattern.search(text)
+    while match is not None:
+        start, end = match.span()
+        if spans and start <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(end, spans[-1][1]))
+        else:
+            spans.append((start, end))
+        match = pattern.search(text, start + 1)
+    return spans
+
+
+def _as_number(secret: str) -> float | None:
+    try:
+        number = float(secret)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _patterns(secret: str) -> list[tuple[str, int]]:
@@ -194,7 +248,7 @@ def _patterns(secret: str) -> list[tuple[str, int]]:
     data = secret.encode("utf-8", "surrogatepass")
     literals |= _base64_forms(data)
     patterns = [(re.escape(form), len(form)) for form in literals if form]
-    patterns.append((_json_any_encoder(secret), len(json.dumps(secret)) - 2))
+    patterns.append((_json_any_encoder(secret), sum(_json_longest(char) for char in secret)))
     patterns.append((_percent_any_encoder(secret), 3 * len(data)))
     patterns.append((_any_case_hex(data.hex()), 2 * len(data)))
     return patterns
@@ -267,6 +321,10 @@ def _json_any_encoder(secret: str) -> str:
         ))
         parts.append(f"(?:{'|'.join(options)})")
     return "".join(parts)
+
+
+def _json_longest(char: str) -> int:
+    return max(1, 2 if char in _JSON_SHORT_ESCAPES else 0, 6 * (len(char.encode("utf-16-be", "surrogatepass")) // 2))
 
 
 def _percent_any_encoder(secret: str) -> str:

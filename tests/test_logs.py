@@ -187,3 +187,21 @@ def test_the_redactor_is_shared_and_add_secret_delegates_to_it():
         assert isinstance(configure("INFO").redactor, Redactor)
     finally:
         root.handlers[:], root.level = handlers, level
+
+
+def test_a_running_jobs_value_is_hidden_in_messages_but_cannot_break_every_record():
+    """A job's secret_env value is the job's choice: matched over the whole encoded line, '"ts": "2026-' withheld
+    every JSON record while the job ran, and "cluster_agent" blanked every text line's logger."""
+    for value in ('"ts": "2026-', "cluster_agent", '", "level": "'):
+        for formatter in _formatters():
+            job = Redactor([value, "job-secret-42"])
+            formatter.redactor.attach(job)
+            line = formatter.format(_record("job j1: finished; it printed job-secret-42"))
+            formatter.redactor.detach(job)
+            assert "job-secret-42" not in line and "withheld" not in line, line
+            if isinstance(formatter, JsonFormatter):
+                record = json.loads(line)
+                assert record["logger"] == "cluster_agent.agent" and record["level"] == "info"
+                assert record["ts"].startswith("20")
+            else:
+                assert "cluster_agent.agent:" in line

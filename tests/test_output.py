@@ -124,3 +124,20 @@ def test_outputs_that_cannot_be_a_result_name_why(data, why):
 
 def test_a_deep_but_carryable_output_is_fine():
     assert parse_output(b"[" * MAX_OUTPUT_DEPTH + b"]" * MAX_OUTPUT_DEPTH)
+
+
+def test_the_tails_are_redacted_before_they_are_cut():
+    """A secret near the start of the last 10,000 characters: cut first, its end matched nothing and went out."""
+    from cluster_agent.output import OutputCollector, wrapped_output
+    from cluster_agent.redaction import Redactor
+
+    secret = "SECRETabcdefghijklmnopqrstuvwxyz01234567"
+    for padding in (9980, 9990, 9999, 10_000):
+        collected = OutputCollector(1 << 20, Redactor([secret]))
+        data = secret.encode() + b"x" * padding
+        for i in range(0, len(data), 7):
+            collected.feed_stdout(data[i:i + 7])
+        collected.feed_stderr(b"err " + secret.encode()[-30:])  # a part alone is no secret: kept
+        tails = wrapped_output(collected)
+        assert not any(secret[-k:] in tails["stdout"] for k in range(6, len(secret))), padding
+        assert tails["stdout"].endswith("x" * 100) and len(tails["stdout"]) <= 10_000

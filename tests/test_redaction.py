@@ -216,3 +216,57 @@ def test_a_scope_is_redacted_while_attached_and_never_by_redact_own():
     assert agent.secrets == {"agent-token-123456"}
     agent.detach(job)
     assert agent.redact(line) == f"guess:Summer2024! {REPLACEMENT}"  # gone with the job: nothing piles up
+
+
+def test_the_stream_holds_back_the_longest_form_a_secret_can_take():
+    """A 4-byte character is 16 characters in a bytes repr (\\xf0\\x9f\\x98\\x80): a hold of 12 per character let
+    that form out whole when a chunk ended just before its end."""
+    from cluster_agent.redaction import RedactingOutput
+
+    secret = "😀😀😀😀😀😀"
+    form = repr(secret.encode())[2:-1]
+    assert len(form) == 96 and Redactor([secret]).stream_hold() >= 96
+    data = f"log: {form} end".encode()
+    for cut in range(1, len(data)):
+        out: list[bytes] = []
+        stream = RedactingOutput(out.append, Redactor([secret]))
+        stream(data[:cut])
+        stream(data[cut:])
+        stream.flush()
+        assert b"".join(out) == b"log: [REDACTED] end", cut
+
+
+def test_small_chunks_are_scanned_in_batches_not_each_time(monkeypatch):
+    from cluster_agent.redaction import RedactingOutput
+
+    redactor = Redactor(["s3cr3t-Value-42"])
+    scans = []
+    real = redactor.redact_stream
+    monkeypatch.setattr(redactor, "redact_stream", lambda text, hold: scans.append(len(text)) or real(text, hold))
+    out: list[bytes] = []
+    stream = RedactingOutput(out.append, redactor)
+    for _ in range(1000):
+        stream(b"x\n")
+    stream(b"s3cr3t-")
+    stream(b"Value-42 done\n")
+    stream.flush()
+    joined = b"".join(out)
+    assert joined == b"x\n" * 1000 + b"[REDACTED] done\n"
+    assert len(scans) <= 2 * 2014 // (redactor.stream_hold() // 2) + 2  # a scan per half hold, not per chunk
+
+
+def test_overlapping_secrets_leave_no_part_of_either():
+    redactor = Redactor(["alpha-beta-gamma", "gamma-delta-epsilon"])
+    assert redactor.redact("x alpha-beta-gamma-delta-epsilon y") == f"x {REPLACEMENT} y"
+
+
+def test_a_numeric_secret_is_redacted_whatever_form_the_number_takes():
+    redactor = Redactor(["0.00001234", "1.5E+300", "12345678901234567890"])
+    assert redactor.redact_json([1.234e-05, 1.5e300, 12345678901234567890, 1.2345678901234567e19, 7]) == [
+        REPLACEMENT, REPLACEMENT, REPLACEMENT, REPLACEMENT, 7]
+
+
+def test_keys_that_redact_alike_keep_both_values():
+    redactor = Redactor(["SECRETA1", "SECRETA2"])
+    assert redactor.redact_json({"SECRETA1": 1, "SECRETA2": 2, "plain": 3}) == {
+        REPLACEMENT: 1, f"{REPLACEMENT}#2": 2, "plain": 3}

@@ -302,13 +302,14 @@ class ArtifactUpload:
             found = [item for item in found if item not in hidden]
             skipped += [ArtifactError(path=secrets.redact(item.path), error="skipped: its path holds one of the job's "
                                       "secret_env values; not uploaded") for item in hidden]
-            errors = [e.model_copy(update={"path": secrets.redact(e.path)}) for e in errors]
-            skipped = [e.model_copy(update={"path": secrets.redact(e.path)}) for e in skipped]
         matched = [*found, *errors, *skipped]
         for pattern in patterns:
             if not any(_globmatch(entry.path, [pattern]) for entry in matched):
                 # A typo in a glob must not pass unseen; it fails no job (a run may rightly produce nothing).
                 skipped.append(ArtifactError(path=pattern, error="skipped: the pattern matched no file"))
+        if secrets is not None and len(secrets):
+            errors = [e.model_copy(update={"path": secrets.redact(e.path)}) for e in errors]
+            skipped = [e.model_copy(update={"path": secrets.redact(e.path)}) for e in skipped]
         progress = _Progress(job_dir / PROGRESS_FILE)
         done = [item for item in found if progress.done(item)]
         pending = [item for item in found if not progress.done(item)]

@@ -87,3 +87,11 @@ def test_a_secret_in_an_artifacts_name_or_an_unquoted_number_stays_out_of_the_re
     assert {"path": "out/[REDACTED].txt",
             "error": "skipped: its path holds one of the job's secret_env values; not uploaded"} in result["artifact_errors"]
     assert not leaks(json.dumps(record["result"])) and pin not in json.dumps(record["result"])
+
+
+def test_a_secret_near_the_cut_of_the_results_tails_leaves_no_part(cp, start_agent, busybox):
+    start_agent()
+    result = cp.run(command=["sh", "-c", 'printf %s "$TOK"; head -c 9980 /dev/zero | tr "\\0" x'],
+                    secret_env={"TOK": SECRET})
+    stdout = result["output_payload"]["stdout"]
+    assert stdout.endswith("x" * 9980) and not any(SECRET[-k:] in stdout for k in range(6, len(SECRET))), stdout[:60]
