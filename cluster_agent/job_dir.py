@@ -94,15 +94,16 @@ class JobDirectory:
         data = read_json(self.path / "result.json")
         return data if isinstance(data, dict) else None
 
-    def write_stop(self, reason: str, message: str) -> None:
+    def write_stop(self, reason: str, message: str, at: float) -> None:
         """Written before the container is sent its stop, durably: an agent killed during the stop grace must not
-        leave the next one to report the job by its exit code (succeeded, or an OOM-like 137)."""
-        write_json_atomic(self.path / "stop.json", {"reason": reason, "message": message[:1000]})
+        leave the next one to report the job by its exit code (succeeded, or an OOM-like 137). `at`: wall clock."""
+        write_json_atomic(self.path / "stop.json", {"reason": reason, "message": message[:1000], "at": at})
 
-    def read_stop(self) -> tuple[str, str] | None:
+    def read_stop(self) -> tuple[str, str, float] | None:
         data = read_json(self.path / "stop.json")
-        if isinstance(data, dict) and isinstance(data.get("reason"), str) and isinstance(data.get("message"), str):
-            return data["reason"], data["message"]
+        if isinstance(data, dict) and isinstance(data.get("reason"), str) and isinstance(data.get("message"), str) \
+                and isinstance(data.get("at"), (int, float)):
+            return data["reason"], data["message"], float(data["at"])
         return None
 
     def write_log_offset(self, offset: int) -> None:

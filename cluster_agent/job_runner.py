@@ -112,9 +112,11 @@ class JobRun:
             self._stop.request(reason, message)
             container_id = self._container_id
         directory = self.directory
-        if container_id and first and directory is not None:
+        # Recorded while the job can still be stopped (its container not yet created, or not yet ended): a job
+        # stopped after its container ended (a cancel during its artifact upload) keeps the verdict of its exit.
+        if first and self.exited_at is None and directory is not None and directory.exists():
             try:
-                directory.write_stop(reason.value, message)
+                directory.write_stop(reason.value, message, self._wall())
             except OSError as exc:
                 log.warning("job %s: why it is being stopped was not recorded in %s (a restart in the next %.0f s "
                             "would judge it by its exit code): %s", self.job_id, directory.path, grace, exc)
@@ -210,6 +212,11 @@ class JobRun:
         self.directory = JobDirectory(self._settings.jobs_workdir, spec.job_id)
         if self._adopted is not None:
             return self._resume(spec, self._adopted)
+        recorded = self._recorded_stop(None)
+        if recorded is not None:  # stopped by the last agent before its container was created
+            with self._stop.lock:
+                self._stop.request(*recorded)
+            return self._stopped_before_start()
         try:
             # job.json is the agent's (0600, never mounted): it keeps the registry credentials a re-run needs.
             self.directory.prepare(self.job.raw, spec.input_payload)
@@ -322,16 +329,17 @@ class JobRun:
             # Its container mounts these: a restarted agent must not evict them while it runs.
             self._data.cache.pin(spec.job_id, [item.sha256 for item in spec.inputs if item.sha256])
         try:
-            recorded = self._recorded_stop()
+            recorded = self._recorded_stop(state)
             if recorded is not None:
                 log.info("job %s: the last agent was stopping it (%s); stopping it and reporting it so",
                          spec.job_id, recorded[0].value)
                 self.stop(*recorded)
             if state.status == "created":
-                if self._stop.event.is_set():
-                    return self._stopped_before_start()
-                # The previous agent died between create and start: the job never ran, so start it now.
-                self._executor.start_created(state.id)
+                with self._stop.lock:  # as a fresh start: a stop coming now finds the container started, or none
+                    if self._stop.event.is_set():
+                        return self._stopped_before_start()
+                    # The previous agent died between create and start: the job never ran, so start it now.
+                    self._executor.start_created(state.id)
                 log.info("job %s: started its created container %s", spec.job_id, state.id[:12])
                 self._observer.started(state.id, datetime.fromtimestamp(self._wall(), timezone.utc).isoformat(),
                                        self.gpu_ids)
@@ -349,12 +357,17 @@ class JobRun:
             if self._data is not None:
                 self._data.release(spec.job_id)
 
-    def _recorded_stop(self) -> tuple[FailureReason, str] | None:
+    def _recorded_stop(self, state: ContainerState | None) -> tuple[FailureReason, str] | None:
+        """Why the last agent was stopping this job, if it was, and the job had not ended by itself before
+        (`state`: its container, by the engine's clock)."""
         recorded = self.directory.read_stop() if self.directory is not None else None
         if recorded is None:
             return None
+        reason, message, at = recorded
+        if state is not None and state.finished_at is not None and state.finished_at < at:
+            return None  # it had ended already when the stop came: its exit is its verdict
         try:
-            return FailureReason(recorded[0]), recorded[1]
+            return FailureReason(reason), message
         except ValueError:
             return None
 

@@ -110,6 +110,47 @@ def test_a_job_canceled_just_before_the_agent_died_is_reported_canceled(cp, star
     assert "the last agent was stopping it (canceled)" in second.log
 
 
+@pytest.mark.engine
+def test_a_job_canceled_before_its_container_existed_stays_canceled_after_a_restart(cp, start_agent, docker_client):
+    """A cancel while the job's input downloads (from a server that never answers): the next agent must not run it."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)  # accepts, never answers
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/weights.bin"
+        first = start_agent()
+        job_id = cp.submit(command=["sh", "-c", "echo ran-after-cancel"], inputs=[{"url": url, "path": "w.bin"}])
+        first.wait_for_log(f"job {job_id}: received")
+        time.sleep(1)
+        cp.cancel(job_id)
+        first.wait_for_log(f"job {job_id}: cancel requested")
+        kill(first)
+        second = start_agent()
+        record = cp.result(job_id, wait=60)
+    assert record["result"]["status"] == "canceled", record["result"]
+    assert "ran-after-cancel" not in record["log"] and record["deliveries"] == 1
+    assert not containers(docker_client, f"radix.job_id={job_id}")
+
+
+@pytest.mark.engine
+def test_a_job_canceled_after_it_ended_keeps_its_own_verdict_after_a_restart(cp, start_agent):
+    """The cancel comes while its artifact uploads, after its container exited 0: it succeeded, restart or not."""
+    cp.fault("objects", delay=20)
+    first = start_agent()
+    job_id = cp.submit(command=["sh", "-c", "echo data > out.txt"], artifacts=["out.txt"])
+    first.wait_for_log(f"job {job_id}: started")
+    eventually(lambda: cp.result_now(job_id)["artifacts"], what="the upload planned")
+    cp.cancel(job_id)
+    first.wait_for_log(f"job {job_id}: cancel requested")
+    kill(first)
+    cp.fault("objects", clear=True)
+    start_agent()
+    record = cp.result(job_id, wait=90)
+    assert record["result"]["status"] == "succeeded", record["result"]
+    assert record["deliveries"] == 1
+
+
 def test_agent_killed_after_the_job_ended_before_delivery(cp, start_agent, docker_client, tmp_path):
     cp.fault("complete", [503] * 1000)
     first = start_agent()
