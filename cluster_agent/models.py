@@ -118,11 +118,15 @@ class Orchestration(_Lenient):
 # 1 PiB: far beyond any host, and far inside the engine's int64 byte counts (a larger value was an engine error,
 # "cannot unmarshal number", counted against the node as an infrastructure failure).
 MAX_MEMORY_MB = 1024**3
+MAX_TIMEOUT_SECONDS = 366 * 24 * 3600
 
 
 class Resources(_Lenient):
     gpus: int | None = Field(default=None, ge=0, le=1024)
-    cpus: float | None = Field(default=None, gt=0, le=4096)
+    # Docker turns cpus into a CFS quota of cpus x 100 ms per 100 ms period, and the kernel refuses a quota under
+    # 1 ms (Documentation/scheduler/sched-bwc.rst): below 0.01 the engine failed the job as its own error, and
+    # below 1e-9 the limit rounded to none at all.
+    cpus: float | None = Field(default=None, ge=0.01, le=4096)
     # Docker refuses memory limits under 6 MiB.
     memory_mb: int | None = Field(default=None, ge=6, le=MAX_MEMORY_MB)
     shm_mb: int | None = Field(default=None, ge=1, le=MAX_MEMORY_MB)
@@ -259,7 +263,8 @@ class JobSpec(_Lenient):
     env: dict[str, str] = Field(default_factory=dict)
     input_payload: Any = None
     orchestration: Orchestration = Field(default_factory=Orchestration)
-    timeout_seconds: float | None = Field(default=None, gt=0)
+    # At most a year: 1e400 parsed as infinity and ran without a timeout (Docker mode) or broke sbatch's --time.
+    timeout_seconds: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_SECONDS)
     resources: Resources = Field(default_factory=Resources)
     registry_auth: RegistryAuth | None = None
     # Secrets: env values redacted from everything the job prints or returns (docs/protocol.md "Job secrets").

@@ -42,6 +42,10 @@ def test_null_lists_and_objects_are_empty():
         {"orchestration": {"num_gpus": -1}},
         {"resources": {"memory_mb": 1}},
         {"resources": {"cpus": 0}},
+        {"resources": {"cpus": 0.001}},  # a CFS quota under the kernel's 1 ms minimum
+        {"resources": {"cpus": 1e-12}},  # rounds to no limit at all
+        {"timeout_seconds": float("inf")},  # 1e400 from a control plane
+        {"timeout_seconds": 1e300},
     ],
 )
 def test_invalid_fields_are_rejected(fields):
