@@ -13,6 +13,7 @@ import errno
 import hashlib
 import http.client
 import json
+import math
 import os
 import signal
 import sys
@@ -128,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # `devplane jobs | head -1`: the reader left. Point stdout at devnull so the interpreter's own flush at exit
+        # does not fail again (the Python docs' recipe, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _main(argv: list[str] | None) -> int:
@@ -153,7 +159,7 @@ def _main(argv: list[str] | None) -> int:
     jobs.add_argument("--url", default="http://127.0.0.1:8080")
     result = sub.add_parser("result", help="wait for a job's result and print it")
     result.add_argument("--url", default="http://127.0.0.1:8080")
-    result.add_argument("--wait", type=float, default=300, help="seconds to wait for the result (default 300)")
+    result.add_argument("--wait", type=_seconds, default=300, help="seconds to wait for the result (default 300)")
     result.add_argument("--brief", action="store_true", help="print only the state, the result and the log")
     result.add_argument("job_id")
     artifacts = sub.add_parser("artifacts", help="list a job's artifacts: path, size, sha256 (and 'not uploaded')")
@@ -230,6 +236,16 @@ def _main(argv: list[str] | None) -> int:
               "is an agent running? wait longer with --wait", file=sys.stderr)
         return 1
     return 0
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 86400")
+    return value
 
 
 def _shown_state(job: dict) -> str:

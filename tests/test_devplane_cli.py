@@ -225,3 +225,20 @@ def test_serve_removes_its_object_store_when_stopped():
             serve.send_signal(stop)
             assert serve.wait(10) == 0, serve.stderr.read()
         assert not store.exists()
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(plane):
+    for n in range(3000):  # more than a pipe holds: writes go on after the reader left
+        plane.state.submit({"job_id": f"many-{n:05d}", "image": "busybox"})
+    jobs = subprocess.Popen([sys.executable, "-m", "devplane", "jobs", "--url", plane.url], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert jobs.stdout.readline().split() == [b"JOB_ID", b"STATE", b"STATUS"]
+    jobs.stdout.close()  # `| head -1`
+    assert jobs.wait(60) == 0
+    assert b"Traceback" not in jobs.stderr.read()
+
+
+@pytest.mark.parametrize("wait", ["nan", "-5", "1e400", "soon"])
+def test_result_refuses_a_wait_that_is_no_number_of_seconds(wait):
+    run = cli("result", "--wait", wait, "some-job")
+    assert run.returncode == 2 and "is not a number of seconds from 0 to 86400" in run.stderr
