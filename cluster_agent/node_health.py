@@ -68,14 +68,14 @@ class Check:
 
 
 class NodeHealth:
-    """Thread-safe. `engine_probe(image)` raises (any exception, its message the detail) when the engine cannot
-    create and remove a container; `gpus` is the GPU pool (the units it would hand out, lending one for a look,
+    """Thread-safe. `engine_probe(image, start)` returns what it checked and raises (any exception, its message the
+    detail) when the engine cannot create and remove a container; `gpus` is the GPU pool (the units it would hand out, lending one for a look,
     holding one out); `gpu_probe(image, gpus)` returns uuid -> why for each GPU a container does not see
     (executors' `probe_gpus`); `probe_image` is the trusted image GPU containers run (None: the GPUs are looked at
     on the host only); `token_rejected()` says the last heartbeat was refused for the token."""
 
     def __init__(
-        self, settings: Settings, *, engine_probe: Callable[[str | None, bool], None], gpus: GpuAllocator,
+        self, settings: Settings, *, engine_probe: Callable[[str | None, bool], str | None], gpus: GpuAllocator,
         token_rejected: Callable[[], bool], on_change: Callable[[], None] = lambda: None,
         gpu_probe: Callable[[str | None, list[GpuInfo]], dict[str, str]] = lambda image, gpus: {},
         probe_image: str | None = None, clock: Clock = SYSTEM_CLOCK,
@@ -186,7 +186,7 @@ class NodeHealth:
         trusted = image is not None and image == self._probe_image
         try:
             # Only a trusted image is started; a job's is created and removed, never run by the agent.
-            self._engine_probe(image, trusted)
+            detail = self._engine_probe(image, trusted)
         except ProbeImageMissing as exc:
             if trusted:
                 return Check("engine", False, str(exc)[:500])
@@ -200,7 +200,7 @@ class NodeHealth:
             return Check("engine", False, str(exc)[:500])
         except Exception as exc:  # noqa: BLE001 - any failure is the check's verdict
             return Check("engine", False, f"{type(exc).__name__}: {exc}"[:500])
-        return Check("engine", True, f"created and removed a container from {image}" if image else "answers")
+        return Check("engine", True, detail or "answers")
 
     def _check_jobs_dir(self) -> Check:
         """Writable. Free space is the disk guard's (disk.py): it takes no job while low and resumes the moment

@@ -183,7 +183,7 @@ class Settings(BaseSettings):
     )
     # Node health (docs/operations.md "Self-test and quarantine")
     self_test_interval: float = Field(
-        default=300.0, ge=0, description="Seconds between self-tests (engine, jobs directory, GPUs, token); 0: only at start.",
+        default=300.0, ge=0, description="Seconds between self-tests (engine, jobs directory, GPUs, token); 0: only at start, on SIGUSR1 and while quarantined.",
     )
     quarantine_after: int = Field(
         default=3, ge=0,

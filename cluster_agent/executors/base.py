@@ -106,8 +106,9 @@ class Executor(Protocol):
     def ping(self) -> None:
         """Raise EngineUnavailable unless the engine answers."""
 
-    def probe(self, image: str | None, start: bool = False) -> None:
-        """The self-test's engine check (node_health.py): raise unless the engine can run a job's container here."""
+    def probe(self, image: str | None, start: bool = False) -> str:
+        """The self-test's engine check (node_health.py): raise unless the engine can run a job's container here;
+        returns what was checked, for the check's detail."""
 
     def probe_gpus(self, image: str | None, gpus: list[GpuInfo]) -> dict[str, str]:
         """The self-test's GPU check: each of `gpus` reaches a container from `image` as it would reach a job's.

@@ -320,10 +320,10 @@ def test_the_engine_check_creates_no_container_from_a_jobs_image_that_declares_v
     real_create = docker_client.api.create_container
     docker_client.api.create_container = lambda *a, **k: created.append(a) or real_create(*a, **k)
     try:
-        DockerExecutor(docker_client, gpu_injection=NoInjection()).probe(image)
-        assert created == []
-        DockerExecutor(docker_client, gpu_injection=NoInjection()).probe(BUSYBOX_IMAGE)  # no VOLUME: created
-        assert len(created) == 1
+        detail = DockerExecutor(docker_client, gpu_injection=NoInjection()).probe(image)
+        assert created == [] and detail == f"answers (no container created from {image}: it declares a VOLUME)"
+        detail = DockerExecutor(docker_client, gpu_injection=NoInjection()).probe(BUSYBOX_IMAGE)  # no VOLUME: created
+        assert len(created) == 1 and detail == f"created and removed a container from {BUSYBOX_IMAGE}"
     finally:
         docker_client.api.create_container = real_create
 

@@ -158,7 +158,7 @@ class DockerExecutor:
         with engine_call("read engine info"):
             return self._api.info()
 
-    def probe(self, image: str | None, start: bool = False) -> None:
+    def probe(self, image: str | None, start: bool = False) -> str:
         """The self-test's engine check: the engine answers and, given an image on this host, creates and removes
         a container from it (no network); with `start` (a trusted image, never a job's) it also runs `sh -c 'exit
         0'` in it, boxed in as the GPU check's containers are, so an engine whose runtime cannot start any
@@ -166,21 +166,22 @@ class DockerExecutor:
         storage driver, a full engine root, a runtime that cannot set a limit)."""
         self.ping()
         if image is None:
-            return
+            return "answers"
         self._sweep_self_tests()
         if not start and self._declares_volumes(image):
             # A job's image: creating a container from it copies the data of each VOLUME it declares into a new
             # volume, as much as its author chose, at every self-test. The engine answered; that is the check.
-            return
+            return f"answers (no container created from {image}: it declares a VOLUME)"
         container_id = None
+        detail = f"created and removed a container from {image}"
         try:
             with engine_call("self-test: create a container"):
                 container_id = self._api.create_container(
                     image, entrypoint=["sh", "-c", "exit 0"] if start else None, command=None if start else ["true"],
                     name=f"radix-self-test-{uuid.uuid4().hex[:12]}", labels=SELF_TEST_LABELS,
                     host_config=self._api.create_host_config(**self._boxed_host_config()))["Id"]
-            if start:
-                self._run_probe(container_id, image)
+            if start and self._run_probe(container_id, image):
+                detail = f"ran `exit 0` in a container from {image}"
         except ImageNotFound:
             raise ProbeImageMissing(f"the self-test image {image} is not on this host: load or pull it there, or set "
                                     "--self-test-image to an image that is") from None
@@ -193,6 +194,7 @@ class DockerExecutor:
                         self._api.remove_container(container_id, force=True, v=True)  # and the image's VOLUMEs
                 except (APIError, EngineUnavailable):
                     pass
+        return detail
 
     def _declares_volumes(self, image: str) -> bool:
         try:
@@ -204,14 +206,15 @@ class DockerExecutor:
             raise AgentError(f"the engine cannot inspect {image}: {explain(exc)[:300]}") from None
         return bool(config.get("Volumes"))
 
-    def _run_probe(self, container_id: str, image: str) -> None:
+    def _run_probe(self, container_id: str, image: str) -> bool:
+        """True once `exit 0` ran; False when the image has no sh to run it (what could be checked, create, passed)."""
         try:
             with engine_call("self-test: start a container"):
                 self._api.start(container_id)
         except APIError as exc:
             words = explain(exc)
             if _lacks_shell(words):
-                return  # no shell to run: what could be checked (create) passed
+                return False
             raise AgentError(f"the engine created a container from {image} but cannot start it: {words[:300]}") from None
         try:
             code = self._api.wait(container_id, timeout=GPU_PROBE_SECONDS).get("StatusCode")
@@ -219,6 +222,7 @@ class DockerExecutor:
             raise AgentError(f"a container from {image} running `exit 0` did not end in {GPU_PROBE_SECONDS:g} s") from None
         if code != 0:
             raise AgentError(f"a container from {image} running `exit 0` exited {code}: the engine cannot run containers")
+        return True
 
     @staticmethod
     def _boxed_host_config() -> dict[str, Any]:

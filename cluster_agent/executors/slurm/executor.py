@@ -87,9 +87,10 @@ class SlurmExecutor:
     def ping(self) -> None:
         self.cli.ping()
 
-    def probe(self, image: str | None, start: bool = False) -> None:
+    def probe(self, image: str | None, start: bool = False) -> str:
         """The self-test's engine check: Slurm answers (the nodes' engines are Slurm's to watch)."""
         self.ping()
+        return "Slurm answers"
 
     def probe_gpus(self, image: str | None, gpus: list[GpuInfo]) -> dict[str, str]:
         """Nothing to look at here: the nodes' GPUs are Slurm's (its health check program drains a bad node)."""
