@@ -281,8 +281,11 @@ def test_an_image_removed_between_two_jobs_is_found_missing_at_create(cp, start_
     name = f"radix-test/removed-between:{tag}"
     docker_client.images.get(busybox).tag("radix-test/removed-between", tag)  # Podman refuses a tag in the repository
     start_agent()
-    assert cp.run(image=name, command=["echo", "{}"])["status"] == "succeeded"
-    eventually(lambda: not docker_client.containers.list(all=True, sparse=True, filters={"ancestor": name}), what="container gone")
+    first = cp.submit(image=name, command=["echo", "{}"])
+    assert cp.result(first)["result"]["status"] == "succeeded"
+    # By its label: "ancestor" matches by image id, so any busybox container on the engine would match too.
+    eventually(lambda: not docker_client.containers.list(all=True, sparse=True, filters={"label": f"radix.job_id={first}"}),
+               what="container gone")
     docker_client.images.remove(name)
     result = cp.run(image=name, command=["echo", "{}"])
     assert result["status"] == "failed" and result["failure_reason"] == "image_unavailable", result
