@@ -34,6 +34,11 @@ __all__ = ["JobObserver", "JobRun"]
 
 log = logging.getLogger(__name__)
 
+# A recorded stop is set aside only for a container that ended this long before it by the engine's clock: the stop
+# time is the agent's clock, and an engine in a VM (Docker Desktop, a Podman machine) may run a little behind, which
+# would make a container killed by the stop look ended before it.
+STOP_CLOCK_MARGIN_SECONDS = 2.0
+
 
 class JobObserver(Protocol):
     """What the agent hears of a running job (start acknowledgement, live logs). Must never block."""
@@ -138,7 +143,15 @@ class JobRun:
             self._redactor.detach(self._job_secrets)
 
     def _judged(self) -> Completion:
-        completion = self._without_job_secrets(self._execute())
+        completion = self._execute()
+        try:
+            completion = self._without_job_secrets(completion)
+        except Exception as exc:  # noqa: BLE001 - a redaction bug must cost neither the result nor a secret
+            log.exception("job %s: its result could not be redacted", self.job_id)
+            completion = self._result(
+                JobStatus.FAILED, FailureReason.AGENT_ERROR,
+                f"the agent could not redact the job's result ({type(exc).__name__}); its output is withheld",
+            )
         try:
             completion.to_wire()
         except Exception as exc:  # noqa: BLE001 - a result that cannot be encoded is no result
@@ -364,7 +377,7 @@ class JobRun:
         if recorded is None:
             return None
         reason, message, at = recorded
-        if state is not None and state.finished_at is not None and state.finished_at < at:
+        if state is not None and state.finished_at is not None and state.finished_at < at - STOP_CLOCK_MARGIN_SECONDS:
             return None  # it had ended already when the stop came: its exit is its verdict
         try:
             return FailureReason(reason), message

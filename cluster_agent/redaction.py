@@ -91,17 +91,9 @@ class Redactor:
         return text
 
     def redact_own(self, text: str) -> str:
-        """`text` with every form of this redactor's own secrets replaced, not its scopes'. Overlapping forms (two
-        secrets sharing a part) become one REPLACEMENT: replacing the first alone would leave the rest of the other."""
+        """`text` with every form of this redactor's own secrets replaced, not its scopes'."""
         pattern = self._pattern
-        if pattern is None:
-            return text
-        out, last = [], 0
-        for start, end in _spans(pattern, text):
-            out += [text[last:start], REPLACEMENT]
-            last = end
-        out.append(text[last:])
-        return "".join(out)
+        return pattern.sub(REPLACEMENT, text) if pattern is not None else text
 
     def __len__(self) -> int:
         return len(self._secrets)
@@ -126,12 +118,12 @@ class Redactor:
             return text[:cut], text[cut:]
         out: list[str] = []
         last = 0
-        for start, end in _spans(pattern, text):
-            if end <= cut:
-                out += [text[last:start], REPLACEMENT]
-                last = end
+        for match in pattern.finditer(text):
+            if match.end() <= cut:
+                out += [text[last:match.start()], REPLACEMENT]
+                last = match.end()
             else:
-                cut = max(last, min(cut, start))
+                cut = max(last, min(cut, match.start()))
                 break
         out.append(text[last:cut])
         return "".join(out), text[cut:]
@@ -150,17 +142,22 @@ class Redactor:
             return [self.redact_json(item) for item in value]
         if isinstance(value, dict):
             redacted: dict[Any, Any] = {}
+            seen: dict[Any, int] = {}  # redacted key -> how many had it: two keys that redact alike keep both values
             for key, item in value.items():
                 key = self.redact(key) if isinstance(key, str) else key
-                if key in redacted:  # two keys that redact alike: keep both values
-                    key = next(f"{key}#{n}" for n in range(2, len(value) + 2) if f"{key}#{n}" not in redacted)
+                while key in redacted:
+                    seen[key] = seen.get(key, 1) + 1
+                    key = f"{key}#{seen[key]}"
                 redacted[key] = self.redact_json(item)
             return redacted
         return value
 
     def _hides_number(self, value: float) -> bool:
         # A secret "0.00001234" is the number 1.234e-05 once a job's JSON encoder wrote it.
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past a double's range: its digits were checked as text
+            return False
         return number in self._numbers or any(scope._hides_number(value) for scope in self._scopes)
 
 
@@ -177,29 +174,42 @@ class RedactingOutput:
         # chunk. Bytes that are not UTF-8 at all become surrogates and are written back unchanged.
         self._decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
         self._fresh = 0  # characters that arrived since the held text was last scanned
+        # The reader thread feeds; the job's thread flushes once the job was judged, possibly while a reader that
+        # fell behind still feeds. After the flush the stream is closed: a late chunk is dropped, never sent with
+        # a secret cut at the flush.
+        self._lock = threading.Lock()
+        self._closed = False
 
     def __call__(self, data: bytes) -> None:
-        hold = self._redactor.stream_hold()
-        if not hold:
-            self._sink(data)
-            return
-        text = self._decoder.decode(data)
-        self._pending += text
-        self._fresh += len(text)
-        if self._fresh < hold // 2:
-            # Each scan reads all the held text: scanning it for every small chunk (a job printing a line every few
-            # milliseconds) would cost its length per chunk, with the GIL held. Wait for half a hold of new text.
-            return
-        self._fresh = 0
-        ready, self._pending = self._redactor.redact_stream(self._pending, hold)
-        if ready:
-            self._sink(ready.encode("utf-8", "surrogateescape"))
+        with self._lock:
+            if self._closed:
+                return
+            hold = self._redactor.stream_hold()
+            if not hold:
+                self._sink(data)
+                return
+            text = self._decoder.decode(data)
+            self._pending += text
+            self._fresh += len(text)
+            if self._fresh < hold // 2:
+                # Each scan reads all the held text: scanning it for every small chunk (a job printing a line every
+                # few milliseconds) would cost its length per chunk. Wait for half a hold of new text.
+                return
+            self._fresh = 0
+            ready, self._pending = self._redactor.redact_stream(self._pending, hold)
+            if ready:
+                self._sink(ready.encode("utf-8", "surrogateescape"))
 
     def flush(self) -> None:
-        rest = self._pending + (self._decoder.decode(b"", final=True) if self._redactor.stream_hold() else "")
-        self._pending, self._fresh = "", 0
-        if rest:
-            self._sink(self._redactor.redact(rest).encode("utf-8", "surrogateescape"))
+        """Send what was held back, redacted as a whole, and close the stream."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            rest = self._pending + (self._decoder.decode(b"", final=True) if self._redactor.stream_hold() else "")
+            self._pending, self._fresh = "", 0
+            if rest:
+                self._sink(self._redactor.redact(rest).encode("utf-8", "surrogateescape"))
 
 
 # --- patterns ----------------------------------------------------------------------------------------------------
@@ -215,21 +225,6 @@ def _compile(secrets: Iterable[str]) -> tuple[re.Pattern[str], int]:
             alternatives[regex] = max(length, alternatives.get(regex, 0))
     ordered = sorted(alternatives, key=lambda regex: (-alternatives[regex], regex))
     return re.compile("|".join(ordered)), max(alternatives.values())
-
-
-def _spans(pattern: re.Pattern[str], text: str) -> list[tuple[int, int]]:
-    """Where `pattern` matches `text`, overlapping matches merged: after each match the search goes on from the
-    character after its start, not its end, so a second secret that shares the first one's end is found too."""
-    spans: list[tuple[int, int]] = []
-    match = pattern.search(text)
-    while match is not None:
-        start, end = match.span()
-        if spans and start <= spans[-1][1]:
-            spans[-1] = (spans[-1][0], max(end, spans[-1][1]))
-        else:
-            spans.append((start, end))
-        match = pattern.search(text, start + 1)
-    return spans
 
 
 def _as_number(secret: str) -> float | None:

@@ -95,3 +95,13 @@ def test_a_secret_near_the_cut_of_the_results_tails_leaves_no_part(cp, start_age
                     secret_env={"TOK": SECRET})
     stdout = result["output_payload"]["stdout"]
     assert stdout.endswith("x" * 9980) and not any(SECRET[-k:] in stdout for k in range(6, len(SECRET))), stdout[:60]
+
+
+def test_a_huge_integer_in_a_jobs_output_still_gets_its_result(cp, start_agent, busybox):
+    """Past a double's range, the check for a numeric secret raised on the job's thread: no result, ever."""
+    start_agent()
+    digits = "1" + "0" * 400
+    result = cp.run(command=["sh", "-c", f"echo '{{\"x\": {digits}, \"t\": \"'$TOKEN'\"}}'"],
+                    secret_env={"TOKEN": SECRET})
+    assert result["status"] == "succeeded", result
+    assert result["output_payload"] == {"x": int(digits), "t": "[REDACTED]"}
