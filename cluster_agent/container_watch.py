@@ -78,6 +78,7 @@ class ContainerWatch:
         self._stop = stop
         self._output = output
         self._clock = clock
+        self._readers: list[threading.Thread] = []  # every output reader started: the watch waits for them all
 
     def watch(
         self, container_id: str, *, deadline: float, timeout: float, collected: OutputCollector, replay: bool
@@ -86,7 +87,10 @@ class ContainerWatch:
         is read again from the engine (an adopted container)."""
         reader = self._read_output(container_id, collected, replay=replay)
         ending = self._wait_until_done(container_id, deadline, timeout, collected, reader)
-        reader.join(timeout=30)
+        # Each reader: one started after an engine restart (the container survived it) is not `reader`, and what
+        # it still delivers must reach the result before the job is judged.
+        for started in self._readers:
+            started.join(timeout=30)
         if ending.exit_code is None and not ending.timed_out:
             info = self._executor.exit_info(container_id)
             ending.exit_code, ending.oom_killed = info.exit_code, info.oom_killed
@@ -124,6 +128,7 @@ class ContainerWatch:
 
         reader = threading.Thread(target=target, name=f"output-{self._job_id}", daemon=True)
         reader.start()
+        self._readers.append(reader)
         return reader
 
     def _resume_if_cut(self, container_id: str, on_stdout: OutputSink, on_stderr: OutputSink,

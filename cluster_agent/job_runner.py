@@ -147,11 +147,14 @@ class JobRun:
         try:
             completion = self._without_job_secrets(completion)
         except Exception as exc:  # noqa: BLE001 - a redaction bug must cost neither the result nor a secret
+            # The job's verdict stands (a rerun would repeat its side effects); only what could not be redacted
+            # is withheld.
             log.exception("job %s: its result could not be redacted", self.job_id)
-            completion = self._result(
-                JobStatus.FAILED, FailureReason.AGENT_ERROR,
-                f"the agent could not redact the job's result ({type(exc).__name__}); its output is withheld",
-            )
+            completion = completion.model_copy(update={
+                "output_payload": {},
+                "error_message": f"the agent could not redact the job's output and message ({type(exc).__name__}): "
+                                 "both are withheld",
+            })
         try:
             completion.to_wire()
         except Exception as exc:  # noqa: BLE001 - a result that cannot be encoded is no result
@@ -439,8 +442,10 @@ class JobRun:
         output = RedactingOutput(self._observer.output, self._job_secrets)
         watch = ContainerWatch(self._executor, self._engine, job_id=spec.job_id, stop=self._stop,
                                output=output, clock=self._clock)
-        ending = watch.watch(container_id, deadline=deadline, timeout=timeout, collected=collected, replay=replay)
-        output.flush()
+        try:
+            ending = watch.watch(container_id, deadline=deadline, timeout=timeout, collected=collected, replay=replay)
+        finally:
+            output.flush()  # what the redaction held back goes out however the watch ended
         self.exited_at = ending.finished_at
         metrics = JobMetrics(
             runtime_seconds=round(max(0.0, self._wall() - started_wall), 3),

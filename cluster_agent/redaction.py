@@ -16,8 +16,9 @@ The rule on length: a secret shorter than `MIN_SECRET_LENGTH` is not redacted at
 encodings shorter still (an embedded base64 form is a few characters shorter than the secret): redacting them would
 mask ordinary output while protecting nothing worth the name. Real tokens are far longer.
 
-All forms of all secrets are one compiled regular expression, longest alternative first (so a full padded base64
-form wins over its unpadded core at the same position), rebuilt when a secret is added: `redact()` is one `sub()`.
+All forms of a secret are one compiled regular expression, longest alternative first (so a full padded base64
+form wins over its unpadded core at the same position), built when the secret is added. `redact()` takes each
+secret's matches one after another and merges those of different secrets that overlap (see `_spans`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Redactor:
     def __init__(self, secrets: Iterable[str | None] = ()) -> None:
         self._lock = threading.Lock()
         self._secrets: set[str] = set()
-        self._pattern: re.Pattern[str] | None = None
+        self._patterns: tuple[re.Pattern[str], ...] = ()  # one per secret: every form of it
         self._longest = 0  # the longest text any form of any secret can take
         self._numbers: frozenset[float] = frozenset()  # the secrets that are numbers, as numbers
         self._scopes: tuple[Redactor, ...] = ()
@@ -71,7 +72,7 @@ class Redactor:
             if new <= self._secrets:
                 return
             self._secrets |= new
-            self._pattern, self._longest = _compile(self._secrets)
+            self._patterns, self._longest = _compile(self._secrets)
             self._numbers = frozenset(n for n in map(_as_number, self._secrets) if n is not None)
 
     def attach(self, scope: Redactor) -> None:
@@ -91,9 +92,17 @@ class Redactor:
         return text
 
     def redact_own(self, text: str) -> str:
-        """`text` with every form of this redactor's own secrets replaced, not its scopes'."""
-        pattern = self._pattern
-        return pattern.sub(REPLACEMENT, text) if pattern is not None else text
+        """`text` with every form of this redactor's own secrets replaced, not its scopes'. Two secrets that overlap
+        in the text (one's end is the other's start) become one REPLACEMENT: replacing one alone would leave the
+        rest of the other in clear."""
+        if not self._patterns:
+            return text
+        out, last = [], 0
+        for start, end, _ in _spans(self._patterns, text):
+            out += [text[last:start], REPLACEMENT]
+            last = end
+        out.append(text[last:])
+        return "".join(out)
 
     def __len__(self) -> int:
         return len(self._secrets)
@@ -109,29 +118,36 @@ class Redactor:
         longest = self._longest
         return longest + 8 if longest else 0
 
-    def redact_stream(self, text: str, hold: int) -> tuple[str, str]:
-        """Split a stream's pending `text` into what may go out now, redacted, and what must wait for more: the
-        last `hold` characters, the cut moved back to the start of any secret form that crosses it."""
-        pattern = self._pattern
+    def redact_stream(self, text: str, hold: int, covered: int = 0) -> tuple[str, str, int]:
+        """Split a stream's pending `text` into what may go out now, redacted, and what must wait for more: the last
+        `hold` characters (a form starting before them fits whole in `text`, so its match is final). Returns
+        (ready, pending, covered): a match that starts before the cut and runs past it goes out as REPLACEMENT, and
+        the first `covered` characters of `pending` are its rest, to be replaced by the next call (which writes no
+        second REPLACEMENT for them). The cut never moves back, so the held text stays one hold long however long
+        a run of overlapping secrets is."""
         cut = max(0, len(text) - hold)
-        if pattern is None:
-            return text[:cut], text[cut:]
+        if not self._patterns:
+            return text[:cut], text[cut:], 0
+        spans = _spans(self._patterns, text)
+        if covered:
+            spans = _merged([(0, min(covered, len(text)), 0), *spans])
         out: list[str] = []
         last = 0
-        for match in pattern.finditer(text):
-            if match.end() <= cut:
-                out += [text[last:match.start()], REPLACEMENT]
-                last = match.end()
-            else:
-                cut = max(last, min(cut, match.start()))
+        rest = 0
+        for start, end, _ in spans:
+            if start >= cut:
                 break
+            if not (covered and start == 0):  # the rest of a match the last call already replaced
+                out += [text[last:start], REPLACEMENT]
+            last = min(end, cut)
+            rest = max(0, end - cut)
         out.append(text[last:cut])
-        return "".join(out), text[cut:]
+        return "".join(out), text[cut:], rest
 
     def redact_json(self, value: Any) -> Any:
         """Every string (keys too) of a JSON value, redacted; a number whose digits hold a secret (a PIN given as a
         secret and printed unquoted) becomes the REPLACEMENT string."""
-        if self._pattern is None and not self._scopes:
+        if not self._patterns and not self._scopes:
             return value
         if isinstance(value, str):
             return self.redact(value)
@@ -141,15 +157,22 @@ class Redactor:
         if isinstance(value, list):
             return [self.redact_json(item) for item in value]
         if isinstance(value, dict):
-            redacted: dict[Any, Any] = {}
-            seen: dict[Any, int] = {}  # redacted key -> how many had it: two keys that redact alike keep both values
-            for key, item in value.items():
-                key = self.redact(key) if isinstance(key, str) else key
-                while key in redacted:
-                    seen[key] = seen.get(key, 1) + 1
-                    key = f"{key}#{seen[key]}"
-                redacted[key] = self.redact_json(item)
-            return redacted
+            # Two keys that redact alike keep both values: the keys redaction left alone keep their names, then the
+            # changed ones are numbered ("[REDACTED]", "[REDACTED]#2", ...), skipping names already taken.
+            keys = {key: self.redact(key) if isinstance(key, str) else key for key in value}
+            redacted: dict[Any, Any] = {key: None for key, new_key in keys.items() if new_key == key}
+            names: dict[Any, Any] = {key: key for key in redacted}
+            seen: dict[Any, int] = {}
+            for key, new_key in keys.items():
+                if key in names:
+                    continue
+                name = new_key
+                while name in redacted:
+                    seen[new_key] = seen.get(new_key, 1) + 1
+                    name = f"{new_key}#{seen[new_key]}"
+                redacted[name] = None
+                names[key] = name
+            return {names[key]: self.redact_json(item) for key, item in value.items()}
         return value
 
     def _hides_number(self, value: float) -> bool:
@@ -174,6 +197,7 @@ class RedactingOutput:
         # chunk. Bytes that are not UTF-8 at all become surrogates and are written back unchanged.
         self._decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
         self._fresh = 0  # characters that arrived since the held text was last scanned
+        self._covered = 0  # leading characters of the held text that are the rest of a match already replaced
         # The reader thread feeds; the job's thread flushes once the job was judged, possibly while a reader that
         # fell behind still feeds. After the flush the stream is closed: a late chunk is dropped, never sent with
         # a secret cut at the flush.
@@ -196,7 +220,7 @@ class RedactingOutput:
                 # few milliseconds) would cost its length per chunk. Wait for half a hold of new text.
                 return
             self._fresh = 0
-            ready, self._pending = self._redactor.redact_stream(self._pending, hold)
+            ready, self._pending, self._covered = self._redactor.redact_stream(self._pending, hold, self._covered)
             if ready:
                 self._sink(ready.encode("utf-8", "surrogateescape"))
 
@@ -207,24 +231,49 @@ class RedactingOutput:
                 return
             self._closed = True
             rest = self._pending + (self._decoder.decode(b"", final=True) if self._redactor.stream_hold() else "")
-            self._pending, self._fresh = "", 0
-            if rest:
-                self._sink(self._redactor.redact(rest).encode("utf-8", "surrogateescape"))
+            ready, _, _ = self._redactor.redact_stream(rest, 0, self._covered)
+            self._pending, self._fresh, self._covered = "", 0, 0
+            if ready:
+                self._sink(ready.encode("utf-8", "surrogateescape"))
 
 
 # --- patterns ----------------------------------------------------------------------------------------------------
 
 
-def _compile(secrets: Iterable[str]) -> tuple[re.Pattern[str], int]:
-    """The one pattern of every form of every secret, and the longest text one of them can match."""
-    # Ordered by the length of text each alternative matches, longest first; the pattern string breaks ties so the
-    # order (hence the regex) is the same on every run.
-    alternatives: dict[str, int] = {}
-    for secret in secrets:
+def _compile(secrets: Iterable[str]) -> tuple[tuple[re.Pattern[str], ...], int]:
+    """A pattern per secret, of every form of it, and the longest text one of them can match."""
+    patterns, longest = [], 0
+    for secret in sorted(secrets):
+        # Ordered by the length of text each alternative matches, longest first; the pattern string breaks ties so
+        # the order (hence the regex) is the same on every run.
+        alternatives: dict[str, int] = {}
         for regex, length in _patterns(secret):
             alternatives[regex] = max(length, alternatives.get(regex, 0))
-    ordered = sorted(alternatives, key=lambda regex: (-alternatives[regex], regex))
-    return re.compile("|".join(ordered)), max(alternatives.values())
+        ordered = sorted(alternatives, key=lambda regex: (-alternatives[regex], regex))
+        patterns.append(re.compile("|".join(ordered)))
+        longest = max(longest, *alternatives.values())
+    return tuple(patterns), longest
+
+
+def _spans(patterns: tuple[re.Pattern[str], ...], text: str) -> list[tuple[int, int, int]]:
+    """(start, end, start of the match that reaches furthest) of what to replace in `text`: each secret's matches
+    one after another, and matches of different secrets that overlap merged into one span. Only overlapping ones
+    merge, never adjacent ones: a secret printed back to back stays a run of separate spans. Linear in the text for
+    each secret: no search restarts inside a match."""
+    if len(patterns) == 1:
+        return [(m.start(), m.end(), m.start()) for m in patterns[0].finditer(text)]
+    return _merged(sorted((m.start(), m.end(), m.start()) for pattern in patterns for m in pattern.finditer(text)))
+
+
+def _merged(spans: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    merged: list[tuple[int, int, int]] = []
+    for start, end, _ in spans:
+        if merged and start < merged[-1][1]:
+            first, furthest, whole = merged[-1]
+            merged[-1] = (first, end, start) if end > furthest else (first, furthest, whole)
+        else:
+            merged.append((start, end, start))
+    return merged
 
 
 def _as_number(secret: str) -> float | None:

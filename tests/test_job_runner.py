@@ -297,3 +297,21 @@ def test_a_misspelled_resources_or_orchestration_field_is_named_in_the_log(setti
     assert "'resources.mig_profile' is not a field this agent knows: ignored (did you mean resources.gpu_profile?)" in text
     assert "did you mean resources.gpus?" in text and "did you mean orchestration.nodes?" in text
     assert "'orchestration.vendor_thing' is not a field this agent knows: ignored" in text
+
+
+def test_a_result_that_cannot_be_redacted_keeps_its_verdict_and_withholds_its_output(monkeypatch):
+    from cluster_agent.job_runner import JobRun
+    from cluster_agent.models import Completion, JobMetrics, JobStatus
+
+    run = JobRun.__new__(JobRun)
+    run.job_id = "j1"
+    done = Completion(tenant_id="t", status=JobStatus.SUCCEEDED, output_payload={"secret": "x"},
+                      metrics=JobMetrics(runtime_seconds=2.5, exit_code=0))
+    monkeypatch.setattr(run, "_execute", lambda: done, raising=False)
+    monkeypatch.setattr(run, "_without_job_secrets", lambda c: (_ for _ in ()).throw(OverflowError("x")), raising=False)
+    run.job = type("J", (), {"spec": None})()
+    run._retryable = None
+    result = run._judged()
+    assert result.status is JobStatus.SUCCEEDED and result.output_payload == {}
+    assert result.metrics.exit_code == 0 and result.metrics.runtime_seconds == 2.5
+    assert "could not redact" in result.error_message and "OverflowError" in result.error_message

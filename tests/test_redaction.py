@@ -242,7 +242,7 @@ def test_small_chunks_are_scanned_in_batches_not_each_time(monkeypatch):
     redactor = Redactor(["s3cr3t-Value-42"])
     scans = []
     real = redactor.redact_stream
-    monkeypatch.setattr(redactor, "redact_stream", lambda text, hold: scans.append(len(text)) or real(text, hold))
+    monkeypatch.setattr(redactor, "redact_stream", lambda text, hold, covered=0: scans.append(len(text)) or real(text, hold, covered))
     out: list[bytes] = []
     stream = RedactingOutput(out.append, redactor)
     for _ in range(1000):
@@ -300,3 +300,43 @@ def test_keys_that_redact_alike_keep_both_values():
     redactor = Redactor(["SECRETA1", "SECRETA2", "SECRETA3"])
     assert redactor.redact_json({"SECRETA1": 1, "SECRETA2": 2, "SECRETA3": 3, "plain": 4}) == {
         REPLACEMENT: 1, f"{REPLACEMENT}#2": 2, f"{REPLACEMENT}#3": 3, "plain": 4}
+
+
+def test_overlapping_secrets_leave_no_part_of_either():
+    redactor = Redactor(["alpha-beta-gamma", "gamma-delta-epsilon"])
+    assert redactor.redact("x alpha-beta-gamma-delta-epsilon y") == f"x {REPLACEMENT} y"
+    assert Redactor(["abcdefgh-1234", "defgh-1"]).redact("abcdefgh-1234!") == f"{REPLACEMENT}!"  # one inside the other
+
+
+def test_overlapping_secrets_in_a_stream_leave_no_part_and_hold_little():
+    """A chain of two overlapping secrets, as long as the job likes: every cut redacts it, and the held text stays
+    within two holds (merging through the cut would hold the whole chain, and scan it again at each chunk)."""
+    from cluster_agent.redaction import RedactingOutput
+
+    secrets = ["alpha-beta-gamma-7Q", "gamma-7Q-delta-epsilon-Z9"]
+    text = "x alpha-beta-gamma-7Q-delta-epsilon-Z9 y\n"
+    data = text.encode()
+    for cut in range(1, len(data)):
+        out: list[bytes] = []
+        stream = RedactingOutput(out.append, Redactor(secrets))
+        stream(data[:cut])
+        stream(data[cut:])
+        stream.flush()
+        joined = b"".join(out).decode()
+        assert "delta" not in joined and "alpha" not in joined and joined.startswith("x [REDACTED]"), (cut, joined)
+    redactor = Redactor(["a" * 20, "a" * 21])
+    out = []
+    stream = RedactingOutput(out.append, redactor)
+    for _ in range(2000):
+        stream(b"a" * 50)
+        assert len(stream._pending) <= redactor.stream_hold() + 100
+    stream.flush()
+    joined = b"".join(out)  # one run of secrets, one replacement; a leftover shorter than either is no secret
+    assert joined.startswith(REPLACEMENT.encode()) and joined.count(REPLACEMENT.encode()) == 1
+    assert set(joined[len(REPLACEMENT):]) <= {ord("a")} and len(joined) - len(REPLACEMENT) < 20
+
+
+def test_a_real_key_keeps_its_name_beside_renamed_redacted_ones():
+    redactor = Redactor(["SECRETA1", "SECRETA2", "SECRETA3"])
+    assert redactor.redact_json({"SECRETA1": 1, "SECRETA2": 2, f"{REPLACEMENT}#2": "real", "SECRETA3": 3}) == {
+        REPLACEMENT: 1, f"{REPLACEMENT}#3": 2, f"{REPLACEMENT}#2": "real", f"{REPLACEMENT}#4": 3}
