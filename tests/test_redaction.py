@@ -171,14 +171,8 @@ def test_a_stream_redacts_a_secret_whose_character_is_split_between_chunks():
     from cluster_agent.redaction import RedactingOutput
 
     secret = "pässwörd-secret"
-    data = f"leak:{secret} end\n".encode()
-    for cut in range(1, len(data)):
-        out: list[bytes] = []
-        stream = RedactingOutput(out.append, Redactor([secret]))
-        stream(data[:cut])
-        stream(data[cut:])
-        stream.flush()
-        assert b"".join(out) == b"leak:[REDACTED] end\n", cut
+    for cut, sent in streamed_at_every_cut(f"leak:{secret} end\n".encode(), [secret]):
+        assert sent == b"leak:[REDACTED] end\n", cut
     # Bytes that are no UTF-8 at all still come out unchanged, an incomplete character at the end too.
     out = []
     stream = RedactingOutput(out.append, Redactor([secret]))
@@ -221,19 +215,12 @@ def test_a_scope_is_redacted_while_attached_and_never_by_redact_own():
 def test_the_stream_holds_back_the_longest_form_a_secret_can_take():
     """A 4-byte character is 16 characters in a bytes repr (\\xf0\\x9f\\x98\\x80): a hold of 12 per character let
     that form out whole when a chunk ended just before its end."""
-    from cluster_agent.redaction import RedactingOutput
 
     secret = "😀😀😀😀😀😀"
     form = repr(secret.encode())[2:-1]
     assert len(form) == 96 and Redactor([secret]).stream_hold() >= 96
-    data = f"log: {form} end".encode()
-    for cut in range(1, len(data)):
-        out: list[bytes] = []
-        stream = RedactingOutput(out.append, Redactor([secret]))
-        stream(data[:cut])
-        stream(data[cut:])
-        stream.flush()
-        assert b"".join(out) == b"log: [REDACTED] end", cut
+    for cut, sent in streamed_at_every_cut(f"log: {form} end".encode(), [secret]):
+        assert sent == b"log: [REDACTED] end", cut
 
 
 def test_small_chunks_are_scanned_in_batches_not_each_time(monkeypatch):
@@ -314,15 +301,8 @@ def test_overlapping_secrets_in_a_stream_leave_no_part_and_hold_little():
     from cluster_agent.redaction import RedactingOutput
 
     secrets = ["alpha-beta-gamma-7Q", "gamma-7Q-delta-epsilon-Z9"]
-    text = "x alpha-beta-gamma-7Q-delta-epsilon-Z9 y\n"
-    data = text.encode()
-    for cut in range(1, len(data)):
-        out: list[bytes] = []
-        stream = RedactingOutput(out.append, Redactor(secrets))
-        stream(data[:cut])
-        stream(data[cut:])
-        stream.flush()
-        joined = b"".join(out).decode()
+    for cut, sent in streamed_at_every_cut(b"x alpha-beta-gamma-7Q-delta-epsilon-Z9 y\n", secrets):
+        joined = sent.decode()
         assert "delta" not in joined and "alpha" not in joined and joined.startswith("x [REDACTED]"), (cut, joined)
     redactor = Redactor(["a" * 20, "a" * 21])
     out = []
@@ -340,3 +320,16 @@ def test_a_real_key_keeps_its_name_beside_renamed_redacted_ones():
     redactor = Redactor(["SECRETA1", "SECRETA2", "SECRETA3"])
     assert redactor.redact_json({"SECRETA1": 1, "SECRETA2": 2, f"{REPLACEMENT}#2": "real", "SECRETA3": 3}) == {
         REPLACEMENT: 1, f"{REPLACEMENT}#3": 2, f"{REPLACEMENT}#2": "real", f"{REPLACEMENT}#4": 3}
+
+
+def streamed_at_every_cut(data: bytes, secrets: list[str]):
+    """(cut, what a stream sent) for `data` written in two chunks split at each byte."""
+    from cluster_agent.redaction import RedactingOutput
+
+    for cut in range(1, len(data)):
+        out: list[bytes] = []
+        stream = RedactingOutput(out.append, Redactor(secrets))
+        stream(data[:cut])
+        stream(data[cut:])
+        stream.flush()
+        yield cut, b"".join(out)
