@@ -98,7 +98,7 @@ class Redactor:
         if not self._patterns:
             return text
         out, last = [], 0
-        for start, end, _ in _spans(self._patterns, text):
+        for start, end in _spans(self._patterns, text):
             out += [text[last:start], REPLACEMENT]
             last = end
         out.append(text[last:])
@@ -130,11 +130,11 @@ class Redactor:
             return text[:cut], text[cut:], 0
         spans = _spans(self._patterns, text)
         if covered:
-            spans = _merged([(0, min(covered, len(text)), 0), *spans])
+            spans = _merged([(0, min(covered, len(text))), *spans])
         out: list[str] = []
         last = 0
         rest = 0
-        for start, end, _ in spans:
+        for start, end in spans:
             if start >= cut:
                 break
             if not (covered and start == 0):  # the rest of a match the last call already replaced
@@ -255,24 +255,24 @@ def _compile(secrets: Iterable[str]) -> tuple[tuple[re.Pattern[str], ...], int]:
     return tuple(patterns), longest
 
 
-def _spans(patterns: tuple[re.Pattern[str], ...], text: str) -> list[tuple[int, int, int]]:
-    """(start, end, start of the match that reaches furthest) of what to replace in `text`: each secret's matches
-    one after another, and matches of different secrets that overlap merged into one span. Only overlapping ones
-    merge, never adjacent ones: a secret printed back to back stays a run of separate spans. Linear in the text for
-    each secret: no search restarts inside a match."""
+def _spans(patterns: tuple[re.Pattern[str], ...], text: str) -> list[tuple[int, int]]:
+    """(start, end) of what to replace in `text`: each secret's matches one after another, and matches of different
+    secrets that overlap merged into one span. Only overlapping ones merge, never adjacent ones: a secret printed
+    back to back stays a run of separate spans. Linear in the text for each secret: no search restarts inside a
+    match."""
     if len(patterns) == 1:
-        return [(m.start(), m.end(), m.start()) for m in patterns[0].finditer(text)]
-    return _merged(sorted((m.start(), m.end(), m.start()) for pattern in patterns for m in pattern.finditer(text)))
+        return [match.span() for match in patterns[0].finditer(text)]
+    return _merged(sorted(match.span() for pattern in patterns for match in pattern.finditer(text)))
 
 
-def _merged(spans: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-    merged: list[tuple[int, int, int]] = []
-    for start, end, _ in spans:
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted `spans` with the overlapping ones joined."""
+    merged: list[tuple[int, int]] = []
+    for start, end in spans:
         if merged and start < merged[-1][1]:
-            first, furthest, whole = merged[-1]
-            merged[-1] = (first, end, start) if end > furthest else (first, furthest, whole)
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
         else:
-            merged.append((start, end, start))
+            merged.append((start, end))
     return merged
 
 
