@@ -56,12 +56,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+MAX_SECONDS = 366 * 24 * 3600
+SECONDS_SETTINGS = (
+    "poll_interval", "heartbeat_interval", "long_poll_seconds", "shutdown_grace", "jobs_lock_wait", "job_timeout",
+    "gpu_health_interval", "pull_timeout", "pull_stall_seconds", "self_test_interval", "transfer_timeout",
+    "health_stale_seconds", "slurm_poll_interval", "slurm_storage_probe_seconds",
+)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="RADIX_",
         populate_by_name=True,
         extra="ignore",
         case_sensitive=False,
+        allow_inf_nan=False,  # `inf` seconds overflowed the threads' waits: the heartbeat or self-test thread died
     )
 
     # Control plane
@@ -303,6 +312,15 @@ class Settings(BaseSettings):
         if not value.is_absolute():
             # The engine mounts a job's workspace by its host path, and a relative one names nothing there.
             raise ValueError(f"{text!r} is a relative path; give an absolute one, e.g. {Path.cwd() / value}")
+        return value
+
+    @field_validator(*SECONDS_SETTINGS)
+    @classmethod
+    def _at_most_a_year(cls, value: float) -> float:
+        # A thread's wait takes at most threading.TIMEOUT_MAX (about 9.2e9 s here): past it the wait raises and
+        # the thread dies while the agent looks healthy. A year is past any sensible interval or timeout.
+        if value > MAX_SECONDS:
+            raise ValueError(f"at most {MAX_SECONDS} seconds (a year)")
         return value
 
     @field_validator("cache_dir")

@@ -99,6 +99,18 @@ def test_bad_values_name_the_setting(values, message):
     assert message in str(caught.value)
 
 
+@pytest.mark.parametrize("name", ["heartbeat_interval", "self_test_interval", "poll_interval", "job_timeout",
+                                  "shutdown_grace", "min_free_disk_gb"])
+@pytest.mark.parametrize("value", ["inf", "nan", "1e12"])
+def test_a_number_no_wait_can_take_is_refused_at_start_up(name, value):
+    """`--self-test-interval inf` was taken, then killed the self-test thread (OverflowError in its wait) while the
+    agent went on looking healthy; the heartbeat thread the same."""
+    if name == "min_free_disk_gb" and value == "1e12":
+        return  # not a wait: a large watermark is only a strict one
+    with pytest.raises(ConfigError, match=f"{flag_name(name)} / {env_name(name)}"):
+        load_settings({name: value})
+
+
 def test_every_size_in_bytes_takes_a_unit():
     # The README says sizes in bytes take a unit: every *_bytes setting, not some of them.
     names = [name for name in Settings.model_fields if name.endswith("_bytes")]
