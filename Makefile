@@ -41,7 +41,7 @@ engine:
 	scripts/ensure-docker.sh
 
 # busybox-static makes the local job image (no registry is needed); docker-registry and apache2-utils (htpasswd)
-# run the private-registry tests; slurmctld, slurmd and munge the one-node Slurm cluster of the Slurm tests.
+# run the private-registry tests; slurmctld, slurmd and munge the two-node Slurm cluster of the Slurm tests.
 # debootstrap builds a Debian base for the agent's image where python:3.11-slim cannot be pulled.
 # nginx (with WebDAV PUT) is the object store of the input and artifact tests (tests/object_store.py); prometheus
 # (with promtool) checks and unit-tests deploy/prometheus and scrapes a running agent. podman (with catatonit, its
